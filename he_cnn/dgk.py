@@ -1,0 +1,157 @@
+"""The DGK cryptosystem (Damgård, Geisler, Krøigaard 2007), used only for secure comparison.
+
+A ciphertext of m in Z_u is ``g^m h^r mod n``, where g has order ``u * v_p * v_q`` and h order
+``v_p * v_q``; u is a small prime (the plaintext space), v_p, v_q are t-bit primes. The holder of the
+secret key (S2) cannot decrypt in general, but it can test a ciphertext for zero cheaply:
+``c^(v_p) mod p == 1`` exactly when m = 0 mod u. That is all the comparison protocol needs.
+
+Sizes: n has as many bits as the Paillier key; t is twice the security level of that key size
+(160 for 1024-bit, 224 for 2048-bit, 256 for 3072-bit); randomness r has 2.5 t bits and is drawn
+through a fixed-base table of h.
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass, field
+
+import gmpy2
+from gmpy2 import mpz
+
+from .errors import HECNNError, InvalidCiphertext
+from .keys import FixedBaseTable
+
+#: plaintext modulus: must exceed 3 * (l + 2) + 3 for the longest compared bit length l (l <= 300)
+DGK_U = 1031
+
+
+def subgroup_bits(n_bits: int) -> int:
+    """t: twice the security level that an n-bit factoring modulus gives."""
+    if n_bits >= 3072:
+        return 256
+    if n_bits >= 2048:
+        return 224
+    return 160
+
+
+@dataclass(eq=False)
+class DGKPublicKey:
+    n: mpz
+    g: mpz
+    h: mpz
+    u: int
+    t: int
+    _table: FixedBaseTable | None = field(default=None, init=False, repr=False)
+    _g_powers: dict[int, mpz] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.n, self.g, self.h = mpz(self.n), mpz(self.g), mpz(self.h)
+        if not (self.n > 3 and 1 < self.g < self.n and 1 < self.h < self.n and self.u > 2 and self.t > 0):
+            raise HECNNError("malformed DGK public key")
+
+    @property
+    def ciphertext_bytes(self) -> int:
+        return (int(self.n.bit_length()) + 7) // 8
+
+    @property
+    def key_id(self) -> str:
+        return hashlib.sha256(int(self.n).to_bytes(self.ciphertext_bytes, "big")).hexdigest()[:16]
+
+    @property
+    def max_bits(self) -> int:
+        """Longest bit length the comparison may run on with this u."""
+        return (self.u - 3) // 3 - 2
+
+    def __repr__(self) -> str:
+        return f"DGKPublicKey(bits={self.n.bit_length()}, u={self.u}, t={self.t}, id={self.key_id})"
+
+    def randomizer(self) -> mpz:
+        """h^r for a fresh r of 2.5 t bits (fixed-base table built on first use)."""
+        if self._table is None:
+            self._table = FixedBaseTable(self.h, self.n, (5 * self.t) // 2)
+        return self._table.power(secrets.randbits((5 * self.t) // 2))
+
+    def g_power(self, m: int) -> mpz:
+        """g^m for a small signed m (cached)."""
+        m %= self.u
+        if m not in self._g_powers:
+            self._g_powers[m] = gmpy2.powmod(self.g, m, self.n)
+        return self._g_powers[m]
+
+    def encrypt(self, m: int) -> mpz:
+        return self.g_power(m) * self.randomizer() % self.n
+
+    def validate(self, c: int) -> mpz:
+        c = mpz(c)
+        if not 0 < c < self.n or gmpy2.gcd(c, self.n) != 1:
+            raise InvalidCiphertext("DGK ciphertext out of range or not a unit mod n")
+        return c
+
+    def to_dict(self) -> dict:
+        return {"n": int(self.n), "g": int(self.g), "h": int(self.h), "u": self.u, "t": self.t}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DGKPublicKey":
+        try:
+            return cls(mpz(int(d["n"])), mpz(int(d["g"])), mpz(int(d["h"])), int(d["u"]), int(d["t"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise HECNNError(f"malformed DGK public key: {e}") from e
+
+
+@dataclass(eq=False)
+class DGKPrivateKey:
+    public: DGKPublicKey
+    p: mpz
+    v_p: mpz
+
+    def __repr__(self) -> str:
+        return f"DGKPrivateKey(for={self.public.key_id})"
+
+    def is_zero(self, c: int) -> bool:
+        """True when the ciphertext encrypts 0 mod u."""
+        return gmpy2.powmod(c, self.v_p, self.p) == 1
+
+    def to_dict(self) -> dict:
+        return {"p": int(self.p), "v_p": int(self.v_p)}
+
+
+def _prime_of_form(factor: mpz, bits: int) -> mpz:
+    """A prime p = factor * f + 1 of about ``bits`` bits, f even random."""
+    f_bits = bits - factor.bit_length()
+    while True:
+        f = mpz(secrets.randbits(f_bits)) | (mpz(1) << (f_bits - 1))
+        f -= f % 2
+        p = factor * f + 1
+        if gmpy2.is_prime(p, 30):
+            return p
+
+
+def _element_of_order(p: mpz, order_factors: list[mpz]) -> mpz:
+    """An element of Z_p* whose order is exactly the product of the given distinct primes."""
+    order = mpz(1)
+    for f in order_factors:
+        order *= f
+    cofactor = (p - 1) // order
+    while True:
+        x = mpz(secrets.randbelow(int(p - 3))) + 2
+        y = gmpy2.powmod(x, cofactor, p)
+        if all(gmpy2.powmod(y, order // f, p) != 1 for f in order_factors):
+            return y
+
+
+def generate_dgk_keypair(n_bits: int, u: int = DGK_U) -> tuple[DGKPublicKey, DGKPrivateKey]:
+    t = subgroup_bits(n_bits)
+    u_ = mpz(u)
+    v_p = gmpy2.next_prime(mpz(secrets.randbits(t)) | (mpz(1) << (t - 1)))
+    v_q = gmpy2.next_prime(mpz(secrets.randbits(t)) | (mpz(1) << (t - 1)))
+    p = _prime_of_form(u_ * v_p, n_bits // 2)
+    q = _prime_of_form(u_ * v_q, n_bits - n_bits // 2)
+    n = p * q
+    g_p, g_q = _element_of_order(p, [u_, v_p]), _element_of_order(q, [u_, v_q])
+    h_p, h_q = _element_of_order(p, [v_p]), _element_of_order(q, [v_q])
+
+    def crt(a: mpz, b: mpz) -> mpz:
+        return (a + (b - a) * gmpy2.invert(p, q) % q * p) % n
+
+    public = DGKPublicKey(n, crt(g_p, g_q), crt(h_p, h_q), u, t)
+    return public, DGKPrivateKey(public, p, v_p)

@@ -1,0 +1,217 @@
+"""The integer model: a small, explicit graph of layers over named tensors.
+
+Quantisation turns the trained torch ICNN into an :class:`IntegerModel`; the plaintext integer
+reference (:mod:`he_cnn.reference`) and the secure engine (:mod:`he_cnn.secure_model`) both walk the
+same graph, so they compute the same function by construction. Every tensor is channel-first
+``(C, H, W)`` (or ``(F,)`` after a flatten) and holds exact Python integers; ``bounds`` gives, for each
+tensor, a worst-case bound ``|v| <= bound`` proven by interval arithmetic from the input range and the
+weights, which fixes the bit length the secure comparison works on.
+
+Layers (all integer, no rounding anywhere after quantisation):
+
+- ``Conv``   out[c,i,j] = sum_{k,u,v} w[c,k,u,v] * in_padded[k, i*s+u, j*s+v] + b[c]   (zero padding)
+- ``Dense``  out[o] = sum_f w[o,f] * in[f] + b[o]
+- ``ReLU``   out = max(in, 0)
+- ``MaxPool`` max over each window; padded positions are ignored (as torch's -inf padding)
+- ``Concat`` channel-wise concatenation (branches already share one scale)
+- ``Flatten`` (C,H,W) -> (C*H*W,) in C order
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+import numpy as np
+
+from .errors import ShapeError, UnsupportedLayer
+
+
+@dataclass(frozen=True)
+class Conv:
+    name: str
+    input: str
+    output: str
+    weight: np.ndarray  # (C_out, C_in, kh, kw), dtype=object (Python ints)
+    bias: np.ndarray  # (C_out,), dtype=object
+    stride: int = 1
+    padding: int = 0
+
+
+@dataclass(frozen=True)
+class Dense:
+    name: str
+    input: str
+    output: str
+    weight: np.ndarray  # (out, in), dtype=object
+    bias: np.ndarray  # (out,), dtype=object
+
+
+@dataclass(frozen=True)
+class ReLU:
+    name: str
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
+class MaxPool:
+    name: str
+    input: str
+    output: str
+    kernel: int
+    stride: int
+    padding: int = 0
+
+
+@dataclass(frozen=True)
+class Concat:
+    name: str
+    inputs: tuple[str, ...]
+    output: str
+
+
+@dataclass(frozen=True)
+class Flatten:
+    name: str
+    input: str
+    output: str
+
+
+Layer = Union[Conv, Dense, ReLU, MaxPool, Concat, Flatten]
+LINEAR_LAYERS = (Conv, Dense)
+SUPPORTED_LAYERS = (Conv, Dense, ReLU, MaxPool, Concat, Flatten)
+
+
+@dataclass(frozen=True)
+class IntegerModel:
+    """A quantised model: integer layers in execution order plus what is needed to use it.
+
+    ``input_shape`` is (C, H, W); the user encodes pixels as integers in ``[0, input_max]``.
+    ``shapes`` and ``bounds`` map every tensor name (including ``input`` and ``output``) to its shape
+    and worst-case absolute bound. ``output`` is the name of the class-vector tensor.
+    """
+
+    layers: tuple[Layer, ...]
+    input_shape: tuple[int, int, int]
+    input_max: int
+    input_name: str
+    output: str
+    num_classes: int
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    bounds: dict[str, int] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def linear_layers(self) -> list[Union[Conv, Dense]]:
+        return [layer for layer in self.layers if isinstance(layer, LINEAR_LAYERS)]
+
+
+def conv_output_hw(h: int, w: int, kernel: int, stride: int, padding: int) -> tuple[int, int]:
+    return (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
+
+
+def infer_shapes_and_bounds(
+    layers: tuple[Layer, ...], input_name: str, input_shape: tuple[int, int, int], input_max: int
+) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """Shapes of every tensor, and worst-case bounds ``|v| <= bound`` by interval arithmetic.
+
+    Raises :class:`UnsupportedLayer` for a layer type the engine does not know and
+    :class:`ShapeError` where a layer's parameters do not fit its input.
+    """
+    shapes: dict[str, tuple[int, ...]] = {input_name: tuple(input_shape)}
+    bounds: dict[str, int] = {input_name: int(input_max)}
+    for layer in layers:
+        if not isinstance(layer, SUPPORTED_LAYERS):
+            raise UnsupportedLayer(
+                f"layer {getattr(layer, 'name', layer)!r} of type {type(layer).__name__} is not supported; "
+                f"expected one of {', '.join(t.__name__ for t in SUPPORTED_LAYERS)}"
+            )
+        if isinstance(layer, Concat):
+            ins = [shapes[i] for i in layer.inputs]
+            hw = {s[1:] for s in ins}
+            if len(hw) != 1:
+                raise ShapeError(f"{layer.name}: concatenated inputs must share H, W; got {ins}")
+            shapes[layer.output] = (sum(s[0] for s in ins), *ins[0][1:])
+            bounds[layer.output] = max(bounds[i] for i in layer.inputs)
+            continue
+        shape, bound = shapes[layer.input], bounds[layer.input]
+        if isinstance(layer, Conv):
+            c_out, c_in, kh, kw = layer.weight.shape
+            if len(shape) != 3 or shape[0] != c_in or kh != kw:
+                raise ShapeError(f"{layer.name}: kernel {layer.weight.shape} does not fit input {shape}")
+            if layer.bias.shape != (c_out,):
+                raise ShapeError(f"{layer.name}: bias shape {layer.bias.shape}, expected ({c_out},)")
+            shapes[layer.output] = (c_out, *conv_output_hw(shape[1], shape[2], kh, layer.stride, layer.padding))
+            row_abs = [sum(abs(int(v)) for v in layer.weight[c].ravel()) for c in range(c_out)]
+            bounds[layer.output] = max(r * bound + abs(int(b)) for r, b in zip(row_abs, layer.bias))
+        elif isinstance(layer, Dense):
+            out_f, in_f = layer.weight.shape
+            if shape != (in_f,):
+                raise ShapeError(f"{layer.name}: weight {layer.weight.shape} does not fit input {shape}")
+            if layer.bias.shape != (out_f,):
+                raise ShapeError(f"{layer.name}: bias shape {layer.bias.shape}, expected ({out_f},)")
+            shapes[layer.output] = (out_f,)
+            row_abs = [sum(abs(int(v)) for v in layer.weight[o]) for o in range(out_f)]
+            bounds[layer.output] = max(r * bound + abs(int(b)) for r, b in zip(row_abs, layer.bias))
+        elif isinstance(layer, ReLU):
+            shapes[layer.output] = shape
+            bounds[layer.output] = bound
+        elif isinstance(layer, MaxPool):
+            if len(shape) != 3 or layer.padding * 2 > layer.kernel:
+                raise ShapeError(f"{layer.name}: pooling {layer.kernel}x{layer.kernel} pad {layer.padding} on {shape}")
+            shapes[layer.output] = (shape[0], *conv_output_hw(shape[1], shape[2], layer.kernel, layer.stride, layer.padding))
+            bounds[layer.output] = bound
+        elif isinstance(layer, Flatten):
+            shapes[layer.output] = (int(np.prod(shape)),)
+            bounds[layer.output] = bound
+    return shapes, bounds
+
+
+def pool_windows(shape: tuple[int, int, int], kernel: int, stride: int, padding: int) -> list[list[int]]:
+    """Flat indices (into a C-order (C,H,W) tensor) of every pooling window, padding left out.
+
+    Windows are listed in output order (c, i, j). Shared by the reference and the secure SMAP so the
+    two agree on which elements each window holds.
+    """
+    c, h, w = shape
+    oh, ow = conv_output_hw(h, w, kernel, stride, padding)
+    windows = []
+    for ch in range(c):
+        for i in range(oh):
+            for j in range(ow):
+                idx = []
+                for u in range(kernel):
+                    for v in range(kernel):
+                        y, x = i * stride - padding + u, j * stride - padding + v
+                        if 0 <= y < h and 0 <= x < w:
+                            idx.append((ch * h + y) * w + x)
+                windows.append(idx)
+    return windows
+
+
+def im2col_indices(shape: tuple[int, int, int], kernel: int, stride: int, padding: int) -> np.ndarray:
+    """Index matrix (P, F) into a flat (C,H,W) tensor for a convolution, -1 where zero padding is.
+
+    Row p is output position (i, j); column f runs over (channel, u, v) in the order of a torch
+    kernel ``weight[c_out].ravel()``, so ``cols @ weight.reshape(C_out, -1).T`` is the convolution.
+    """
+    c, h, w = shape
+    oh, ow = conv_output_hw(h, w, kernel, stride, padding)
+    idx = np.full((oh * ow, c * kernel * kernel), -1, dtype=np.int64)
+    for i in range(oh):
+        for j in range(ow):
+            p = i * ow + j
+            f = 0
+            for ch in range(c):
+                for u in range(kernel):
+                    for v in range(kernel):
+                        y, x = i * stride - padding + u, j * stride - padding + v
+                        if 0 <= y < h and 0 <= x < w:
+                            idx[p, f] = (ch * h + y) * w + x
+                        f += 1
+    return idx

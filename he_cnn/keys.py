@@ -1,0 +1,255 @@
+"""Paillier keys, signed integer encoding and fast randomness, on top of ``phe`` and ``gmpy2``.
+
+Key generation is ``phe``'s (so keys interoperate with python-paillier); all arithmetic is gmpy2 on
+raw integers, with g = N + 1 so that encrypting m is ``(1 + m N) * rho mod N^2`` where ``rho`` is an
+N-th residue. Plaintexts are signed: v is stored as ``v mod N`` and decoded back into
+``(-N/2, N/2)``; a value that does not fit raises :class:`EncodingOverflow` instead of wrapping.
+
+Randomness: ``rho`` is ``h^e`` for a fixed random N-th residue ``h = r0^N`` and a fresh short
+exponent ``e`` (``RANDOMIZER_EXPONENT_BITS`` bits), computed from a fixed-base window table in about
+40 modular multiplications instead of one full exponentiation. This is the standard short-exponent
+randomizer (its security rests on the hardness of the short-exponent discrete log in the group of
+N-th residues); ``docs/threat-model.md`` names the assumption. The holder of the secret key can also
+use full-size ``r^N`` computed by CRT (``PrivateKey.encrypt_fresh``).
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import gmpy2
+import phe
+from gmpy2 import mpz
+
+from .errors import EncodingOverflow, HECNNError, InvalidCiphertext, KeyMismatch
+
+DEFAULT_KEY_BITS = 2048
+MIN_KEY_BITS = 1024
+#: exponent size of the short-exponent randomizer: twice the 128-bit security target
+RANDOMIZER_EXPONENT_BITS = 256
+#: statistical security parameter: masks hide values up to statistical distance 2^-KAPPA
+KAPPA = 40
+
+_rng = secrets.SystemRandom()
+
+
+def random_below(bound: int) -> mpz:
+    """A uniform integer in [0, bound) from the operating system's CSPRNG."""
+    return mpz(secrets.randbelow(int(bound)))
+
+
+def random_bits(bits: int) -> mpz:
+    return mpz(secrets.randbits(bits))
+
+
+class FixedBaseTable:
+    """Precomputed powers ``base^(j * 2^(w*i))`` so that ``base^e`` costs ``bits/w`` multiplications."""
+
+    def __init__(self, base: mpz, modulus: mpz, exponent_bits: int, window: int = 8):
+        self.modulus = modulus
+        self.window = window
+        self.exponent_bits = exponent_bits
+        self.mask = (1 << window) - 1
+        self.rows: list[list[mpz]] = []
+        b = mpz(base)
+        for _ in range((exponent_bits + window - 1) // window):
+            row = [mpz(1), b]
+            for _ in range(2, 1 << window):
+                row.append(row[-1] * b % modulus)
+            self.rows.append(row)
+            b = row[-1] * b % modulus  # base^(2^window) for the next row
+        self.exponent_bound = 1 << (len(self.rows) * window)
+
+    def power(self, e: int) -> mpz:
+        if not 0 <= e < self.exponent_bound:
+            raise ValueError("exponent out of the table's range")
+        acc = mpz(1)
+        m, w, mask, mod = self.modulus, self.window, self.mask, self.modulus
+        for row in self.rows:
+            digit = e & mask
+            if digit:
+                acc = acc * row[digit] % mod
+            e >>= w
+            if not e:
+                break
+        return acc
+
+
+@dataclass(eq=False)
+class PublicKey:
+    """A Paillier public key (g = N + 1) with gmpy2 fields and a short id for messages and logs."""
+
+    n: mpz
+    nsq: mpz = field(init=False)
+    _randomizer: FixedBaseTable | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.n = mpz(self.n)
+        self.nsq = self.n * self.n
+        if self.n.bit_length() < 16 or self.n % 2 == 0:
+            raise HECNNError(f"not a Paillier modulus: {self.n.bit_length()}-bit even or tiny number")
+
+    # -- identity ---------------------------------------------------------------------------------
+    @property
+    def bits(self) -> int:
+        return int(self.n.bit_length())
+
+    @property
+    def key_id(self) -> str:
+        return hashlib.sha256(int(self.n).to_bytes((self.bits + 7) // 8, "big")).hexdigest()[:16]
+
+    @property
+    def ciphertext_bytes(self) -> int:
+        return (int(self.nsq.bit_length()) + 7) // 8
+
+    @property
+    def max_abs(self) -> int:
+        """Largest magnitude the signed encoding holds: |v| <= (N - 1) / 2."""
+        return int((self.n - 1) // 2)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PublicKey) and self.n == other.n
+
+    def __hash__(self) -> int:
+        return hash(int(self.n))
+
+    def __repr__(self) -> str:
+        return f"PublicKey(bits={self.bits}, id={self.key_id})"
+
+    def require_same(self, other: "PublicKey", what: str = "operand") -> None:
+        if self != other:
+            raise KeyMismatch(f"{what} is under key {other.key_id}, expected key {self.key_id}")
+
+    def to_phe(self) -> phe.PaillierPublicKey:
+        return phe.PaillierPublicKey(int(self.n))
+
+    # -- encoding ---------------------------------------------------------------------------------
+    def encode(self, v: int) -> mpz:
+        """Signed integer -> plaintext in [0, N). Raises EncodingOverflow if |v| > (N-1)/2."""
+        v = int(v)
+        if abs(v) > self.max_abs:
+            raise EncodingOverflow(
+                f"value of {v.bit_length()} bits does not fit the signed range of a {self.bits}-bit key "
+                f"(|v| <= (N-1)/2, {self.bits - 1} bits)"
+            )
+        return mpz(v) % self.n
+
+    def decode(self, m: int) -> int:
+        """Plaintext in [0, N) -> signed integer in [-(N-1)/2, (N-1)/2]."""
+        m = int(m)
+        return m - int(self.n) if m > self.max_abs else m
+
+    # -- randomness and encryption ----------------------------------------------------------------
+    def randomizer(self) -> mpz:
+        """A fresh N-th residue ``h^e`` (short exponent, fixed-base table built on first use)."""
+        if self._randomizer is None:
+            r0 = random_below(self.n - 2) + 2
+            h = gmpy2.powmod(r0, self.n, self.nsq)
+            self._randomizer = FixedBaseTable(h, self.nsq, RANDOMIZER_EXPONENT_BITS)
+        return self._randomizer.power(secrets.randbits(RANDOMIZER_EXPONENT_BITS))
+
+    def plain_term(self, v: int) -> mpz:
+        """The deterministic part ``1 + m N`` of an encryption of v (also how plaintexts are added)."""
+        return (1 + self.encode(v) * self.n) % self.nsq
+
+    def encrypt(self, v: int) -> mpz:
+        return self.plain_term(v) * self.randomizer() % self.nsq
+
+    def encrypt_many(self, values: Iterable[int]) -> list[mpz]:
+        return [self.encrypt(v) for v in values]
+
+    def rerandomize(self, c: mpz) -> mpz:
+        return c * self.randomizer() % self.nsq
+
+    def validate(self, c: int) -> mpz:
+        """Check that c is a well-formed ciphertext (0 < c < N^2, gcd(c, N) = 1)."""
+        c = mpz(c)
+        if not 0 < c < self.nsq:
+            raise InvalidCiphertext(f"ciphertext out of range: expected 0 < c < N^2 for key {self.key_id}")
+        if gmpy2.gcd(c, self.n) != 1:
+            raise InvalidCiphertext(f"ciphertext is not a unit mod N for key {self.key_id}")
+        return c
+
+
+@dataclass(eq=False)
+class PrivateKey:
+    """The Paillier secret key with CRT decryption and CRT encryption (used by S2 and by the user)."""
+
+    public: PublicKey
+    p: mpz
+    q: mpz
+
+    def __post_init__(self) -> None:
+        p, q = mpz(min(self.p, self.q)), mpz(max(self.p, self.q))
+        if p * q != self.public.n:
+            raise KeyMismatch("private key primes do not match the public key")
+        self.p, self.q = p, q
+        self.psq, self.qsq = p * p, q * q
+        n = self.public.n
+        # h_p = L_p(g^(p-1) mod p^2)^-1 mod p, with g = n + 1
+        self.hp = gmpy2.invert((gmpy2.powmod(n + 1, p - 1, self.psq) - 1) // p, p)
+        self.hq = gmpy2.invert((gmpy2.powmod(n + 1, q - 1, self.qsq) - 1) // q, q)
+        self.p_inv_q = gmpy2.invert(p, q)
+        # for CRT encryption: r^N mod p^2 needs N mod phi(p^2) = p (p - 1)
+        self.n_mod_phi_psq = n % (p * (p - 1))
+        self.n_mod_phi_qsq = n % (q * (q - 1))
+        self.qsq_inv_psq = gmpy2.invert(self.qsq, self.psq)
+
+    def __repr__(self) -> str:
+        return f"PrivateKey(for={self.public.key_id})"
+
+    def decrypt_raw(self, c: int) -> mpz:
+        """Ciphertext -> plaintext in [0, N), by CRT."""
+        c = mpz(c)
+        mp = (gmpy2.powmod(c, self.p - 1, self.psq) - 1) // self.p * self.hp % self.p
+        mq = (gmpy2.powmod(c, self.q - 1, self.qsq) - 1) // self.q * self.hq % self.q
+        return mp + (mq - mp) * self.p_inv_q % self.q * self.p
+
+    def decrypt(self, c: int) -> int:
+        return self.public.decode(self.decrypt_raw(c))
+
+    def fresh_randomizer(self) -> mpz:
+        """A full-size ``r^N mod N^2`` by CRT (about half the cost of the public-key way)."""
+        r = random_below(self.public.n - 2) + 2
+        xp = gmpy2.powmod(r, self.n_mod_phi_psq, self.psq)
+        xq = gmpy2.powmod(r, self.n_mod_phi_qsq, self.qsq)
+        return xq + (xp - xq) * self.qsq_inv_psq % self.psq * self.qsq
+
+    def to_phe(self) -> phe.PaillierPrivateKey:
+        return phe.PaillierPrivateKey(self.public.to_phe(), int(self.p), int(self.q))
+
+
+@dataclass(frozen=True, eq=False)
+class KeyPair:
+    public: PublicKey
+    private: PrivateKey
+
+    def __repr__(self) -> str:
+        return f"KeyPair(bits={self.public.bits}, id={self.public.key_id})"
+
+
+def generate_keypair(bits: int = DEFAULT_KEY_BITS, *, allow_small: bool = False) -> KeyPair:
+    """A fresh Paillier key pair of ``bits`` bits (>= 1024, or any size >= 256 for unit tests)."""
+    if bits < MIN_KEY_BITS and not (allow_small and bits >= 256):
+        raise HECNNError(f"key size {bits} bits is too small: expected at least {MIN_KEY_BITS}")
+    pub, priv = phe.generate_paillier_keypair(n_length=bits)
+    public = PublicKey(mpz(pub.n))
+    return KeyPair(public, PrivateKey(public, mpz(priv.p), mpz(priv.q)))
+
+
+def keypair_from_primes(p: int, q: int) -> KeyPair:
+    public = PublicKey(mpz(p) * mpz(q))
+    return KeyPair(public, PrivateKey(public, mpz(p), mpz(q)))
+
+
+def bits_needed(bound: int) -> int:
+    """Smallest l with |v| < 2^l for every |v| <= bound."""
+    return int(bound).bit_length()
+
+
+def check_bound(values: Sequence[int], bound: int, what: str) -> None:
+    for v in values:
+        if abs(int(v)) > bound:
+            raise EncodingOverflow(f"{what}: value of {int(v).bit_length()} bits exceeds its bound {bound}")

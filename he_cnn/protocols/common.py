@@ -1,0 +1,154 @@
+"""What every protocol shares: S1's context, statistical masks, and packed reveals to S2.
+
+A *reveal* is how S2 gets to see a value at all: S1 adds a mask ``M = 2^l + r`` with r uniform in
+``[0, 2^(l+1+kappa))`` to a value |x| < 2^l, so that ``x + M`` is non-negative, below
+``2^(l+2+kappa)``, and statistically independent of x (distance <= 2^-kappa). S1 packs as many
+masked values as fit into one Paillier plaintext (slots of ``l + kappa + 3`` bits: one guard bit
+on top), re-randomises, and sends one ciphertext per pack; S2 decrypts once per pack and splits the
+slots. A set guard bit means a value was outside its declared bound, which S2 reports as
+:class:`BoundExceeded` instead of computing on garbage.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import gmpy2
+import numpy as np
+from gmpy2 import mpz
+
+from ..channel import Channel
+from ..dgk import DGKPublicKey
+from ..errors import BoundExceeded, ProtocolError
+from ..keys import KAPPA, PrivateKey, PublicKey
+from ..tensor import EncryptedTensor
+from ..wire import Message
+
+if TYPE_CHECKING:
+    from ..s2 import KeyCloud
+
+
+@dataclass
+class S1Context:
+    """Everything S1 needs to run protocols: public keys and the channel. No secret key, ever."""
+
+    public_key: PublicKey
+    dgk_key: DGKPublicKey
+    channel: Channel
+    kappa: int = KAPPA
+    #: counts of public-key operations by kind, for the benchmark
+    ops: dict[str, int] = field(default_factory=dict)
+
+    def count(self, kind: str, n: int = 1) -> None:
+        self.ops[kind] = self.ops.get(kind, 0) + n
+
+
+def slot_bits(l: int, kappa: int) -> int:
+    return l + kappa + 3
+
+
+def sample_masks(count: int, l: int, kappa: int) -> list[int]:
+    """Masks 2^l + r, r uniform in [0, 2^(l+1+kappa)): x + M hides |x| < 2^l statistically."""
+    offset = 1 << l
+    return [offset + secrets.randbits(l + 1 + kappa) for _ in range(count)]
+
+
+def slots_per_pack(n_bits: int, slot: int) -> int:
+    k = (n_bits - 2) // slot
+    if k < 1:
+        raise BoundExceeded(f"a {slot}-bit slot does not fit a {n_bits}-bit plaintext")
+    return k
+
+
+def pack_masked(ctx: S1Context, values: EncryptedTensor, masks: Sequence[int], l: int) -> np.ndarray:
+    """S1: ciphertexts of sum_i (x_i + M_i) 2^(slot*i), one per pack, re-randomised."""
+    pk = ctx.public_key
+    nsq = pk.nsq
+    slot = slot_bits(l, ctx.kappa)
+    k = slots_per_pack(pk.bits, slot)
+    flat = values.data.reshape(-1)
+    if len(masks) != flat.size:
+        raise ProtocolError(f"{len(masks)} masks for {flat.size} values")
+    shift = mpz(1) << slot
+    packs = []
+    for start in range(0, flat.size, k):
+        acc = mpz(1)
+        for i in range(min(start + k, flat.size) - 1, start - 1, -1):
+            if acc != 1:
+                acc = gmpy2.powmod(acc, shift, nsq)
+            acc = acc * flat[i] % nsq * (1 + masks[i] * pk.n) % nsq
+        packs.append(pk.rerandomize(acc))
+    ctx.count("pack_values", flat.size)
+    ctx.count("rerandomize", len(packs))
+    out = np.empty(len(packs), dtype=object)
+    out[:] = packs
+    return out
+
+
+def unpack_revealed(private_key: PrivateKey, packs: np.ndarray, count: int, l: int, kappa: int) -> list[int]:
+    """S2: decrypt each pack and split it into ``count`` masked values, checking the guard bits."""
+    slot = slot_bits(l, kappa)
+    k = slots_per_pack(private_key.public.bits, slot)
+    if len(packs) != -(-count // k):
+        raise ProtocolError(f"{len(packs)} packs cannot hold {count} values of {slot} bits")
+    values: list[int] = []
+    slot_mask = (1 << slot) - 1
+    limit = 1 << (slot - 1)
+    for c in packs:
+        m = int(private_key.decrypt_raw(private_key.public.validate(c)))
+        for _ in range(min(k, count - len(values))):
+            v = m & slot_mask
+            if v >= limit:
+                raise BoundExceeded(
+                    f"a masked value exceeds its declared bound of {l} bits: the input or the model "
+                    "is outside the range the protocol was set up for"
+                )
+            values.append(v)
+            m >>= slot
+        if m:
+            raise BoundExceeded(f"pack holds more than its slots: a value exceeds its declared {l}-bit bound")
+    return values
+
+
+def reveal_message(ctx: S1Context, name: str, values: EncryptedTensor, l: int) -> tuple[Message, list[int]]:
+    """Mask and pack ``values`` (|x| < 2^l) into a message field; returns the message and the masks."""
+    masks = sample_masks(values.size, l, ctx.kappa)
+    msg = Message(meta={f"{name}_count": values.size, f"{name}_bits": l, "kappa": ctx.kappa})
+    msg.arrays[name] = pack_masked(ctx, values, masks, l)
+    msg.widths[name] = ctx.public_key.ciphertext_bytes
+    return msg, masks
+
+
+def read_revealed(cloud: "KeyCloud", msg: Message, name: str) -> tuple[list[int], int]:
+    """S2: the masked values of field ``name`` and their declared bit bound."""
+    count, l, kappa = (msg.get(f"{name}_count", int), msg.get(f"{name}_bits", int), msg.get("kappa", int))
+    if kappa < KAPPA or l < 0 or count < 0:
+        raise ProtocolError(f"reveal parameters out of range: count={count}, bits={l}, kappa={kappa} (min {KAPPA})")
+    values = unpack_revealed(cloud.keys.private, msg.array(name), count, l, kappa)
+    cloud.observe(name, values, l, kappa)
+    return values, l
+
+
+def ciphertext_field(msg: Message, name: str, cts: Sequence[mpz], width: int) -> None:
+    arr = np.empty(len(cts), dtype=object)
+    arr[:] = list(cts)
+    msg.arrays[name] = arr
+    msg.widths[name] = width
+
+
+def encrypted_reply(cloud: "KeyCloud", fields: dict[str, Sequence[int]], meta: dict | None = None) -> Message:
+    """S2: a reply whose fields are fresh Paillier encryptions of the given signed integers."""
+    pk = cloud.keys.public
+    msg = Message(meta=dict(meta or {}))
+    for name, values in fields.items():
+        ciphertext_field(msg, name, [pk.encrypt(int(v)) for v in values], pk.ciphertext_bytes)
+    return msg
+
+
+def read_ciphertexts(pk: PublicKey, msg: Message, name: str, shape: tuple[int, ...]) -> EncryptedTensor:
+    """Ciphertexts of field ``name``, validated, with the expected shape."""
+    arr = msg.array(name)
+    if arr.size != int(np.prod(shape)):
+        raise ProtocolError(f"field {name!r} has {arr.size} ciphertexts, expected shape {shape}")
+    return EncryptedTensor.from_ciphertexts(pk, arr.reshape(-1), shape)

@@ -1,0 +1,52 @@
+"""The user's answer: turn E(y) under the cloud key into E_u(y) under the user's own key.
+
+Steps (|y| < 2^l):
+  1. S1 reveals y + M to S2 (M = 2^l + r, packed), together with the user's public key pk_u.
+  2. S2 decrypts y + M and returns a fresh encryption E_u(y + M) under pk_u.
+  3. S1 subtracts M under pk_u and re-randomises: E_u(y). Only the user can decrypt it.
+
+Cost per element: S1 ~l+kappa squarings (packing), one plaintext addition and one randomizer under
+pk_u; S2 one decryption per pack and one encryption under pk_u. One round.
+S1 learns: nothing.  S2 learns: y + M, statistically independent of y, and pk_u.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from gmpy2 import mpz
+
+from ..errors import ProtocolError
+from ..keys import MIN_KEY_BITS, PublicKey
+from ..tensor import EncryptedTensor
+from ..wire import Message
+from .common import S1Context, ciphertext_field, read_ciphertexts, read_revealed, reveal_message
+
+if TYPE_CHECKING:
+    from ..s2 import KeyCloud
+
+STEP = "to_user"
+
+
+def reencrypt_for_user(ctx: S1Context, y: EncryptedTensor, bits: int, user_key: PublicKey,
+                       min_user_bits: int = MIN_KEY_BITS) -> EncryptedTensor:
+    if user_key.bits < min_user_bits:
+        raise ProtocolError(f"user key of {user_key.bits} bits is too small: expected at least {min_user_bits}")
+    msg, masks = reveal_message(ctx, "y", y.flatten(), bits)
+    msg.arrays["user_n"] = np.array([user_key.n], dtype=object)
+    reply = ctx.channel.request(STEP, msg)
+    out = read_ciphertexts(user_key, reply, "y_user", (y.size,))
+    return out.sub(masks).rerandomize().reshape(y.shape)
+
+
+def s2_to_user(cloud: "KeyCloud", msg: Message) -> Message:
+    values, _ = read_revealed(cloud, msg, "y")
+    user_n = msg.array("user_n").reshape(-1)
+    if user_n.size != 1:
+        raise ProtocolError("expected exactly one user modulus")
+    user_key = PublicKey(mpz(user_n[0]))
+    if user_key.bits < cloud.min_user_key_bits or user_key == cloud.keys.public:
+        raise ProtocolError(f"unacceptable user key ({user_key.bits} bits)")
+    reply = Message()
+    ciphertext_field(reply, "y_user", [user_key.encrypt(v) for v in values], user_key.ciphertext_bytes)
+    return reply

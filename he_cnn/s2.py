@@ -1,0 +1,114 @@
+"""S2, the key cloud: holds the cloud key pair and answers S1's protocol rounds.
+
+A :class:`KeyCloud` takes an encoded request for a named step and returns the encoded reply
+(``handle``); the in-process channel calls it directly, the S2 Flask service calls it per HTTP
+request. It keeps only what the protocols need between rounds: per-model set-up state (masked
+weights K + B) and short-lived comparison tickets. It can record every plaintext it obtains
+(``record=True``) so tests can show those values do not depend on the user's image.
+"""
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .dgk import DGKPrivateKey, DGKPublicKey, generate_dgk_keypair
+from .errors import BadRequest, ProtocolError
+from .keys import MIN_KEY_BITS, KeyPair
+from .protocols import comparison, linear, output, smp
+from .protocols.linear import LinearGeometry
+from .wire import Message, decode, encode
+
+HANDLERS: dict[str, Callable[["KeyCloud", Message], Message]] = {
+    smp.STEP: smp.s2_multiply,
+    linear.SETUP_STEP: linear.s2_setup,
+    linear.STEP: linear.s2_linear,
+    comparison.BITS_STEP: comparison.s2_compare_bits,
+    comparison.ZERO_STEP: comparison.s2_compare_zero,
+    output.STEP: output.s2_to_user,
+}
+
+
+class TicketStore:
+    """State kept between the two rounds of a comparison, dropped after ``ttl`` seconds."""
+
+    def __init__(self, ttl: float = 600.0):
+        self.ttl = ttl
+        self._items: dict[str, tuple[float, Any]] = {}
+        self._lock = threading.Lock()
+
+    def put(self, value: Any) -> str:
+        ticket = secrets.token_hex(16)
+        now = time.monotonic()
+        with self._lock:
+            for k in [k for k, (t, _) in self._items.items() if now - t > self.ttl]:
+                del self._items[k]
+            self._items[ticket] = (now, value)
+        return ticket
+
+    def pop(self, ticket: str) -> Any:
+        with self._lock:
+            item = self._items.pop(ticket, None)
+        if item is None:
+            raise ProtocolError("unknown or expired comparison ticket")
+        return item[1]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class Observation:
+    step: str
+    values: list[int]
+    bits: int
+    kappa: int
+
+
+@dataclass(eq=False)
+class KeyCloud:
+    keys: KeyPair
+    dgk_public: DGKPublicKey
+    dgk_private: DGKPrivateKey
+    record: bool = False
+    min_user_key_bits: int = MIN_KEY_BITS
+    tickets: TicketStore = field(default_factory=TicketStore)
+    observations: list[Observation] = field(default_factory=list)
+    setups: dict[str, dict[str, tuple[np.ndarray, LinearGeometry]]] = field(default_factory=dict)
+    #: called after a set-up is stored (the service persists it)
+    on_setup: Callable[[str, dict], None] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def create(cls, keys: KeyPair, **kwargs) -> "KeyCloud":
+        dgk_pub, dgk_priv = generate_dgk_keypair(keys.public.bits)
+        return cls(keys, dgk_pub, dgk_priv, **kwargs)
+
+    # -- protocol entry point ---------------------------------------------------------------------
+    def handle(self, step: str, payload: bytes) -> bytes:
+        handler = HANDLERS.get(step)
+        if handler is None:
+            raise BadRequest(f"unknown protocol step {step!r}; expected one of {sorted(HANDLERS)}")
+        return encode(handler(self, decode(payload)))
+
+    # -- state used by the handlers ---------------------------------------------------------------
+    def observe(self, step: str, values: list[int], bits: int, kappa: int) -> None:
+        if self.record:
+            with self._lock:
+                self.observations.append(Observation(step, list(values), bits, kappa))
+
+    def store_setup(self, setup_id: str, layers: dict[str, tuple[np.ndarray, LinearGeometry]]) -> None:
+        with self._lock:
+            self.setups[setup_id] = layers
+        if self.on_setup is not None:
+            self.on_setup(setup_id, layers)
+
+    def setup_layer(self, setup_id: str, layer: str) -> tuple[np.ndarray, LinearGeometry]:
+        try:
+            return self.setups[setup_id][layer]
+        except KeyError:
+            raise ProtocolError(f"unknown model set-up {setup_id!r} / layer {layer!r}: run the set-up first") from None

@@ -1,0 +1,240 @@
+"""Encrypted tensors: an n-d numpy array of Paillier ciphertexts under one public key.
+
+The array holds raw ``gmpy2.mpz`` ciphertexts (dtype=object), never per-element
+``phe.EncryptedNumber`` objects. Operators delegate to named methods (``add``, ``mul_plain``,
+``matmul_plain``); plaintext operands are integer arrays (signed). An encrypted tensor never prints
+its contents and refuses ``bool()``. Serialisation is the binary wire format of :mod:`he_cnn.wire`.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence, Union
+
+import gmpy2
+import numpy as np
+from gmpy2 import mpz
+
+from .errors import HECNNError, ShapeError
+from .keys import PublicKey
+
+PlainLike = Union[int, Sequence[int], np.ndarray]
+
+
+def as_int_array(values: PlainLike) -> np.ndarray:
+    """Normalise a plaintext operand to an object array of Python ints."""
+    arr = np.asarray(values, dtype=object)
+    flat = arr.reshape(-1)
+    for i, v in enumerate(flat):
+        if not isinstance(v, int):
+            if isinstance(v, (np.integer, type(mpz(0)))):
+                flat[i] = int(v)
+            else:
+                raise HECNNError(f"plaintext operands must be integers, got {type(v).__name__}")
+    return flat.reshape(arr.shape)
+
+
+class EncryptedTensor:
+    """An n-d array of ciphertexts under ``public_key``."""
+
+    __slots__ = ("public_key", "data")
+
+    def __init__(self, public_key: PublicKey, data: np.ndarray):
+        if not isinstance(data, np.ndarray) or data.dtype != object:
+            raise HECNNError("EncryptedTensor data must be a numpy object array of ciphertexts")
+        self.public_key = public_key
+        self.data = data
+
+    # -- construction -----------------------------------------------------------------------------
+    @classmethod
+    def encrypt(cls, public_key: PublicKey, values: PlainLike) -> "EncryptedTensor":
+        arr = as_int_array(values)
+        out = np.empty(arr.shape, dtype=object)
+        flat_in, flat_out = arr.reshape(-1), out.reshape(-1)
+        for i, v in enumerate(flat_in):
+            flat_out[i] = public_key.encrypt(v)
+        return cls(public_key, out)
+
+    @classmethod
+    def from_ciphertexts(cls, public_key: PublicKey, ciphertexts: Iterable[int], shape: Sequence[int],
+                         validate: bool = True) -> "EncryptedTensor":
+        cts = [public_key.validate(c) if validate else mpz(c) for c in ciphertexts]
+        arr = np.empty(len(cts), dtype=object)
+        arr[:] = cts
+        if int(np.prod(shape)) != len(cts):
+            raise ShapeError(f"{len(cts)} ciphertexts cannot take shape {tuple(shape)}")
+        return cls(public_key, arr.reshape(tuple(shape)))
+
+    def decrypt(self, private_key) -> np.ndarray:
+        """Signed plaintexts (object array); needs the matching PrivateKey."""
+        self.public_key.require_same(private_key.public, "private key")
+        out = np.empty(self.data.shape, dtype=object)
+        out.reshape(-1)[:] = [private_key.decrypt(c) for c in self.data.reshape(-1)]
+        return out
+
+    # -- numpy-like shape handling ----------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def size(self) -> int:
+        return int(self.data.size)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def reshape(self, *shape) -> "EncryptedTensor":
+        try:
+            return EncryptedTensor(self.public_key, self.data.reshape(*shape))
+        except ValueError as e:
+            raise ShapeError(f"cannot reshape encrypted tensor of shape {self.shape} to {shape}") from e
+
+    def flatten(self) -> "EncryptedTensor":
+        return self.reshape(-1)
+
+    def __getitem__(self, item) -> "EncryptedTensor":
+        sub = self.data[item]
+        if not isinstance(sub, np.ndarray):
+            sub = np.array([sub], dtype=object).reshape(())
+        return EncryptedTensor(self.public_key, sub)
+
+    def take(self, indices: np.ndarray) -> "EncryptedTensor":
+        """Gather flat elements by an index array; index -1 gives an encryption of zero (padding).
+
+        The zero is the trivial ciphertext 1: it only ever enters sums S1 computes and is never sent
+        as it is (every outgoing ciphertext is re-randomised).
+        """
+        flat = self.data.reshape(-1)
+        idx = np.asarray(indices)
+        padded = np.empty(flat.size + 1, dtype=object)
+        padded[:-1] = flat
+        padded[-1] = mpz(1)
+        return EncryptedTensor(self.public_key, padded[np.where(idx < 0, flat.size, idx)])
+
+    @staticmethod
+    def concatenate(tensors: Sequence["EncryptedTensor"], axis: int = 0) -> "EncryptedTensor":
+        pk = tensors[0].public_key
+        for t in tensors[1:]:
+            pk.require_same(t.public_key, "concatenated tensor")
+        return EncryptedTensor(pk, np.concatenate([t.data for t in tensors], axis=axis))
+
+    # -- homomorphic arithmetic -------------------------------------------------------------------
+    def _check(self, other: "EncryptedTensor") -> None:
+        self.public_key.require_same(other.public_key)
+        if other.shape != self.shape:
+            raise ShapeError(f"shape mismatch: {self.shape} and {other.shape}")
+
+    def _plain(self, values: PlainLike) -> np.ndarray:
+        arr = as_int_array(values)
+        try:
+            return np.broadcast_to(arr, self.shape)
+        except ValueError as e:
+            raise ShapeError(f"plaintext of shape {arr.shape} does not broadcast to {self.shape}") from e
+
+    def add(self, other: Union["EncryptedTensor", PlainLike]) -> "EncryptedTensor":
+        nsq = self.public_key.nsq
+        if isinstance(other, EncryptedTensor):
+            self._check(other)
+            return EncryptedTensor(self.public_key, self.data * other.data % nsq)
+        terms = np.frompyfunc(self.public_key.plain_term, 1, 1)(self._plain(other))
+        return EncryptedTensor(self.public_key, self.data * terms % nsq)
+
+    def neg(self) -> "EncryptedTensor":
+        nsq = self.public_key.nsq
+        return EncryptedTensor(self.public_key, np.frompyfunc(lambda c: gmpy2.invert(c, nsq), 1, 1)(self.data))
+
+    def sub(self, other: Union["EncryptedTensor", PlainLike]) -> "EncryptedTensor":
+        if isinstance(other, EncryptedTensor):
+            return self.add(other.neg())
+        return self.add(-self._plain(other))
+
+    def mul_plain(self, factors: PlainLike) -> "EncryptedTensor":
+        """Element-wise product with signed plaintext integers (one exponentiation each)."""
+        nsq = self.public_key.nsq
+        f = self._plain(factors)
+        return EncryptedTensor(self.public_key, np.frompyfunc(lambda c, k: gmpy2.powmod(c, k, nsq), 2, 1)(self.data, f))
+
+    def sum(self, axis: int | None = None) -> "EncryptedTensor":
+        nsq = self.public_key.nsq
+        mulmod = np.frompyfunc(lambda a, b: a * b % nsq, 2, 1)
+        if axis is None:
+            out = mpz(1)
+            for c in self.data.reshape(-1):
+                out = out * c % nsq
+            return EncryptedTensor(self.public_key, np.array(out, dtype=object).reshape(()))
+        return EncryptedTensor(self.public_key, mulmod.reduce(self.data, axis=axis, initial=mpz(1)).astype(object))
+
+    def matmul_plain(self, weights: PlainLike) -> "EncryptedTensor":
+        """(P, F) encrypted @ (F, C) signed plaintext -> (P, C) encrypted.
+
+        Positive and negative weights are accumulated separately so that each output costs one
+        inversion instead of one per negative weight.
+        """
+        w = as_int_array(weights)
+        if self.data.ndim != 2 or w.ndim != 2 or w.shape[0] != self.shape[1]:
+            raise ShapeError(f"matmul of encrypted {self.shape} by plaintext {w.shape}")
+        return EncryptedTensor(self.public_key, matmul_cipher_plain(self.data, w, self.public_key.nsq))
+
+    def rerandomize(self) -> "EncryptedTensor":
+        pk = self.public_key
+        return EncryptedTensor(pk, np.frompyfunc(pk.rerandomize, 1, 1)(self.data))
+
+    __add__ = add
+    __sub__ = sub
+    __neg__ = neg
+
+    def __mul__(self, other: PlainLike) -> "EncryptedTensor":
+        if isinstance(other, EncryptedTensor):
+            raise HECNNError("the product of two encrypted tensors needs the SMP protocol (he_cnn.protocols.smp)")
+        return self.mul_plain(other)
+
+    # -- safety -----------------------------------------------------------------------------------
+    def __bool__(self) -> bool:
+        raise HECNNError("the truth value of an encrypted tensor is unknown by design")
+
+    def __repr__(self) -> str:
+        return f"EncryptedTensor(shape={self.shape}, key={self.public_key.key_id})"
+
+    __str__ = __repr__
+
+    # -- serialisation ----------------------------------------------------------------------------
+    def serialize(self) -> bytes:
+        from .wire import Message, encode
+
+        return encode(Message(meta={"key_id": self.public_key.key_id}, arrays={"t": self.data},
+                              widths={"t": self.public_key.ciphertext_bytes}))
+
+    @classmethod
+    def deserialize(cls, public_key: PublicKey, data: bytes) -> "EncryptedTensor":
+        from .errors import KeyMismatch
+        from .wire import decode
+
+        msg = decode(data)
+        if msg.meta.get("key_id") != public_key.key_id:
+            raise KeyMismatch(f"tensor is under key {msg.meta.get('key_id')}, expected {public_key.key_id}")
+        arr = msg.array("t")
+        return cls.from_ciphertexts(public_key, arr.reshape(-1), arr.shape)
+
+
+def matmul_cipher_plain(x: np.ndarray, w: np.ndarray, nsq: mpz) -> np.ndarray:
+    """prod_f x[p, f]^w[f, c] mod nsq for every (p, c); trivial ciphertexts (1) are skipped."""
+    p_count, f_count = x.shape
+    c_count = w.shape[1]
+    out = np.empty((p_count, c_count), dtype=object)
+    w_rows = [[int(v) for v in w[f]] for f in range(f_count)]
+    for p in range(p_count):
+        pos = [mpz(1)] * c_count
+        neg = [mpz(1)] * c_count
+        for f in range(f_count):
+            base = x[p, f]
+            if base == 1:
+                continue
+            row = w_rows[f]
+            powers = gmpy2.powmod_exp_list(base, [abs(v) for v in row], nsq)
+            for c, (v, pw) in enumerate(zip(row, powers)):
+                if v > 0:
+                    pos[c] = pos[c] * pw % nsq
+                elif v < 0:
+                    neg[c] = neg[c] * pw % nsq
+        for c in range(c_count):
+            out[p, c] = pos[c] if neg[c] == 1 else pos[c] * gmpy2.invert(neg[c], nsq) % nsq
+    return out

@@ -1,0 +1,124 @@
+"""The binary, versioned wire format: the same bytes on the wire between clouds, to users, and on disk.
+
+Layout of a message::
+
+    b"HECN" | version (u16) | header length (u32) | header (UTF-8 JSON) | array payloads
+
+The header holds small metadata (ids, shapes, bit lengths) and, per array, its name, shape and byte
+width; the payload holds each array's integers as fixed-width big-endian bytes (ciphertexts
+unsigned at the width of N^2 or of the DGK modulus, other integers as signed two's complement).
+No decimal strings, no pickle. Decoding checks magic, version, lengths and sizes and raises
+:class:`WireFormatError` with what was expected and what arrived.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from gmpy2 import mpz
+
+from .errors import WireFormatError
+
+MAGIC = b"HECN"
+VERSION = 1
+_PREFIX = struct.Struct(">4sHI")
+#: refuse headers and arrays beyond these (a hostile length field must not allocate gigabytes)
+MAX_HEADER_BYTES = 1 << 20
+MAX_ELEMENTS = 1 << 24
+
+
+@dataclass
+class Message:
+    """Metadata plus named integer arrays. ``widths`` fixes the byte width of ciphertext arrays."""
+
+    meta: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    widths: dict[str, int] = field(default_factory=dict)
+
+    def array(self, name: str) -> np.ndarray:
+        try:
+            return self.arrays[name]
+        except KeyError:
+            raise WireFormatError(f"message lacks array {name!r}; it has {sorted(self.arrays)}") from None
+
+    def get(self, name: str, kind: type = object) -> Any:
+        try:
+            value = self.meta[name]
+        except KeyError:
+            raise WireFormatError(f"message lacks field {name!r}") from None
+        if kind is not object and not isinstance(value, kind):
+            raise WireFormatError(f"field {name!r} must be {kind.__name__}, got {type(value).__name__}")
+        return value
+
+
+def _signed_width(flat: np.ndarray) -> int:
+    width = 1
+    for v in flat:
+        v = int(v)
+        need = (v.bit_length() + 8) // 8 if v >= 0 else ((-v - 1).bit_length() + 8) // 8
+        width = max(width, need)
+    return width
+
+
+def encode(message: Message) -> bytes:
+    specs, blobs = [], []
+    for name, arr in message.arrays.items():
+        arr = np.asarray(arr, dtype=object)
+        flat = arr.reshape(-1)
+        if name in message.widths:
+            width, signed = message.widths[name], False
+        else:
+            width, signed = _signed_width(flat), True
+        try:
+            blobs.append(b"".join(int(v).to_bytes(width, "big", signed=signed) for v in flat))
+        except OverflowError as e:
+            raise WireFormatError(f"array {name!r} holds a value wider than {width} bytes") from e
+        specs.append({"name": name, "shape": list(arr.shape), "width": width, "signed": signed})
+    header = json.dumps({"meta": message.meta, "arrays": specs}, separators=(",", ":")).encode()
+    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + b"".join(blobs)
+
+
+def decode(data: bytes) -> Message:
+    if len(data) < _PREFIX.size:
+        raise WireFormatError(f"message of {len(data)} bytes is shorter than the {_PREFIX.size}-byte prefix")
+    magic, version, header_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise WireFormatError(f"not a he-cnn message: magic {magic!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise WireFormatError(f"wire format version {version} is not supported; expected {VERSION}")
+    if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > len(data):
+        raise WireFormatError(f"header length {header_len} does not fit a {len(data)}-byte message")
+    try:
+        header = json.loads(data[_PREFIX.size:_PREFIX.size + header_len])
+        meta, specs = header["meta"], header["arrays"]
+        if not isinstance(meta, dict) or not isinstance(specs, list):
+            raise TypeError("meta must be an object and arrays a list")
+    except (ValueError, KeyError, TypeError) as e:
+        raise WireFormatError(f"malformed message header: {e}") from e
+    msg = Message(meta=meta)
+    offset = _PREFIX.size + header_len
+    for spec in specs:
+        try:
+            name, shape, width, signed = spec["name"], tuple(spec["shape"]), int(spec["width"]), bool(spec["signed"])
+            if not isinstance(name, str) or not all(isinstance(s, int) and s >= 0 for s in shape):
+                raise TypeError("bad name or shape")
+        except (KeyError, TypeError, ValueError) as e:
+            raise WireFormatError(f"malformed array spec {spec!r}") from e
+        count = int(np.prod(shape)) if shape else 1
+        if count > MAX_ELEMENTS or not 0 < width <= 4096:
+            raise WireFormatError(f"array {name!r}: {count} elements of {width} bytes is out of range")
+        end = offset + count * width
+        if end > len(data):
+            raise WireFormatError(f"array {name!r} needs {count * width} bytes, message has {len(data) - offset} left")
+        flat = np.empty(count, dtype=object)
+        flat[:] = [mpz(int.from_bytes(data[i:i + width], "big", signed=signed)) for i in range(offset, end, width)]
+        msg.arrays[name] = flat.reshape(shape)
+        if not signed:
+            msg.widths[name] = width
+        offset = end
+    if offset != len(data):
+        raise WireFormatError(f"{len(data) - offset} trailing bytes after the last array")
+    return msg
