@@ -1,0 +1,31 @@
+"""Shared fixtures. Fast tier: 1024-bit cloud keys (512-bit where only encoding is tested)."""
+from __future__ import annotations
+
+import pytest
+
+from he_cnn.channel import InProcessChannel
+from he_cnn.keys import generate_keypair
+from he_cnn.protocols.common import S1Context
+from he_cnn.s2 import KeyCloud
+
+
+@pytest.fixture(scope="session")
+def keys1024():
+    return generate_keypair(1024)
+
+
+@pytest.fixture(scope="session")
+def user_keys():
+    return generate_keypair(1024)
+
+
+@pytest.fixture(scope="session")
+def key_cloud(keys1024):
+    return KeyCloud.create(keys1024, record=True)
+
+
+@pytest.fixture
+def s1(keys1024, key_cloud):
+    """A fresh S1 context (fresh channel counters) talking in-process to the shared S2."""
+    key_cloud.observations.clear()
+    return S1Context(keys1024.public, key_cloud.dgk_public, InProcessChannel(key_cloud.handle))

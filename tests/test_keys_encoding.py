@@ -1,0 +1,80 @@
+import pytest
+from gmpy2 import mpz
+
+from he_cnn.errors import EncodingOverflow, HECNNError, InvalidCiphertext, KeyMismatch
+from he_cnn.keys import FixedBaseTable, PublicKey, generate_keypair, keypair_from_primes
+from he_cnn.tensor import EncryptedTensor
+
+# a tiny fixed key: known ciphertexts for fixed randomness
+P, Q = 1000000007, 998244353
+
+
+def test_fixed_key_known_ciphertext():
+    kp = keypair_from_primes(P, Q)
+    n = P * Q
+    # g = n + 1, r = 2: c = (1 + m n) 2^n mod n^2
+    c = (1 + 42 * n) * pow(2, n, n * n) % (n * n)
+    assert kp.private.decrypt(c) == 42
+    assert kp.public.plain_term(42) * pow(2, n, n * n) % (n * n) == c
+
+
+@pytest.fixture(scope="module")
+def kp():
+    return generate_keypair(512, allow_small=True)
+
+
+@pytest.mark.parametrize("v", [0, 1, -1, 12345, -98765, 2**100, -(2**100)])
+def test_encrypt_decrypt_roundtrip(kp, v):
+    assert kp.private.decrypt(kp.public.encrypt(v)) == v
+
+
+def test_largest_encodable_magnitude(kp):
+    m = kp.public.max_abs
+    for v in (m, -m):
+        assert kp.private.decrypt(kp.public.encrypt(v)) == v
+    for v in (m + 1, -m - 1, 2 * m):
+        with pytest.raises(EncodingOverflow, match="does not fit"):
+            kp.public.encode(v)
+
+
+def test_key_size_floor():
+    with pytest.raises(HECNNError, match="at least 1024"):
+        generate_keypair(512)
+
+
+def test_crt_randomizer_is_nth_residue(kp):
+    rho = kp.private.fresh_randomizer()
+    assert kp.private.decrypt(rho) == 0
+    assert kp.private.decrypt(kp.public.plain_term(7) * rho % kp.public.nsq) == 7
+
+
+def test_fixed_base_table_matches_pow():
+    table = FixedBaseTable(mpz(7), mpz(1000003), 64, window=4)
+    for e in (0, 1, 2**63 + 5, 123456789):
+        assert table.power(e) == pow(7, e, 1000003)
+
+
+def test_validate_rejects_out_of_range_and_non_units(kp):
+    pk = kp.public
+    for bad in (0, pk.nsq, pk.nsq + 5, -3):
+        with pytest.raises(InvalidCiphertext):
+            pk.validate(bad)
+    with pytest.raises(InvalidCiphertext, match="unit"):
+        pk.validate(kp.private.p * 3)
+
+
+def test_public_key_identity_and_repr(kp):
+    other = generate_keypair(512, allow_small=True)
+    assert PublicKey(kp.public.n) == kp.public
+    assert kp.public != other.public
+    with pytest.raises(KeyMismatch, match=other.public.key_id):
+        kp.public.require_same(other.public)
+    assert "bits=" in repr(kp.public) and str(int(kp.private.p)) not in repr(kp.private)
+
+
+def test_phe_interop(kp):
+    c = EncryptedTensor.encrypt(kp.public, [5]).data[0]
+    import phe
+
+    enc = phe.EncryptedNumber(kp.public.to_phe(), int(c))
+    assert kp.private.to_phe().raw_decrypt(enc.ciphertext(be_secure=False)) == 5

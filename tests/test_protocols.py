@@ -1,0 +1,160 @@
+"""Every secure function against its plaintext reference, 1024-bit keys, in-process channel."""
+import random
+
+import numpy as np
+import pytest
+
+from he_cnn.errors import BoundExceeded, ShapeError
+from he_cnn.graph import im2col_indices, pool_windows
+from he_cnn.keys import PrivateKey
+from he_cnn.protocols import comparison, linear, output, smp
+from he_cnn.protocols.common import slot_bits, slots_per_pack
+from he_cnn.tensor import EncryptedTensor
+from he_cnn.wire import decode
+
+rnd = random.Random(7)
+
+
+def ints(n, lo, hi, shape=None):
+    a = np.array([rnd.randint(lo, hi) for _ in range(n)], dtype=object)
+    return a.reshape(shape) if shape else a
+
+
+def enc(s1, values):
+    return EncryptedTensor.encrypt(s1.public_key, values)
+
+
+def test_smp_matches_reference_and_costs_one_round(s1, keys1024):
+    a, b = ints(40, -2**15, 2**15), ints(40, -2**15, 2**15)
+    a[:3], b[:3] = [0, 2**15, -(2**15)], [5, 2**15, 2**15]
+    out = smp.secure_multiply(s1, enc(s1, a), enc(s1, b), 16, 16)
+    assert list(out.decrypt(keys1024.private)) == list(a * b)
+    st = s1.channel.stats
+    assert st.rounds == 1 and st.steps["smp"].rounds == 1
+    packs = 2 * -(-40 // slots_per_pack(1024, slot_bits(16, 40)))
+    ct = keys1024.public.ciphertext_bytes
+    # what crossed: the packed reveals up (plus a small header), one ciphertext per product down
+    assert packs * ct < st.bytes_to_s2 < packs * ct + 1024
+    assert 40 * ct < st.bytes_to_s1 < 40 * ct + 1024
+
+
+def conv_reference(x, w, b, stride, padding):
+    c_out = w.shape[0]
+    idx = im2col_indices(x.shape, w.shape[2], stride, padding)
+    flat = np.array(list(x.reshape(-1)) + [0], dtype=object)
+    cols = flat[np.where(idx < 0, x.size, idx)]
+    y = cols.dot(w.reshape(c_out, -1).T) + b
+    oh = int(np.sqrt(idx.shape[0])) if x.shape[1] == x.shape[2] else None
+    return y.T.reshape(c_out, oh, -1)
+
+
+@pytest.mark.parametrize("shape, c_out, k, stride, padding", [
+    ((1, 6, 6), 2, 3, 1, 1),
+    ((3, 5, 5), 4, 3, 2, 0),
+    ((2, 7, 7), 3, 5, 2, 2),
+    ((4, 4, 4), 2, 1, 1, 0),
+])
+def test_scvl_matches_reference(s1, keys1024, shape, c_out, k, stride, padding):
+    x = ints(int(np.prod(shape)), -300, 300, shape)
+    w = ints(c_out * shape[0] * k * k, -31, 31, (c_out, shape[0], k, k))
+    b = ints(c_out, -10**6, 10**6)
+    layer = linear.EncryptedLinear("conv", linear.LinearGeometry("conv", shape, k, stride, padding),
+                                   enc(s1, np.ascontiguousarray(w.reshape(c_out, -1).T)), enc(s1, b), 5)
+    sid = linear.new_setup_id()
+    setup = linear.setup_linear_layers(s1, sid, [layer])
+    rounds_after_setup = s1.channel.stats.rounds
+    out = linear.secure_linear(s1, sid, layer, setup["conv"], enc(s1, x), 9)
+    assert out.shape == layer.out_shape
+    assert (out.decrypt(keys1024.private) == conv_reference(x, w, b, stride, padding)).all()
+    assert rounds_after_setup == 1 and s1.channel.stats.rounds == 2
+
+
+def test_sct_matches_reference(s1, keys1024):
+    x = ints(30, -2**20, 2**20)
+    w = ints(30 * 5, -100, 100, (5, 30))
+    b = ints(5, -2**30, 2**30)
+    layer = linear.EncryptedLinear("fc", linear.LinearGeometry("dense", (30,)), enc(s1, np.ascontiguousarray(w.T)),
+                                   enc(s1, b), 7)
+    sid = linear.new_setup_id()
+    setup = linear.setup_linear_layers(s1, sid, [layer])
+    out = linear.secure_linear(s1, sid, layer, setup["fc"], enc(s1, x), 21)
+    assert list(out.decrypt(keys1024.private)) == list(w.dot(x) + b)
+
+
+def test_linear_rejects_wrong_input_shape(s1):
+    layer = linear.EncryptedLinear("fc", linear.LinearGeometry("dense", (4,)), enc(s1, ints(8, -3, 3, (4, 2))),
+                                   enc(s1, ints(2, 0, 1)), 2)
+    with pytest.raises(ShapeError, match=r"input shape \(5,\), expected \(4,\)"):
+        linear.secure_linear(s1, "x", layer, None, enc(s1, ints(5, 0, 1)), 2)
+    with pytest.raises(ShapeError, match="expected"):
+        linear.EncryptedLinear("fc", linear.LinearGeometry("dense", (4,)), enc(s1, ints(6, 0, 1, (3, 2))),
+                               enc(s1, ints(2, 0, 1)), 2)
+
+
+def edge_values(bits):
+    top = 2**bits - 1
+    h = top // 2
+    return np.array([0, 0, 1, -1, top, -top, h, h, -h] + [rnd.randint(-top, top) for _ in range(25)], dtype=object)
+
+
+@pytest.mark.parametrize("bits", [1, 8, 30])
+def test_compare_and_relu_match_reference(s1, keys1024, bits):
+    x = edge_values(bits)
+    t, xt = comparison.secure_sign(s1, enc(s1, x), bits, product=True)
+    assert list(t.decrypt(keys1024.private)) == [int(v >= 0) for v in x]
+    assert list(xt.decrypt(keys1024.private)) == [max(v, 0) for v in x]
+    assert s1.channel.stats.rounds == 2
+
+
+def test_compare_only(s1, keys1024):
+    x = edge_values(12).reshape(2, -1)
+    t = comparison.secure_compare(s1, enc(s1, x), 12)
+    assert t.shape == x.shape and (t.decrypt(keys1024.private) == (x >= 0).astype(int)).all()
+
+
+@pytest.mark.parametrize("shape, k, stride, padding", [
+    ((2, 4, 4), 2, 2, 0),
+    ((1, 5, 5), 3, 2, 1),
+    ((2, 4, 4), 3, 1, 1),
+])
+def test_smap_matches_reference_with_ties(s1, keys1024, shape, k, stride, padding):
+    x = ints(int(np.prod(shape)), -50, 50, shape)
+    x.reshape(-1)[:6] = 7  # ties inside windows
+    out = comparison.secure_maxpool(s1, enc(s1, x), k, stride, padding, 50)
+    ref = [max(x.reshape(-1)[i] for i in w) for w in pool_windows(shape, k, stride, padding)]
+    assert list(out.decrypt(keys1024.private).reshape(-1)) == ref
+    levels = int(np.ceil(np.log2(k * k)))
+    assert s1.channel.stats.rounds == 2 * levels
+
+
+def test_value_outside_declared_bound_is_a_typed_error(s1):
+    with pytest.raises(BoundExceeded, match="bound"):
+        comparison.secure_relu(s1, enc(s1, np.array([2**50, 3], dtype=object)), 8)
+    with pytest.raises(BoundExceeded):
+        comparison.secure_relu(s1, enc(s1, np.array([-(2**60)], dtype=object)), 8)
+
+
+def test_result_reaches_only_the_user(s1, keys1024, user_keys):
+    y = ints(10, -2**40, 2**40)
+    out = output.reencrypt_for_user(s1, enc(s1, y), 41, user_keys.public)
+    assert out.public_key == user_keys.public
+    assert list(out.decrypt(user_keys.private)) == list(y)
+    # the cloud key cannot open it
+    wrong = PrivateKey(keys1024.public, keys1024.private.p, keys1024.private.q)
+    with pytest.raises(Exception):
+        out.decrypt(wrong)
+
+
+def test_s1_context_holds_no_secret_key(s1):
+    for value in vars(s1).values():
+        assert not isinstance(value, PrivateKey)
+    assert not hasattr(s1.dgk_key, "p") and not hasattr(s1.dgk_key, "v_p")
+
+
+def test_unknown_step_and_bad_payload_are_typed(key_cloud):
+    from he_cnn.errors import BadRequest, WireFormatError
+
+    with pytest.raises(BadRequest, match="unknown protocol step"):
+        key_cloud.handle("nope", b"")
+    with pytest.raises(WireFormatError):
+        key_cloud.handle("smp", b"garbage")

@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+
+from he_cnn.errors import HECNNError, KeyMismatch, ShapeError, WireFormatError
+from he_cnn.keys import generate_keypair
+from he_cnn.tensor import EncryptedTensor
+from he_cnn.wire import Message, decode, encode
+
+
+@pytest.fixture(scope="module")
+def kp():
+    return generate_keypair(512, allow_small=True)
+
+
+def obj(values, shape=None):
+    a = np.array(values, dtype=object)
+    return a.reshape(shape) if shape else a
+
+
+def roundtrip(kp, t: EncryptedTensor) -> EncryptedTensor:
+    back = EncryptedTensor.deserialize(kp.public, t.serialize())
+    assert back.shape == t.shape
+    return back
+
+
+def test_ops_match_plaintext_and_survive_serialisation(kp):
+    rng = np.random.default_rng(1)
+    a = obj([int(v) for v in rng.integers(-1000, 1000, 12)], (3, 4))
+    b = obj([int(v) for v in rng.integers(-1000, 1000, 12)], (3, 4))
+    ea, eb = EncryptedTensor.encrypt(kp.public, a), EncryptedTensor.encrypt(kp.public, b)
+    sk = kp.private
+    assert (roundtrip(kp, ea + eb).decrypt(sk) == a + b).all()
+    assert (roundtrip(kp, ea - eb).decrypt(sk) == a - b).all()
+    assert (roundtrip(kp, ea - 5).decrypt(sk) == a - 5).all()
+    assert (roundtrip(kp, -ea).decrypt(sk) == -a).all()
+    assert (roundtrip(kp, ea * b).decrypt(sk) == a * b).all()
+    assert (roundtrip(kp, ea.sum(axis=1)).decrypt(sk) == a.sum(axis=1)).all()
+    assert roundtrip(kp, ea.sum()).decrypt(sk) == a.sum()
+    w = obj([int(v) for v in rng.integers(-9, 9, 20)], (4, 5))
+    assert (roundtrip(kp, ea.matmul_plain(w)).decrypt(sk) == a.dot(w)).all()
+    assert (roundtrip(kp, ea.reshape(4, 3)).decrypt(sk) == a.reshape(4, 3)).all()
+    idx = np.array([[0, -1], [11, 3]])
+    assert (ea.take(idx).decrypt(sk) == obj([a.flat[0], 0, a.flat[11], a.flat[3]], (2, 2))).all()
+    assert (ea.rerandomize().decrypt(sk) == a).all()
+    assert not (ea.rerandomize().data == ea.data).any()
+
+
+@pytest.mark.parametrize("v", [0, -1, 1])
+def test_extremes_roundtrip(kp, v):
+    m = kp.public.max_abs * v
+    t = EncryptedTensor.encrypt(kp.public, obj([m, 0, -m]))
+    assert list(roundtrip(kp, t).decrypt(kp.private)) == [m, 0, -m]
+
+
+def test_encrypted_tensor_is_opaque(kp):
+    t = EncryptedTensor.encrypt(kp.public, obj([1, 2, 3]))
+    assert repr(t) == f"EncryptedTensor(shape=(3,), key={kp.public.key_id})"
+    with pytest.raises(HECNNError, match="truth value"):
+        bool(t)
+    with pytest.raises(HECNNError, match="SMP"):
+        t * t
+
+
+def test_shape_and_key_errors(kp):
+    other = generate_keypair(512, allow_small=True)
+    a = EncryptedTensor.encrypt(kp.public, obj([1, 2, 3]))
+    with pytest.raises(ShapeError, match=r"\(3,\) and \(2,\)"):
+        a + EncryptedTensor.encrypt(kp.public, obj([1, 2]))
+    with pytest.raises(KeyMismatch):
+        a + EncryptedTensor.encrypt(other.public, obj([1, 2, 3]))
+    with pytest.raises(KeyMismatch):
+        EncryptedTensor.deserialize(other.public, a.serialize())
+    with pytest.raises(ShapeError, match="matmul"):
+        a.reshape(1, 3).matmul_plain(obj([1, 2], (2, 1)))
+    with pytest.raises(HECNNError, match="integers"):
+        a + obj([1.5, 2, 3])
+
+
+def test_wire_roundtrip_and_fixed_width():
+    msg = Message(meta={"a": 1, "s": "x"}, arrays={"ct": obj([1, 2**100, 3]), "i": obj([-5, 2**70, 0], (3, 1))},
+                  widths={"ct": 16})
+    data = encode(msg)
+    back = decode(data)
+    assert back.meta == msg.meta
+    assert list(back.arrays["ct"]) == [1, 2**100, 3] and back.widths["ct"] == 16
+    assert back.arrays["i"].shape == (3, 1) and list(back.arrays["i"].ravel()) == [-5, 2**70, 0]
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda d: b"XXXX" + d[4:], "magic"),
+    (lambda d: d[:4] + b"\x00\x09" + d[6:], "version"),
+    (lambda d: d[:-1], "needs"),
+    (lambda d: d + b"\x00", "trailing"),
+    (lambda d: d[:12], "header length"),
+    (lambda d: b"HE", "shorter"),
+])
+def test_wire_rejects_malformed(mutate, match):
+    data = encode(Message(meta={"k": 1}, arrays={"ct": obj([7, 8])}, widths={"ct": 4}))
+    with pytest.raises(WireFormatError, match=match):
+        decode(mutate(data))
