@@ -216,25 +216,62 @@ class EncryptedTensor:
 
 
 def matmul_cipher_plain(x: np.ndarray, w: np.ndarray, nsq: mpz) -> np.ndarray:
-    """prod_f x[p, f]^w[f, c] mod nsq for every (p, c); trivial ciphertexts (1) are skipped."""
+    """prod_f x[p, f]^w[f, c] mod nsq for every (p, c), for signed plaintext w.
+
+    Positive and negative parts are two multi-exponentiations; each output then costs one inversion
+    instead of one per negative weight.
+    """
+    w_pos = np.where(w > 0, w, 0)
+    out = multi_exponentiate(x, w_pos, nsq)
+    if (w < 0).any():
+        neg = multi_exponentiate(x, np.where(w < 0, -w, 0), nsq)
+        out = np.frompyfunc(lambda a, b: a * gmpy2.invert(b, nsq) % nsq, 2, 1)(out, neg)
+    return out
+
+
+def multi_exponentiate(x: np.ndarray, e: np.ndarray, nsq: mpz, window: int = 4) -> np.ndarray:
+    """prod_f x[p, f]^e[f, c] for non-negative exponents, by Straus' interleaving.
+
+    Every output shares one chain of squarings over the longest exponent, and every base gets a
+    table of its first 2^window powers, shared by all C outputs of its row; so a multiply-accumulate
+    costs about bits/window modular multiplications instead of a full exponentiation. Trivial
+    ciphertexts (1, i.e. zero padding) are skipped.
+    """
     p_count, f_count = x.shape
-    c_count = w.shape[1]
+    c_count = e.shape[1]
+    bits = max((int(v).bit_length() for v in e.reshape(-1)), default=0)
     out = np.empty((p_count, c_count), dtype=object)
-    w_rows = [[int(v) for v in w[f]] for f in range(f_count)]
+    if bits == 0:
+        out[...] = mpz(1)
+        return out
+    n_windows = -(-bits // window)
+    mask = (1 << window) - 1
+    # per output column and window (most significant first): the (f, digit) pairs with a non-zero digit
+    digits = []
+    for c in range(c_count):
+        col = [int(e[f, c]) for f in range(f_count)]
+        digits.append([[(f, (v >> (k * window)) & mask) for f, v in enumerate(col) if (v >> (k * window)) & mask]
+                       for k in range(n_windows - 1, -1, -1)])
+    power = 1 << window
     for p in range(p_count):
-        pos = [mpz(1)] * c_count
-        neg = [mpz(1)] * c_count
+        tables: list[list[mpz] | None] = []
         for f in range(f_count):
             base = x[p, f]
             if base == 1:
+                tables.append(None)
                 continue
-            row = w_rows[f]
-            powers = gmpy2.powmod_exp_list(base, [abs(v) for v in row], nsq)
-            for c, (v, pw) in enumerate(zip(row, powers)):
-                if v > 0:
-                    pos[c] = pos[c] * pw % nsq
-                elif v < 0:
-                    neg[c] = neg[c] * pw % nsq
+            t = [mpz(1), base]
+            for _ in range(2, power):
+                t.append(t[-1] * base % nsq)
+            tables.append(t)
         for c in range(c_count):
-            out[p, c] = pos[c] if neg[c] == 1 else pos[c] * gmpy2.invert(neg[c], nsq) % nsq
+            acc = mpz(1)
+            for window_digits in digits[c]:
+                if acc != 1:
+                    acc = gmpy2.powmod(acc, power, nsq)
+                for f, d in window_digits:
+                    t = tables[f]
+                    if t is not None:
+                        acc = acc * t[d] % nsq
+            out[p, c] = acc
     return out
