@@ -19,7 +19,7 @@ import gmpy2
 from gmpy2 import mpz
 
 from .errors import HECNNError, InvalidCiphertext
-from .keys import FixedBaseTable
+from .keys import FixedBaseTable, RandomnessPool
 
 #: plaintext modulus: must exceed 3 * (l + 2) + 3 for the longest compared bit length l (l <= 300)
 DGK_U = 1031
@@ -43,9 +43,11 @@ class DGKPublicKey:
     t: int
     _table: FixedBaseTable | None = field(default=None, init=False, repr=False)
     _g_powers: dict[int, mpz] = field(default_factory=dict, init=False, repr=False)
+    pool: RandomnessPool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.n, self.g, self.h = mpz(self.n), mpz(self.g), mpz(self.h)
+        self.pool = RandomnessPool(self.fresh_randomizer)
         if not (self.n > 3 and 1 < self.g < self.n and 1 < self.h < self.n and self.u > 2 and self.t > 0):
             raise HECNNError("malformed DGK public key")
 
@@ -66,7 +68,11 @@ class DGKPublicKey:
         return f"DGKPublicKey(bits={self.n.bit_length()}, u={self.u}, t={self.t}, id={self.key_id})"
 
     def randomizer(self) -> mpz:
-        """h^r for a fresh r of 2.5 t bits (fixed-base table built on first use)."""
+        """h^r for a fresh r: from the precomputed pool, or computed now if the pool is empty."""
+        return self.pool.take()
+
+    def fresh_randomizer(self) -> mpz:
+        """h^r for a new r of 2.5 t bits (fixed-base table built on first use)."""
         if self._table is None:
             self._table = FixedBaseTable(self.h, self.n, (5 * self.t) // 2)
         return self._table.power(secrets.randbits((5 * self.t) // 2))

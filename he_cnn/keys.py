@@ -9,15 +9,17 @@ Randomness: ``rho`` is ``h^e`` for a fixed random N-th residue ``h = r0^N`` and 
 exponent ``e`` (``RANDOMIZER_EXPONENT_BITS`` bits), computed from a fixed-base window table in about
 40 modular multiplications instead of one full exponentiation. This is the standard short-exponent
 randomizer (its security rests on the hardness of the short-exponent discrete log in the group of
-N-th residues); ``docs/threat-model.md`` names the assumption. The holder of the secret key can also
-use full-size ``r^N`` computed by CRT (``PrivateKey.encrypt_fresh``).
+N-th residues); ``docs/threat-model.md`` names the assumption. Randomizers can be computed ahead of
+time into a :class:`RandomnessPool` (the offline phase), which makes online encryption and
+re-randomisation one multiplication.
 """
 from __future__ import annotations
 
 import hashlib
 import secrets
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable
 
 import gmpy2
 import phe
@@ -31,9 +33,6 @@ MIN_KEY_BITS = 1024
 RANDOMIZER_EXPONENT_BITS = 256
 #: statistical security parameter: masks hide values up to statistical distance 2^-KAPPA
 KAPPA = 40
-
-_rng = secrets.SystemRandom()
-
 
 def random_below(bound: int) -> mpz:
     """A uniform integer in [0, bound) from the operating system's CSPRNG."""
@@ -66,7 +65,7 @@ class FixedBaseTable:
         if not 0 <= e < self.exponent_bound:
             raise ValueError("exponent out of the table's range")
         acc = mpz(1)
-        m, w, mask, mod = self.modulus, self.window, self.mask, self.modulus
+        w, mask, mod = self.window, self.mask, self.modulus
         for row in self.rows:
             digit = e & mask
             if digit:
@@ -77,6 +76,32 @@ class FixedBaseTable:
         return acc
 
 
+class RandomnessPool:
+    """Randomizers computed ahead of time (offline), handed out once each (online: free).
+
+    ``take`` falls back to computing one on the spot when the pool is empty, so the pool only ever
+    changes speed, never results. Each value is used once: deque.popleft is atomic across threads.
+    """
+
+    def __init__(self, make: Callable[[], mpz]):
+        self._make = make
+        self._ready: deque[mpz] = deque()
+
+    def take(self) -> mpz:
+        try:
+            return self._ready.popleft()
+        except IndexError:
+            return self._make()
+
+    def fill(self, count: int) -> None:
+        """Top the pool up to ``count`` values."""
+        while len(self._ready) < count:
+            self._ready.append(self._make())
+
+    def __len__(self) -> int:
+        return len(self._ready)
+
+
 @dataclass(eq=False)
 class PublicKey:
     """A Paillier public key (g = N + 1) with gmpy2 fields and a short id for messages and logs."""
@@ -84,10 +109,12 @@ class PublicKey:
     n: mpz
     nsq: mpz = field(init=False)
     _randomizer: FixedBaseTable | None = field(default=None, init=False, repr=False)
+    pool: RandomnessPool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.n = mpz(self.n)
         self.nsq = self.n * self.n
+        self.pool = RandomnessPool(self.fresh_randomizer)
         if self.n.bit_length() < 16 or self.n % 2 == 0:
             raise HECNNError(f"not a Paillier modulus: {self.n.bit_length()}-bit even or tiny number")
 
@@ -143,7 +170,11 @@ class PublicKey:
 
     # -- randomness and encryption ----------------------------------------------------------------
     def randomizer(self) -> mpz:
-        """A fresh N-th residue ``h^e`` (short exponent, fixed-base table built on first use)."""
+        """A fresh N-th residue: from the precomputed pool, or computed now if the pool is empty."""
+        return self.pool.take()
+
+    def fresh_randomizer(self) -> mpz:
+        """A new N-th residue ``h^e`` (short exponent, fixed-base table built on first use)."""
         if self._randomizer is None:
             r0 = random_below(self.n - 2) + 2
             h = gmpy2.powmod(r0, self.n, self.nsq)
@@ -175,7 +206,7 @@ class PublicKey:
 
 @dataclass(eq=False)
 class PrivateKey:
-    """The Paillier secret key with CRT decryption and CRT encryption (used by S2 and by the user)."""
+    """The Paillier secret key with CRT decryption (used by S2 and by the user)."""
 
     public: PublicKey
     p: mpz
@@ -192,10 +223,6 @@ class PrivateKey:
         self.hp = gmpy2.invert((gmpy2.powmod(n + 1, p - 1, self.psq) - 1) // p, p)
         self.hq = gmpy2.invert((gmpy2.powmod(n + 1, q - 1, self.qsq) - 1) // q, q)
         self.p_inv_q = gmpy2.invert(p, q)
-        # for CRT encryption: r^N mod p^2 needs N mod phi(p^2) = p (p - 1)
-        self.n_mod_phi_psq = n % (p * (p - 1))
-        self.n_mod_phi_qsq = n % (q * (q - 1))
-        self.qsq_inv_psq = gmpy2.invert(self.qsq, self.psq)
 
     def __repr__(self) -> str:
         return f"PrivateKey(for={self.public.key_id})"
@@ -209,13 +236,6 @@ class PrivateKey:
 
     def decrypt(self, c: int) -> int:
         return self.public.decode(self.decrypt_raw(c))
-
-    def fresh_randomizer(self) -> mpz:
-        """A full-size ``r^N mod N^2`` by CRT (about half the cost of the public-key way)."""
-        r = random_below(self.public.n - 2) + 2
-        xp = gmpy2.powmod(r, self.n_mod_phi_psq, self.psq)
-        xq = gmpy2.powmod(r, self.n_mod_phi_qsq, self.qsq)
-        return xq + (xp - xq) * self.qsq_inv_psq % self.psq * self.qsq
 
     def to_phe(self) -> phe.PaillierPrivateKey:
         return phe.PaillierPrivateKey(self.public.to_phe(), int(self.p), int(self.q))
@@ -244,12 +264,3 @@ def keypair_from_primes(p: int, q: int) -> KeyPair:
     return KeyPair(public, PrivateKey(public, mpz(p), mpz(q)))
 
 
-def bits_needed(bound: int) -> int:
-    """Smallest l with |v| < 2^l for every |v| <= bound."""
-    return int(bound).bit_length()
-
-
-def check_bound(values: Sequence[int], bound: int, what: str) -> None:
-    for v in values:
-        if abs(int(v)) > bound:
-            raise EncodingOverflow(f"{what}: value of {int(v).bit_length()} bits exceeds its bound {bound}")

@@ -42,10 +42,15 @@ def test_key_size_floor():
         generate_keypair(512)
 
 
-def test_crt_randomizer_is_nth_residue(kp):
-    rho = kp.private.fresh_randomizer()
-    assert kp.private.decrypt(rho) == 0
-    assert kp.private.decrypt(kp.public.plain_term(7) * rho % kp.public.nsq) == 7
+def test_randomizers_are_nth_residues_and_pool_is_used_once(kp):
+    pk = kp.public
+    pk.pool.fill(3)
+    assert len(pk.pool) == 3
+    drawn = {pk.randomizer() for _ in range(5)}  # 3 from the pool, 2 computed on the spot
+    assert len(drawn) == 5 and len(pk.pool) == 0
+    for rho in drawn:
+        assert kp.private.decrypt(rho) == 0
+        assert kp.private.decrypt(pk.plain_term(7) * rho % pk.nsq) == 7
 
 
 def test_fixed_base_table_matches_pow():

@@ -167,12 +167,11 @@ def secure_maxpool(ctx: S1Context, x: EncryptedTensor, kernel: int, stride: int,
     """SMAP: the maximum of every pooling window of a (C, H, W) tensor with |x| <= bound.
 
     A k x k window maximum is separable: first the maximum over each row segment, then over each
-    column segment of those. Each 1-D pass is a sparse table: level t holds maxima of runs of
-    2^t neighbours (computed once, shared by overlapping windows), and a window of length L is
-    max(run at its start, run ending at its end) for the largest 2^t <= L. Every level is one
-    batched secure_max over all channels and lines (two rounds). A 3x3 stride-1 window costs about
-    4 comparisons instead of 8, a 2x2 window 3; padded positions are left out (torch's -inf
-    padding). Ties are exact. Equivalent to the patent's SMP(E(R), E(MR)) with a one-hot MR.
+    column segment of those (:func:`_line_max`; maxima of runs of neighbours are computed once and
+    shared by overlapping windows). Every level is one batched secure_max over all channels and
+    lines (two rounds). A 3x3 stride-1 window costs about 4 comparisons instead of 8, a 2x2 window
+    3; padded positions are left out (torch's -inf padding). Ties are exact. Equivalent to the
+    patent's SMP(E(R), E(MR)) with a one-hot MR.
     """
     if x.data.ndim != 3:
         raise ShapeError(f"max-pooling expects a (C, H, W) tensor, got shape {x.shape}")
@@ -195,13 +194,23 @@ def _window_ranges(length: int, count: int, kernel: int, stride: int, padding: i
 
 
 def _line_max(ctx: S1Context, lines: np.ndarray, ranges: list[tuple[int, int]], bound: int) -> np.ndarray:
-    """Maxima of ``ranges`` of every line of a (lines, length) ciphertext array -> (lines, len(ranges))."""
-    def keys(a: int, b: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        t = (b - a + 1).bit_length() - 1
-        return (t, a), (t, b - (1 << t) + 1)
+    """Maxima of ``ranges`` of every line of a (lines, length) ciphertext array -> (lines, len(ranges)).
 
+    Each range is split into aligned-left runs of 2^t neighbours (largest first); a run's maximum is
+    computed once and shared by every window that uses it (level by level, one batched secure_max
+    per level), then each window's runs are reduced pairwise (for k <= 3 at most one more level).
+    """
+    def runs(a: int, b: int) -> list[tuple[int, int]]:
+        out = []
+        while a <= b:
+            t = (b - a + 1).bit_length() - 1
+            out.append((t, a))
+            a += 1 << t
+        return out
+
+    window_runs = [runs(a, b) for a, b in ranges]
     needed: set[tuple[int, int]] = set()
-    stack = [k for a, b in ranges for k in keys(a, b)]
+    stack = [r for rs in window_runs for r in rs]
     while stack:
         t, i = stack.pop()
         if t and (t, i) not in needed:
@@ -215,11 +224,13 @@ def _line_max(ctx: S1Context, lines: np.ndarray, ranges: list[tuple[int, int]], 
                               [table[(level - 1, i + half)] for i in items], bound)
         for i, m in zip(items, maxima):
             table[(level, i)] = m
-    pairs = [keys(a, b) for a, b in ranges]
-    distinct = [k for k in pairs if k[0] != k[1]]
-    maxima = iter(_batched_max(ctx, [table[k[0]] for k in distinct], [table[k[1]] for k in distinct], bound))
-    columns = [next(maxima) if k[0] != k[1] else table[k[0]] for k in pairs]
-    return np.stack(columns, axis=1)
+    candidates = [[table[r] for r in rs] for rs in window_runs]
+    while any(len(c) > 1 for c in candidates):
+        firsts = [c[k] for c in candidates for k in range(0, len(c) - 1, 2)]
+        seconds = [c[k + 1] for c in candidates for k in range(0, len(c) - 1, 2)]
+        maxima = iter(_batched_max(ctx, firsts, seconds, bound))
+        candidates = [[next(maxima) for _ in range(len(c) // 2)] + c[len(c) - len(c) % 2:] for c in candidates]
+    return np.stack([c[0] for c in candidates], axis=1)
 
 
 def _batched_max(ctx: S1Context, firsts: list[np.ndarray], seconds: list[np.ndarray], bound: int) -> list[np.ndarray]:
