@@ -64,7 +64,9 @@ def load_image_folder(path: str | Path, size: int = 16, seed: int = 0, test_frac
         raise BadRequest(f"image folder {str(root)!r} does not exist or is not a directory")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if len(class_dirs) < 2:
-        raise BadRequest(f"image folder {str(root)!r} needs one sub-folder per class, at least 2; found {len(class_dirs)}")
+        raise BadRequest(
+            f"image folder {str(root)!r} needs one sub-folder per class, at least 2; found {len(class_dirs)}"
+        )
     images, labels = [], []
     for label, class_dir in enumerate(class_dirs):
         files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -135,7 +137,9 @@ def _read_array(file: Path, size: int) -> np.ndarray:
         raise BadRequest(f"cannot read {str(file)!r} as a numpy array: {e}") from e
     numeric = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
     if array.ndim != 2 or not numeric or array.size == 0:
-        raise BadRequest(f"{str(file)!r}: expected a non-empty 2-D numeric array, got shape {array.shape} dtype {array.dtype}")
+        raise BadRequest(
+            f"{str(file)!r}: expected a non-empty 2-D numeric array, got shape {array.shape} dtype {array.dtype}"
+        )
     array = array.astype(np.float64)
     if not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 255:
         raise BadRequest(f"{str(file)!r}: pixel values must be finite and within [0, 255]")

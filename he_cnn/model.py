@@ -69,12 +69,17 @@ class LayerSummary:
 
 
 class ICNN(nn.Module):
-    """Inception CNN for ``(N, 1, 16, 16)`` images in [0, 1] and ``num_classes`` outputs."""
+    """Inception CNN for ``(N, 1, size, size)`` images in [0, 1] and ``num_classes`` outputs.
 
-    input_shape = (1, 16, 16)
+    ``image_size`` must be a multiple of 4 (two stride-2 poolings).
+    """
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, image_size: int = 16) -> None:
         super().__init__()
+        if image_size < 4 or image_size % 4:
+            raise ValueError(f"image size must be a positive multiple of 4, got {image_size}")
+        self.image_size = image_size
+        self.input_shape = (1, image_size, image_size)
         self.stem_conv = nn.Conv2d(1, 4, 7, padding=3)
         self.stem_pool = nn.MaxPool2d(2, stride=2)
         self.stem_relu = nn.ReLU()
@@ -102,7 +107,7 @@ class ICNN(nn.Module):
         self.b_relu = nn.ReLU()
 
         self.flatten = nn.Flatten()
-        self.fc = nn.Linear(4 * 4 * 32, num_classes)
+        self.fc = nn.Linear((image_size // 4) ** 2 * 32, num_classes)
 
     def steps(self) -> list[tuple[str, nn.Module, tuple[str, ...]]]:
         """``(name, module, input names)`` for every step, in execution order."""

@@ -3,8 +3,9 @@
 The owner trains once, in the clear, before quantising (:mod:`he_cnn.quantize`). Training is
 deterministic for a given seed: it runs on one CPU thread with torch's deterministic algorithms, and
 draws initial weights and batch order from a forked random state, so it neither depends on nor
-disturbs the caller's global torch state. Adam with small batches reaches about 98% on the digits
-test split in a few seconds.
+disturbs the caller's global torch state. The tiny network (4 stem channels) overfits the 1347
+digits quickly, so training images are shifted by up to one pixel at random; with Adam on a
+one-cycle schedule it reaches 98-99% on the digits test split in well under ten seconds.
 """
 from __future__ import annotations
 
@@ -34,33 +35,52 @@ class TrainResult:
 
 
 def train_icnn(
-    dataset: Dataset, epochs: int = 12, seed: int = 0, lr: float = 3e-3, batch_size: int = 32
+    dataset: Dataset, epochs: int = 15, seed: int = 0, lr: float = 1e-2, batch_size: int = 32, shift: bool = True
 ) -> TrainResult:
-    """Train an :class:`ICNN` on ``dataset`` with Adam and cross-entropy; report float accuracies."""
+    """Train an :class:`ICNN` on ``dataset`` with Adam and cross-entropy; report float accuracies.
+
+    ``lr`` is the peak of the one-cycle schedule; ``shift`` turns the one-pixel augmentation on.
+    """
     started = time.perf_counter()
     x_train = torch.from_numpy(dataset.x_train)
     y_train = torch.from_numpy(dataset.y_train)
     losses = []
     with _reproducible(seed):
-        model = ICNN(num_classes=len(dataset.classes))
+        model = ICNN(num_classes=len(dataset.classes), image_size=dataset.size)
         optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=epochs)
+        batches = -(-len(y_train) // batch_size)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=epochs * batches)
         loss_fn = nn.CrossEntropyLoss()
         for _ in range(epochs):
             model.train()
             total = 0.0
             for batch in torch.randperm(len(y_train)).split(batch_size):
                 optimiser.zero_grad()
-                loss = loss_fn(model(x_train[batch]), y_train[batch])
+                images = random_shift(x_train[batch]) if shift else x_train[batch]
+                loss = loss_fn(model(images), y_train[batch])
                 loss.backward()
                 optimiser.step()
+                schedule.step()
                 total += loss.item() * len(batch)
-            schedule.step()
             losses.append(total / len(y_train))
         model.eval()
         test_accuracy = float(np.mean(predict_float(model, dataset.x_test) == dataset.y_test))
         train_accuracy = float(np.mean(predict_float(model, dataset.x_train) == dataset.y_train))
     return TrainResult(model, test_accuracy, train_accuracy, epochs, time.perf_counter() - started, tuple(losses))
+
+
+def random_shift(images: torch.Tensor, pixels: int = 1) -> torch.Tensor:
+    """Translate each ``(N, C, H, W)`` image by up to ``pixels`` in x and y, filling with zeros."""
+    n, _, h, w = images.shape
+    span = 2 * pixels + 1
+    padded = nn.functional.pad(images, (pixels,) * 4)
+    offsets = torch.randint(0, span * span, (n,))
+    shifted = torch.empty_like(images)
+    for offset in range(span * span):
+        chosen = offsets == offset
+        dy, dx = divmod(offset, span)
+        shifted[chosen] = padded[chosen, :, dy : dy + h, dx : dx + w]
+    return shifted
 
 
 def float_logits(model: ICNN, images: np.ndarray) -> np.ndarray:

@@ -4,9 +4,12 @@ from __future__ import annotations
 import pytest
 
 from he_cnn.channel import InProcessChannel
+from he_cnn.data import load_digits_dataset
 from he_cnn.keys import generate_keypair
 from he_cnn.protocols.common import S1Context
+from he_cnn.quantize import quantize_icnn
 from he_cnn.s2 import KeyCloud
+from he_cnn.train import train_icnn
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +32,11 @@ def s1(keys1024, key_cloud):
     """A fresh S1 context (fresh channel counters) talking in-process to the shared S2."""
     key_cloud.observations.clear()
     return S1Context(keys1024.public, key_cloud.dgk_public, InProcessChannel(key_cloud.handle))
+
+
+@pytest.fixture(scope="session")
+def trained_icnn():
+    """(digits data set, training result, 6-bit integer model): trained once per test session."""
+    dataset = load_digits_dataset()
+    result = train_icnn(dataset)
+    return dataset, result, quantize_icnn(result.model)

@@ -1,0 +1,105 @@
+"""Loading the owner's data and the user's image, and quantising pixels."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from he_cnn.data import load_digits_dataset, load_image_file, load_image_folder, quantize_image
+from he_cnn.errors import BadRequest
+
+
+def test_digits_dataset_shapes_ranges_and_stratified_split():
+    data = load_digits_dataset(size=16, seed=0)
+    assert data.x_train.shape == (1347, 1, 16, 16) and data.x_test.shape == (450, 1, 16, 16)
+    assert data.x_train.dtype == np.float32 and data.y_train.dtype == np.int64
+    assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
+    assert data.classes == [str(d) for d in range(10)]
+    per_class = np.bincount(np.concatenate([data.y_train, data.y_test]))
+    assert np.all(np.abs(np.bincount(data.y_test) - 0.25 * per_class) <= 1)
+    again = load_digits_dataset(size=16, seed=0)
+    assert np.array_equal(data.x_test, again.x_test) and np.array_equal(data.y_test, again.y_test)
+    assert not np.array_equal(data.y_test, load_digits_dataset(seed=1).y_test)
+
+
+def test_digits_keep_their_native_size_unresized():
+    data = load_digits_dataset(size=8)
+    assert data.x_test.shape[1:] == (1, 8, 8)
+    assert np.allclose(data.x_test * 16, np.round(data.x_test * 16))
+
+
+def _write_png(path, value: int, size: int = 12) -> None:
+    Image.fromarray(np.full((size, size), value, dtype=np.uint8)).save(path)
+
+
+def test_image_folder(tmp_path):
+    for name, value in (("cat", 0), ("dog", 255)):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            _write_png(tmp_path / name / f"{i}.png", value)
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    data = load_image_folder(tmp_path, size=16, test_fraction=0.5)
+    assert data.classes == ["cat", "dog"]
+    assert data.x_train.shape == (4, 1, 16, 16) and data.x_test.shape == (4, 1, 16, 16)
+    for x, y in zip(data.x_train, data.y_train):
+        assert np.allclose(x, float(y))
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(BadRequest, match="does not exist"):
+        load_image_folder(tmp_path / "missing")
+    with pytest.raises(BadRequest, match="at least 2; found 0"):
+        load_image_folder(tmp_path)
+    (tmp_path / "only").mkdir()
+    (tmp_path / "empty").mkdir()
+    _write_png(tmp_path / "only" / "a.png", 10)
+    _write_png(tmp_path / "only" / "b.png", 10)
+    with pytest.raises(BadRequest, match="at least 2 PNG/JPEG images; found 0"):
+        load_image_folder(tmp_path)
+
+
+def test_image_file_png_and_npy(tmp_path):
+    _write_png(tmp_path / "grey.png", 255, size=32)
+    png = load_image_file(tmp_path / "grey.png", 16)
+    assert png.shape == (1, 16, 16) and png.dtype == np.float32 and np.allclose(png, 1.0)
+
+    digits = np.zeros((8, 8))
+    digits[2, 3] = 16
+    np.save(tmp_path / "digit.npy", digits)
+    assert load_image_file(tmp_path / "digit.npy", 8).max() == 1.0
+    assert load_image_file(tmp_path / "digit.npy", 16).shape == (1, 16, 16)
+
+    np.save(tmp_path / "bytes.npy", np.full((16, 16), 51, dtype=np.uint8))
+    assert np.allclose(load_image_file(tmp_path / "bytes.npy", 16), 0.2)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.png", None, "does not exist"),
+        ("image.gif", b"GIF89a", "expected .png"),
+        ("broken.png", b"not a png", "cannot read image"),
+        ("broken.npy", b"not numpy", "cannot read"),
+    ],
+)
+def test_image_file_errors(tmp_path, name, content, message):
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(BadRequest, match=message):
+        load_image_file(tmp_path / name, 16)
+
+
+@pytest.mark.parametrize("array", [np.zeros((2, 4, 4)), np.full((4, 4), 300.0), np.full((4, 4), -1.0)])
+def test_image_file_rejects_bad_arrays(tmp_path, array):
+    np.save(tmp_path / "bad.npy", array)
+    with pytest.raises(BadRequest):
+        load_image_file(tmp_path / "bad.npy", 16)
+
+
+def test_quantize_image():
+    x = np.array([[[0.0, 0.5, 1.0], [0.04, 1.2, 0.97]]], dtype=np.float32)
+    q = quantize_image(x, 15)
+    assert q.dtype == object and all(type(v) is int for v in q.flat)
+    assert q.tolist() == [[[0, 8, 15], [1, 15, 15]]]
+    with pytest.raises(BadRequest, match=r"shape \(1, H, W\)"):
+        quantize_image(x[0], 15)
