@@ -61,6 +61,29 @@ def error_from_response(response: requests.Response, peer: str) -> HECNNError:
     return err
 
 
+def http_request(method: str, url: str, peer: str, timeout: float, *, token: str | None = None,
+                 data: bytes | None = None, session: requests.Session | None = None) -> requests.Response:
+    """One HTTP request to a he-cnn service; a 2xx response, or the he-cnn error the failure stands for.
+
+    ``peer`` names the service in messages ("S2 at http://... is unreachable: ...").
+    """
+    headers = {}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    if data is not None:
+        headers["Content-Type"] = WIRE_CONTENT_TYPE
+    base = url.split("/v1/", 1)[0]
+    try:
+        response = (session or requests).request(method, url, data=data, headers=headers, timeout=timeout)
+    except requests.Timeout as e:
+        raise PeerUnavailable(f"{peer} at {base} did not answer within {timeout:g} s") from e
+    except requests.RequestException as e:
+        raise PeerUnavailable(f"{peer} at {base} is unreachable: {_one_line(e)}") from e
+    if not 200 <= response.status_code < 300:
+        raise error_from_response(response, peer)
+    return response
+
+
 class HTTPChannel(Channel):
     """Posts each protocol round to the S2 service at ``peer_url`` with the cloud token."""
 
@@ -76,17 +99,8 @@ class HTTPChannel(Channel):
         return f"HTTPChannel(peer_url={self.peer_url!r}, timeout={self.timeout})"
 
     def _exchange(self, step: str, payload: bytes) -> bytes:
-        url = f"{self.peer_url}{ROUNDS_PATH}{step}"
-        try:
-            response = self._session.post(
-                url, data=payload, timeout=self.timeout,
-                headers={"Authorization": f"Bearer {self._token}", "Content-Type": WIRE_CONTENT_TYPE},
-            )
-        except requests.RequestException as e:
-            raise PeerUnavailable(f"S2 at {self.peer_url} is unreachable: {_one_line(e)}") from e
-        if response.status_code != 200:
-            raise error_from_response(response, f"S2 refused step {step!r}")
-        return response.content
+        return http_request("POST", f"{self.peer_url}{ROUNDS_PATH}{step}", "S2", self.timeout,
+                            token=self._token, data=payload, session=self._session).content
 
     def close(self) -> None:
         self._session.close()
@@ -140,14 +154,7 @@ def parse_public_key(data: bytes) -> CloudPublicKey:
 def fetch_public_key(base_url: str, timeout: float = 30.0, session: requests.Session | None = None,
                      peer: str = "server") -> tuple[CloudPublicKey, bytes]:
     """``GET {base_url}/v1/public-key``: the parsed key and the raw bytes (for relaying)."""
-    url = base_url.rstrip("/") + PUBLIC_KEY_PATH
-    getter = session.get if session is not None else requests.get
-    try:
-        response = getter(url, timeout=timeout)
-    except requests.RequestException as e:
-        raise PeerUnavailable(f"{peer} at {base_url} is unreachable: {_one_line(e)}") from e
-    if response.status_code != 200:
-        raise error_from_response(response, f"{peer} refused the public key request")
+    response = http_request("GET", base_url.rstrip("/") + PUBLIC_KEY_PATH, peer, timeout, session=session)
     return parse_public_key(response.content), response.content
 
 

@@ -16,6 +16,7 @@ re-randomisation one multiplication.
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
@@ -39,8 +40,13 @@ def random_below(bound: int) -> mpz:
     return mpz(secrets.randbelow(int(bound)))
 
 
-def random_bits(bits: int) -> mpz:
-    return mpz(secrets.randbits(bits))
+def random_ints(count: int, bits: int) -> list[int]:
+    """``count`` independent uniform integers of ``bits`` bits from one read of the OS CSPRNG
+    (one system call instead of one per value)."""
+    width = (bits + 7) // 8
+    buf = os.urandom(count * width)
+    mask = (1 << bits) - 1
+    return [int.from_bytes(buf[i:i + width], "big") & mask for i in range(0, count * width, width)]
 
 
 class FixedBaseTable:
@@ -86,8 +92,11 @@ class RandomnessPool:
     def __init__(self, make: Callable[[], mpz]):
         self._make = make
         self._ready: deque[mpz] = deque()
+        #: how many values were handed out (pooled or not): tells how large a pool a query needs
+        self.taken = 0
 
     def take(self) -> mpz:
+        self.taken += 1
         try:
             return self._ready.popleft()
         except IndexError:

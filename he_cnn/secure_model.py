@@ -20,8 +20,8 @@ from .graph import Concat, Conv, Dense, Flatten, IntegerModel, MaxPool, ReLU
 from .keys import PublicKey
 from .protocols.common import S1Context
 from .protocols.comparison import secure_maxpool, secure_relu
-from .protocols.linear import (EncryptedLinear, LinearGeometry, LinearSetup, new_setup_id, secure_linear,
-                               setup_linear_layers)
+from .protocols.linear import (EncryptedLinear, LinearGeometry, LinearPrecomputation, LinearSetup, new_setup_id,
+                               precompute_linear, secure_linear, setup_linear_layers)
 from .protocols.output import reencrypt_for_user
 from .tensor import EncryptedTensor
 from .wire import Message, decode, encode
@@ -169,6 +169,25 @@ def setup_model(ctx: S1Context, model: EncryptedModel, setup_id: str | None = No
 
 
 @dataclass
+class PreparedQuery:
+    """The offline part of one future query: input masks and E(A_cols @ (K + B)) for every linear layer."""
+
+    linear: dict[str, LinearPrecomputation]
+    seconds: float
+
+
+def prepare_query(ctx: S1Context, model: EncryptedModel, setup: ModelSetup) -> PreparedQuery:
+    """Offline phase at S1: everything of a query's linear layers that does not depend on the image."""
+    start = time.perf_counter()
+    linear = {}
+    for entry in model.spec["layers"]:
+        if entry["kind"] in ("conv", "dense"):
+            name = entry["name"]
+            linear[name] = precompute_linear(ctx, model.linear[name], setup.layers[name], model.bound_bits(entry["input"]))
+    return PreparedQuery(linear, time.perf_counter() - start)
+
+
+@dataclass
 class LayerStats:
     name: str
     kind: str
@@ -191,8 +210,12 @@ class InferenceResult:
 
 
 def secure_inference(ctx: S1Context, model: EncryptedModel, setup: ModelSetup, image: EncryptedTensor,
-                     user_key: PublicKey) -> InferenceResult:
-    """Run the whole network on E(image) and return E_u(class vector) with per-layer statistics."""
+                     user_key: PublicKey, prepared: PreparedQuery | None = None) -> InferenceResult:
+    """Run the whole network on E(image) and return E_u(class vector) with per-layer statistics.
+
+    ``prepared`` (from :func:`prepare_query`, used once) moves the query-independent work offline;
+    without it that work is done inline and counted in the layers' time.
+    """
     if image.shape != model.input_shape:
         raise ShapeError(f"image shape {image.shape}, expected {model.input_shape}")
     ctx.public_key.require_same(image.public_key, "image")
@@ -214,8 +237,9 @@ def secure_inference(ctx: S1Context, model: EncryptedModel, setup: ModelSetup, i
         kind, name = entry["kind"], entry["name"]
         if kind in ("conv", "dense"):
             x = tensors[entry["input"]]
+            pre = prepared.linear.get(name) if prepared else None
             tensors[entry["output"]] = timed(name, kind, lambda: secure_linear(
-                ctx, setup.setup_id, model.linear[name], setup.layers[name], x, model.bound_bits(entry["input"])))
+                ctx, setup.setup_id, model.linear[name], setup.layers[name], x, model.bound_bits(entry["input"]), pre))
         elif kind == "relu":
             x = tensors[entry["input"]]
             tensors[entry["output"]] = timed(name, kind, lambda: secure_relu(ctx, x, model.bound_bits(entry["input"])))

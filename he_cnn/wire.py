@@ -73,7 +73,10 @@ def encode(message: Message) -> bytes:
         else:
             width, signed = _signed_width(flat), True
         try:
-            blobs.append(b"".join(int(v).to_bytes(width, "big", signed=signed) for v in flat))
+            if signed:
+                blobs.append(b"".join(int(v).to_bytes(width, "big", signed=True) for v in flat))
+            else:
+                blobs.append(b"".join(mpz(v).to_bytes(width, "big") for v in flat))
         except OverflowError as e:
             raise WireFormatError(f"array {name!r} holds a value wider than {width} bytes") from e
         specs.append({"name": name, "shape": list(arr.shape), "width": width, "signed": signed})
@@ -113,9 +116,11 @@ def decode(data: bytes) -> Message:
         end = offset + count * width
         if end > len(data):
             raise WireFormatError(f"array {name!r} needs {count * width} bytes, message has {len(data) - offset} left")
-        flat = np.empty(count, dtype=object)
-        flat[:] = [mpz(int.from_bytes(data[i:i + width], "big", signed=signed)) for i in range(offset, end, width)]
-        msg.arrays[name] = flat.reshape(shape)
+        if signed:
+            items = (mpz(int.from_bytes(data[i:i + width], "big", signed=True)) for i in range(offset, end, width))
+        else:
+            items = (mpz.from_bytes(data[i:i + width], "big") for i in range(offset, end, width))
+        msg.arrays[name] = np.fromiter(items, dtype=object, count=count).reshape(shape)
         if not signed:
             msg.widths[name] = width
         offset = end

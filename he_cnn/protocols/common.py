@@ -10,7 +10,6 @@ slots. A set guard bit means a value was outside its declared bound, which S2 re
 """
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -21,8 +20,8 @@ from gmpy2 import mpz
 from ..channel import Channel
 from ..dgk import DGKPublicKey
 from ..errors import BoundExceeded, ProtocolError
-from ..keys import KAPPA, PrivateKey, PublicKey
-from ..tensor import EncryptedTensor
+from ..keys import KAPPA, PrivateKey, PublicKey, random_ints
+from ..tensor import EncryptedTensor, object_array
 from ..wire import Message
 
 if TYPE_CHECKING:
@@ -51,7 +50,7 @@ def slot_bits(l: int, kappa: int) -> int:
 def sample_masks(count: int, l: int, kappa: int) -> list[int]:
     """Masks 2^l + r, r uniform in [0, 2^(l+1+kappa)): x + M hides |x| < 2^l statistically."""
     offset = 1 << l
-    return [offset + secrets.randbits(l + 1 + kappa) for _ in range(count)]
+    return [offset + r for r in random_ints(count, l + 1 + kappa)]
 
 
 def slots_per_pack(n_bits: int, slot: int) -> int:
@@ -81,9 +80,7 @@ def pack_masked(ctx: S1Context, values: EncryptedTensor, masks: Sequence[int], l
         packs.append(pk.rerandomize(acc))
     ctx.count("pack_values", flat.size)
     ctx.count("rerandomize", len(packs))
-    out = np.empty(len(packs), dtype=object)
-    out[:] = packs
-    return out
+    return object_array(packs, len(packs))
 
 
 def unpack_revealed(private_key: PrivateKey, packs: np.ndarray, count: int, l: int, kappa: int) -> list[int]:
@@ -111,13 +108,18 @@ def unpack_revealed(private_key: PrivateKey, packs: np.ndarray, count: int, l: i
     return values
 
 
-def reveal_message(ctx: S1Context, name: str, values: EncryptedTensor, l: int) -> tuple[Message, list[int]]:
-    """Mask and pack ``values`` (|x| < 2^l) into a message field; returns the message and the masks."""
-    masks = sample_masks(values.size, l, ctx.kappa)
+def reveal_message(ctx: S1Context, name: str, values: EncryptedTensor, l: int, masks: Sequence[int]) -> Message:
+    """A message field holding ``values`` (|x| < 2^l) masked by ``masks`` (from sample_masks) and packed."""
     msg = Message(meta={f"{name}_count": values.size, f"{name}_bits": l, "kappa": ctx.kappa})
     msg.arrays[name] = pack_masked(ctx, values, masks, l)
     msg.widths[name] = ctx.public_key.ciphertext_bytes
-    return msg, masks
+    return msg
+
+
+def masked_reveal(ctx: S1Context, name: str, values: EncryptedTensor, l: int) -> tuple[Message, list[int]]:
+    """Fresh masks for ``values`` and the message revealing them; returns both."""
+    masks = sample_masks(values.size, l, ctx.kappa)
+    return reveal_message(ctx, name, values, l, masks), masks
 
 
 def read_revealed(cloud: "KeyCloud", msg: Message, name: str) -> tuple[list[int], int]:
@@ -131,9 +133,7 @@ def read_revealed(cloud: "KeyCloud", msg: Message, name: str) -> tuple[list[int]
 
 
 def ciphertext_field(msg: Message, name: str, cts: Sequence[mpz], width: int) -> None:
-    arr = np.empty(len(cts), dtype=object)
-    arr[:] = list(cts)
-    msg.arrays[name] = arr
+    msg.arrays[name] = object_array(cts)
     msg.widths[name] = width
 
 

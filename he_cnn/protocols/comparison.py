@@ -30,25 +30,25 @@ uniform in Z_u^* and the positions shuffled.
 """
 from __future__ import annotations
 
-import secrets
 from typing import TYPE_CHECKING
 
 import gmpy2
 import numpy as np
 from gmpy2 import mpz
 
+from ..dgk import DGKPublicKey
 from ..errors import BoundExceeded, ProtocolError, ShapeError
 from ..graph import conv_output_hw
+from ..keys import random_ints
 from ..tensor import EncryptedTensor
 from ..wire import Message
-from .common import S1Context, ciphertext_field, encrypted_reply, read_ciphertexts, read_revealed, reveal_message
+from .common import S1Context, ciphertext_field, encrypted_reply, read_ciphertexts, masked_reveal, read_revealed
 
 if TYPE_CHECKING:
     from ..s2 import KeyCloud
 
 BITS_STEP = "compare_bits"
 ZERO_STEP = "compare_zero"
-_shuffle = secrets.SystemRandom().shuffle
 
 
 def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool
@@ -60,7 +60,7 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool
     shape = x.shape
     xf = x.flatten()
     n = xf.size
-    msg, masks = reveal_message(ctx, "d", xf, l)
+    msg, masks = masked_reveal(ctx, "d", xf, l)
     reply = ctx.channel.request(BITS_STEP, msg)
     ticket = reply.get("ticket", str)
     enc_bits = reply.array("bits")
@@ -68,28 +68,15 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool
         raise ProtocolError(f"expected {n} x {l + 1} DGK bit ciphertexts, got shape {enc_bits.shape}")
 
     dgk = ctx.dgk_key
-    nd, u = dgk.n, dgk.u
-    blinded = np.empty((n, l + 1), dtype=object)
-    signs = np.empty(n, dtype=object)
-    for i in range(n):
-        r_low2 = ((masks[i] - (1 << l)) & ((1 << l) - 1)) << 1
-        s = 1 if secrets.randbits(1) else -1
-        signs[i] = s
-        xor_acc = mpz(1)
-        row = []
-        for j in range(l + 1):
-            rb = (r_low2 >> (l - j)) & 1
-            cb = dgk.validate(enc_bits[i, j])
-            c = dgk.g_power(s - rb) * cb % nd
-            if xor_acc != 1:
-                c = c * gmpy2.powmod(xor_acc, 3, nd) % nd
-            xor_acc = xor_acc * (cb if rb == 0 else dgk.g * gmpy2.invert(cb, nd) % nd) % nd
-            row.append(gmpy2.powmod(c, 1 + secrets.randbelow(u - 1), nd) * dgk.randomizer() % nd)
-        _shuffle(row)
-        blinded[i] = row
+    if not all(0 < c < dgk.n for c in enc_bits.reshape(-1)):
+        raise ProtocolError("S2 sent a DGK ciphertext out of range")
+    signs = np.array([1 if b else -1 for b in random_ints(n, 1)], dtype=object)
+    r_low = [(m - (1 << l)) & ((1 << l) - 1) for m in masks]
+    randomizers = [dgk.randomizer() for _ in range(n * (l + 1))]
+    blinded = blind_bit_comparisons(dgk, enc_bits, r_low, list(signs), randomizers)
     ctx.count("dgk_bit", n * (l + 1))
     msg2 = Message(meta={"ticket": ticket, "product": product})
-    ciphertext_field(msg2, "blinded", list(blinded.reshape(-1)), dgk.ciphertext_bytes)
+    ciphertext_field(msg2, "blinded", blinded, dgk.ciphertext_bytes)
     msg2.arrays["blinded"] = msg2.arrays["blinded"].reshape(n, l + 1)
     reply2 = ctx.channel.request(ZERO_STEP, msg2)
 
@@ -111,6 +98,40 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool
     ctx.count("exp_short", 2 * n)
     xt = t_d.sub(t.mul_plain(masks))
     return t.reshape(shape), xt.reshape(shape)
+
+
+def blind_bit_comparisons(dgk: DGKPublicKey, enc_bits: np.ndarray, r_low: list[int], signs: list[int],
+                          randomizers: list[mpz]) -> list[mpz]:
+    """S1's step 3 for n elements: the blinded, shuffled c_j of every element, row after row.
+
+    ``enc_bits`` (n, l+1) are S2's DGK bits of beta' (most significant first); ``r_low`` S1's
+    r mod 2^l; ``randomizers`` n (l+1) fresh DGK randomizers.
+    """
+    n, width = enc_bits.shape
+    l = width - 1
+    nd, u, g = dgk.n, dgk.u, dgk.g
+    g_pow = {k: dgk.g_power(k) for k in (-2, -1, 0, 1)}
+    exponents = random_ints(n * width, 64)  # blinding exponents in [1, u-1]; bias <= u / 2^64
+    keys = random_ints(n * width, 64)  # shuffle keys
+    out: list[mpz] = []
+    pos = 0
+    for i in range(n):
+        rho2 = r_low[i] << 1  # rho' = 2 (r mod 2^l): l+1 bits, lowest 0, so beta' != rho'
+        s = signs[i]
+        xor_acc = mpz(1)
+        row = []
+        for j in range(width):
+            rb = (rho2 >> (l - j)) & 1
+            cb = enc_bits[i, j]
+            c = g_pow[s - rb] * cb % nd
+            if xor_acc != 1:
+                c = c * xor_acc % nd * xor_acc % nd * xor_acc % nd
+            xor_acc = xor_acc * (cb if rb == 0 else g * gmpy2.invert(cb, nd) % nd) % nd
+            row.append(gmpy2.powmod(c, 1 + exponents[pos + j] % (u - 1), nd) * randomizers[pos + j] % nd)
+        order = sorted(range(width), key=keys[pos:pos + width].__getitem__)
+        out.extend(row[k] for k in order)
+        pos += width
+    return out
 
 
 def s2_compare_bits(cloud: "KeyCloud", msg: Message) -> Message:

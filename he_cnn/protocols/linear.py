@@ -33,7 +33,7 @@ from ..errors import ProtocolError, ShapeError
 from ..graph import conv_output_hw, im2col_indices
 from ..tensor import EncryptedTensor, as_int_array
 from ..wire import Message
-from .common import S1Context, encrypted_reply, read_ciphertexts, read_revealed, reveal_message
+from .common import S1Context, encrypted_reply, read_ciphertexts, read_revealed, reveal_message, sample_masks
 
 if TYPE_CHECKING:
     from ..s2 import KeyCloud
@@ -112,6 +112,26 @@ class LinearSetup:
     masked_weight: EncryptedTensor  # (F, C)
 
 
+@dataclass(frozen=True)
+class LinearPrecomputation:
+    """The query-independent part of one SCVL/SCT call: the input mask A and E(A_cols @ Kt), (P, C)."""
+
+    masks: list[int]
+    a_term: EncryptedTensor
+
+
+def precompute_linear(ctx: S1Context, layer: EncryptedLinear, setup: LinearSetup, x_bits: int) -> LinearPrecomputation:
+    """Offline: draw the input mask A for one future query and compute E(A_cols @ (K + B))."""
+    masks = sample_masks(int(np.prod(layer.geometry.in_shape)), x_bits, ctx.kappa)
+    idx = layer.geometry.column_indices()
+    mask_padded = np.array(masks + [0], dtype=object)
+    a_cols = mask_padded[np.where(idx < 0, len(masks), idx)]
+    # A_cols @ E(Kt) computed as (E(Kt)^T @ A_cols^T)^T
+    a_term = EncryptedTensor(ctx.public_key, setup.masked_weight.data.T.copy()).matmul_plain(a_cols.T)
+    ctx.count("exp_offline", idx.shape[0] * idx.shape[1] * layer.weight.shape[1])
+    return LinearPrecomputation(masks, EncryptedTensor(ctx.public_key, a_term.data.T.copy()))
+
+
 def new_setup_id() -> str:
     return secrets.token_hex(16)
 
@@ -121,7 +141,8 @@ def setup_linear_layers(ctx: S1Context, setup_id: str, layers: Sequence[Encrypte
     msg = Message(meta={"setup_id": setup_id, "layers": []})
     result: dict[str, LinearSetup] = {}
     for i, layer in enumerate(layers):
-        part, masks = reveal_message(ctx, f"w{i}", layer.weight, layer.weight_bits)
+        masks = sample_masks(layer.weight.size, layer.weight_bits, ctx.kappa)
+        part = reveal_message(ctx, f"w{i}", layer.weight, layer.weight_bits, masks)
         msg.meta.update(part.meta)
         msg.arrays.update(part.arrays)
         msg.widths.update(part.widths)
@@ -153,27 +174,25 @@ def s2_setup(cloud: "KeyCloud", msg: Message) -> Message:
 
 
 def secure_linear(ctx: S1Context, setup_id: str, layer: EncryptedLinear, setup: LinearSetup,
-                  x: EncryptedTensor, x_bits: int) -> EncryptedTensor:
-    """SCVL (kind "conv") or SCT (kind "dense"): E(conv(x, K) + b) or E(K^T x + b)."""
+                  x: EncryptedTensor, x_bits: int, pre: LinearPrecomputation | None = None) -> EncryptedTensor:
+    """SCVL (kind "conv") or SCT (kind "dense"): E(conv(x, K) + b) or E(K^T x + b).
+
+    ``pre`` is this call's offline part (:func:`precompute_linear`); computed on the spot if absent.
+    """
     geometry = layer.geometry
     if x.shape != geometry.in_shape:
         raise ShapeError(f"layer {layer.name}: input shape {x.shape}, expected {geometry.in_shape}")
     ctx.public_key.require_same(x.public_key, f"input of layer {layer.name}")
-    msg, masks = reveal_message(ctx, "x", x, x_bits)
+    pre = pre or precompute_linear(ctx, layer, setup, x_bits)
+    msg = reveal_message(ctx, "x", x, x_bits, pre.masks)
     msg.meta.update({"setup_id": setup_id, "layer": layer.name})
     reply = ctx.channel.request(STEP, msg)
 
     idx = geometry.column_indices()
     p_count, c_count = idx.shape[0], layer.weight.shape[1]
     y = read_ciphertexts(ctx.public_key, reply, "y", (p_count, c_count))
-    x_cols = x.take(idx)
-    mask_padded = np.array(list(masks) + [0], dtype=object)
-    a_cols = mask_padded[np.where(idx < 0, len(masks), idx)]
-    # A_cols @ E(Kt) as (E(Kt)^T @ A_cols^T)^T: query-independent, precomputable
-    a_term = EncryptedTensor(ctx.public_key, setup.masked_weight.data.T.copy()).matmul_plain(a_cols.T)
-    macs = p_count * idx.shape[1] * c_count
-    ctx.count("exp_short", 2 * macs)
-    out = y.sub(x_cols.matmul_plain(setup.masks)).sub(EncryptedTensor(ctx.public_key, a_term.data.T.copy()))
+    ctx.count("exp_online", p_count * idx.shape[1] * c_count)
+    out = y.sub(x.take(idx).matmul_plain(setup.masks)).sub(pre.a_term)
     out = out.add(EncryptedTensor(ctx.public_key, np.broadcast_to(layer.bias.data, out.shape).copy()))
     # (P, C) -> channel-first output
     return EncryptedTensor(ctx.public_key, out.data.T.copy()).reshape(layer.out_shape)

@@ -20,7 +20,7 @@ from ..errors import ProtocolError
 from ..keys import MIN_KEY_BITS, PublicKey
 from ..tensor import EncryptedTensor
 from ..wire import Message
-from .common import S1Context, ciphertext_field, read_ciphertexts, read_revealed, reveal_message
+from .common import S1Context, ciphertext_field, read_ciphertexts, masked_reveal, read_revealed
 
 if TYPE_CHECKING:
     from ..s2 import KeyCloud
@@ -32,7 +32,7 @@ def reencrypt_for_user(ctx: S1Context, y: EncryptedTensor, bits: int, user_key: 
                        min_user_bits: int = MIN_KEY_BITS) -> EncryptedTensor:
     if user_key.bits < min_user_bits:
         raise ProtocolError(f"user key of {user_key.bits} bits is too small: expected at least {min_user_bits}")
-    msg, masks = reveal_message(ctx, "y", y.flatten(), bits)
+    msg, masks = masked_reveal(ctx, "y", y.flatten(), bits)
     msg.arrays["user_n"] = np.array([user_key.n], dtype=object)
     reply = ctx.channel.request(STEP, msg)
     out = read_ciphertexts(user_key, reply, "y_user", (y.size,))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ..errors import ShapeError
 from ..tensor import EncryptedTensor
 from ..wire import Message
-from .common import S1Context, encrypted_reply, read_ciphertexts, read_revealed, reveal_message
+from .common import S1Context, encrypted_reply, read_ciphertexts, masked_reveal, read_revealed
 
 if TYPE_CHECKING:
     from ..s2 import KeyCloud
@@ -31,8 +31,8 @@ def secure_multiply(ctx: S1Context, a: EncryptedTensor, b: EncryptedTensor, a_bi
         raise ShapeError(f"SMP operands must share a shape: got {a.shape} and {b.shape}")
     ctx.public_key.require_same(a.public_key)
     ctx.public_key.require_same(b.public_key)
-    msg, mask_a = reveal_message(ctx, "a", a, a_bits)
-    msg_b, mask_b = reveal_message(ctx, "b", b, b_bits)
+    msg, mask_a = masked_reveal(ctx, "a", a, a_bits)
+    msg_b, mask_b = masked_reveal(ctx, "b", b, b_bits)
     msg.meta.update(msg_b.meta)
     msg.arrays.update(msg_b.arrays)
     msg.widths.update(msg_b.widths)
