@@ -20,6 +20,7 @@ from .dgk import DGKPrivateKey, DGKPublicKey, generate_dgk_keypair
 from .errors import BadRequest, ProtocolError
 from .keys import MIN_KEY_BITS, KeyPair
 from .protocols import comparison, linear, output, smp
+from .parallel import INLINE, Workers
 from .protocols.linear import LinearGeometry
 from .wire import Message, decode, encode
 
@@ -79,6 +80,8 @@ class KeyCloud:
     tickets: TicketStore = field(default_factory=TicketStore)
     observations: list[Observation] = field(default_factory=list)
     setups: dict[str, dict[str, tuple[np.ndarray, LinearGeometry]]] = field(default_factory=dict)
+    #: process pool for the heavy loops (inline by default)
+    workers: Workers = field(default_factory=lambda: INLINE)
     #: called after a set-up is stored (the service persists it)
     on_setup: Callable[[str, dict], None] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)

@@ -15,6 +15,7 @@ from gmpy2 import mpz
 
 from .errors import HECNNError, ShapeError
 from .keys import PublicKey
+from .parallel import INLINE, Workers
 
 PlainLike = Union[int, Sequence[int], np.ndarray]
 
@@ -165,16 +166,15 @@ class EncryptedTensor:
             return EncryptedTensor(self.public_key, np.array(out, dtype=object).reshape(()))
         return EncryptedTensor(self.public_key, mulmod.reduce(self.data, axis=axis, initial=mpz(1)).astype(object))
 
-    def matmul_plain(self, weights: PlainLike) -> "EncryptedTensor":
-        """(P, F) encrypted @ (F, C) signed plaintext -> (P, C) encrypted.
-
-        Positive and negative weights are accumulated separately so that each output costs one
-        inversion instead of one per negative weight.
-        """
+    def matmul_plain(self, weights: PlainLike, workers: Workers = INLINE) -> "EncryptedTensor":
+        """(P, F) encrypted @ (F, C) signed plaintext -> (P, C) encrypted (output columns spread
+        over ``workers``)."""
         w = as_int_array(weights)
         if self.data.ndim != 2 or w.ndim != 2 or w.shape[0] != self.shape[1]:
             raise ShapeError(f"matmul of encrypted {self.shape} by plaintext {w.shape}")
-        return EncryptedTensor(self.public_key, matmul_cipher_plain(self.data, w, self.public_key.nsq))
+        nsq = self.public_key.nsq
+        parts = workers.map(matmul_cipher_plain, [(self.data, w[:, cols], nsq) for cols in workers.chunks(w.shape[1])])
+        return EncryptedTensor(self.public_key, np.concatenate(parts, axis=1))
 
     def rerandomize(self) -> "EncryptedTensor":
         pk = self.public_key

@@ -160,3 +160,29 @@ def test_unknown_step_and_bad_payload_are_typed(key_cloud):
         key_cloud.handle("nope", b"")
     with pytest.raises(WireFormatError):
         key_cloud.handle("smp", b"garbage")
+
+
+def test_protocols_exact_with_process_workers(keys1024, key_cloud):
+    """The same results when S1 and S2 spread their loops over a process pool."""
+    from he_cnn.channel import InProcessChannel
+    from he_cnn.parallel import Workers
+    from he_cnn.protocols.common import S1Context
+
+    workers = Workers(2)
+    key_cloud.workers = workers
+    try:
+        ctx = S1Context(keys1024.public, key_cloud.dgk_public, InProcessChannel(key_cloud.handle), workers=workers)
+        x = edge_values(20)
+        assert list(comparison.secure_relu(ctx, enc(ctx, x), 20).decrypt(keys1024.private)) == [max(v, 0) for v in x]
+        shape = (2, 5, 5)
+        xi = ints(50, -300, 300, shape)
+        w = ints(3 * 2 * 9, -31, 31, (3, 2, 3, 3))
+        b = ints(3, -1000, 1000)
+        layer = linear.EncryptedLinear("c", linear.LinearGeometry("conv", shape, 3, 1, 1),
+                                       enc(ctx, np.ascontiguousarray(w.reshape(3, -1).T)), enc(ctx, b), 5)
+        setup = linear.setup_linear_layers(ctx, "par", [layer])
+        out = linear.secure_linear(ctx, "par", layer, setup["c"], enc(ctx, xi), 9)
+        assert (out.decrypt(keys1024.private) == conv_reference(xi, w, b, 1, 1)).all()
+    finally:
+        key_cloud.workers = Workers(1)
+        workers.shutdown()

@@ -10,6 +10,8 @@ slots. A set guard bit means a value was outside its declared bound, which S2 re
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -20,7 +22,8 @@ from gmpy2 import mpz
 from ..channel import Channel
 from ..dgk import DGKPublicKey
 from ..errors import BoundExceeded, ProtocolError
-from ..keys import KAPPA, PrivateKey, PublicKey, random_ints
+from ..keys import KAPPA, PrivateKey, PublicKey, keypair_from_primes, random_ints
+from ..parallel import INLINE, Workers
 from ..tensor import EncryptedTensor, object_array
 from ..wire import Message
 
@@ -36,6 +39,8 @@ class S1Context:
     dgk_key: DGKPublicKey
     channel: Channel
     kappa: int = KAPPA
+    #: process pool for the heavy loops (inline by default)
+    workers: Workers = INLINE
     #: counts of public-key operations by kind, for the benchmark
     ops: dict[str, int] = field(default_factory=dict)
 
@@ -69,21 +74,48 @@ def pack_masked(ctx: S1Context, values: EncryptedTensor, masks: Sequence[int], l
     flat = values.data.reshape(-1)
     if len(masks) != flat.size:
         raise ProtocolError(f"{len(masks)} masks for {flat.size} values")
-    shift = mpz(1) << slot
-    packs = []
-    for start in range(0, flat.size, k):
-        acc = mpz(1)
-        for i in range(min(start + k, flat.size) - 1, start - 1, -1):
-            if acc != 1:
-                acc = gmpy2.powmod(acc, shift, nsq)
-            acc = acc * flat[i] % nsq * (1 + masks[i] * pk.n) % nsq
-        packs.append(pk.rerandomize(acc))
+    n_packs = -(-flat.size // k)
+    calls = [(pk.n, nsq, flat[r.start * k:r.stop * k], list(masks[r.start * k:r.stop * k]), slot, k)
+             for r in ctx.workers.chunks(n_packs, minimum=4)]
+    packs = [pk.rerandomize(c) for part in ctx.workers.map(_pack_chunk, calls) for c in part]
     ctx.count("pack_values", flat.size)
     ctx.count("rerandomize", len(packs))
     return object_array(packs, len(packs))
 
 
-def unpack_revealed(private_key: PrivateKey, packs: np.ndarray, count: int, l: int, kappa: int) -> list[int]:
+def _pack_chunk(n: mpz, nsq: mpz, values: np.ndarray, masks: list[int], slot: int, k: int) -> list[mpz]:
+    """Horner packing of consecutive groups of k masked values (not yet re-randomised)."""
+    shift = mpz(1) << slot
+    packs = []
+    for start in range(0, len(values), k):
+        acc = mpz(1)
+        for i in range(min(start + k, len(values)) - 1, start - 1, -1):
+            if acc != 1:
+                acc = gmpy2.powmod(acc, shift, nsq)
+            acc = acc * values[i] % nsq * (1 + masks[i] * n) % nsq
+        packs.append(acc)
+    return packs
+
+
+@functools.lru_cache(maxsize=4)
+def _private_key(p: int, q: int) -> PrivateKey:
+    return keypair_from_primes(p, q).private
+
+
+def _decrypt_chunk(p: int, q: int, packs: list[mpz]) -> list[int]:
+    key = _private_key(p, q)
+    return [int(key.decrypt_raw(key.public.validate(c))) for c in packs]
+
+
+def decrypt_many(private_key: PrivateKey, workers: Workers, ciphertexts: Sequence[int]) -> list[int]:
+    """Raw plaintexts of validated ciphertexts, spread over ``workers``."""
+    p, q = int(private_key.p), int(private_key.q)
+    calls = [(p, q, list(ciphertexts[r.start:r.stop])) for r in workers.chunks(len(ciphertexts), minimum=4)]
+    return [m for part in workers.map(_decrypt_chunk, calls) for m in part]
+
+
+def unpack_revealed(private_key: PrivateKey, packs: np.ndarray, count: int, l: int, kappa: int,
+                    workers: Workers = INLINE) -> list[int]:
     """S2: decrypt each pack and split it into ``count`` masked values, checking the guard bits."""
     slot = slot_bits(l, kappa)
     k = slots_per_pack(private_key.public.bits, slot)
@@ -92,8 +124,7 @@ def unpack_revealed(private_key: PrivateKey, packs: np.ndarray, count: int, l: i
     values: list[int] = []
     slot_mask = (1 << slot) - 1
     limit = 1 << (slot - 1)
-    for c in packs:
-        m = int(private_key.decrypt_raw(private_key.public.validate(c)))
+    for m in decrypt_many(private_key, workers, list(packs.reshape(-1))):
         for _ in range(min(k, count - len(values))):
             v = m & slot_mask
             if v >= limit:
@@ -127,7 +158,7 @@ def read_revealed(cloud: "KeyCloud", msg: Message, name: str) -> tuple[list[int]
     count, l, kappa = (msg.get(f"{name}_count", int), msg.get(f"{name}_bits", int), msg.get("kappa", int))
     if kappa < KAPPA or l < 0 or count < 0:
         raise ProtocolError(f"reveal parameters out of range: count={count}, bits={l}, kappa={kappa} (min {KAPPA})")
-    values = unpack_revealed(cloud.keys.private, msg.array(name), count, l, kappa)
+    values = unpack_revealed(cloud.keys.private, msg.array(name), count, l, kappa, cloud.workers)
     cloud.observe(name, values, l, kappa)
     return values, l
 

@@ -73,7 +73,9 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool
     signs = np.array([1 if b else -1 for b in random_ints(n, 1)], dtype=object)
     r_low = [(m - (1 << l)) & ((1 << l) - 1) for m in masks]
     randomizers = [dgk.randomizer() for _ in range(n * (l + 1))]
-    blinded = blind_bit_comparisons(dgk, enc_bits, r_low, list(signs), randomizers)
+    calls = [(dgk.to_dict(), enc_bits[r.start:r.stop], r_low[r.start:r.stop], list(signs[r.start:r.stop]),
+              randomizers[r.start * (l + 1):r.stop * (l + 1)]) for r in ctx.workers.chunks(n, minimum=8)]
+    blinded = [c for part in ctx.workers.map(_blind_chunk, calls) for c in part]
     ctx.count("dgk_bit", n * (l + 1))
     msg2 = Message(meta={"ticket": ticket, "product": product})
     ciphertext_field(msg2, "blinded", blinded, dgk.ciphertext_bytes)
@@ -134,6 +136,16 @@ def blind_bit_comparisons(dgk: DGKPublicKey, enc_bits: np.ndarray, r_low: list[i
     return out
 
 
+def _blind_chunk(dgk: dict, enc_bits: np.ndarray, r_low: list[int], signs: list[int], randomizers: list[mpz]) -> list[mpz]:
+    return blind_bit_comparisons(DGKPublicKey.from_dict(dgk), enc_bits, r_low, signs, randomizers)
+
+
+def _zero_chunk(p: int, v_p: int, u: int, rows: np.ndarray) -> list[int]:
+    """delta for each row: 1 if one of its DGK ciphertexts encrypts 0 (c^v_p = 1 mod p)."""
+    p, v_p = mpz(p), mpz(v_p)
+    return [int(any(gmpy2.powmod(c, v_p, p) == 1 for c in row)) for row in rows]
+
+
 def s2_compare_bits(cloud: "KeyCloud", msg: Message) -> Message:
     d, l = read_revealed(cloud, msg, "d")
     dgk = cloud.dgk_public
@@ -158,7 +170,11 @@ def s2_compare_zero(cloud: "KeyCloud", msg: Message) -> Message:
     if blinded.shape != (len(d), l + 1):
         raise ShapeError(f"expected {len(d)} x {l + 1} blinded ciphertexts, got {blinded.shape}")
     dgk, dgk_priv = cloud.dgk_public, cloud.dgk_private
-    delta = [int(any(dgk_priv.is_zero(dgk.validate(c)) for c in row)) for row in blinded]
+    if not all(0 < c < dgk.n for c in blinded.reshape(-1)):
+        raise ProtocolError("blinded DGK ciphertext out of range: expected 0 < c < n")
+    calls = [(int(dgk_priv.p), int(dgk_priv.v_p), dgk.u, blinded[r.start:r.stop])
+             for r in cloud.workers.chunks(len(d), minimum=8)]
+    delta = [v for part in cloud.workers.map(_zero_chunk, calls) for v in part]
     cloud.observe("delta", delta, 1, 0)
     alpha = [di >> l for di in d]
     fields = {"delta": delta, "alpha": alpha}

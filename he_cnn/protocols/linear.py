@@ -127,7 +127,7 @@ def precompute_linear(ctx: S1Context, layer: EncryptedLinear, setup: LinearSetup
     mask_padded = np.array(masks + [0], dtype=object)
     a_cols = mask_padded[np.where(idx < 0, len(masks), idx)]
     # A_cols @ E(Kt) computed as (E(Kt)^T @ A_cols^T)^T
-    a_term = EncryptedTensor(ctx.public_key, setup.masked_weight.data.T.copy()).matmul_plain(a_cols.T)
+    a_term = EncryptedTensor(ctx.public_key, setup.masked_weight.data.T.copy()).matmul_plain(a_cols.T, ctx.workers)
     ctx.count("exp_offline", idx.shape[0] * idx.shape[1] * layer.weight.shape[1])
     return LinearPrecomputation(masks, EncryptedTensor(ctx.public_key, a_term.data.T.copy()))
 
@@ -192,7 +192,7 @@ def secure_linear(ctx: S1Context, setup_id: str, layer: EncryptedLinear, setup: 
     p_count, c_count = idx.shape[0], layer.weight.shape[1]
     y = read_ciphertexts(ctx.public_key, reply, "y", (p_count, c_count))
     ctx.count("exp_online", p_count * idx.shape[1] * c_count)
-    out = y.sub(x.take(idx).matmul_plain(setup.masks)).sub(pre.a_term)
+    out = y.sub(x.take(idx).matmul_plain(setup.masks, ctx.workers)).sub(pre.a_term)
     out = out.add(EncryptedTensor(ctx.public_key, np.broadcast_to(layer.bias.data, out.shape).copy()))
     # (P, C) -> channel-first output
     return EncryptedTensor(ctx.public_key, out.data.T.copy()).reshape(layer.out_shape)

@@ -1,0 +1,65 @@
+"""Spreading the heavy loops of a protocol step over all cores.
+
+A :class:`Workers` object maps a top-level function over chunks of work in a process pool (forked,
+so workers start in milliseconds and inherit the loaded code) or, with one worker or one chunk,
+in the calling process. Each party owns its own ``Workers`` (S1 in its context, S2 in its
+KeyCloud); protocol code passes it down explicitly, never through a global. S1 and S2 never compute
+at the same time (every round waits for the other side), so each may use every core in its turn.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from concurrent.futures import Executor, ProcessPoolExecutor
+from typing import Any, Callable, Sequence
+
+
+def default_worker_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Workers:
+    """A lazily started process pool of ``count`` workers (1 = run inline)."""
+
+    def __init__(self, count: int | None = None):
+        self.count = default_worker_count() if count is None else max(1, int(count))
+        self._pool: Executor | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Workers(count={self.count})"
+
+    def chunks(self, total: int, minimum: int = 1) -> list[range]:
+        """Split range(total) into at most ``count`` contiguous chunks of at least ``minimum`` items."""
+        parts = max(1, min(self.count, total // max(1, minimum)))
+        size = -(-total // parts) if total else 0
+        return [range(i, min(i + size, total)) for i in range(0, total, size)] if total else []
+
+    def map(self, fn: Callable[..., Any], calls: Sequence[tuple]) -> list[Any]:
+        """[fn(*args) for args in calls], in parallel when there is more than one call and worker."""
+        if self.count <= 1 or len(calls) <= 1:
+            return [fn(*args) for args in calls]
+        pool = self._executor()
+        futures = [pool.submit(fn, *args) for args in calls]
+        return [f.result() for f in futures]
+
+    def _executor(self) -> Executor:
+        with self._lock:
+            if self._pool is None:
+                method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+                self._pool = ProcessPoolExecutor(self.count, mp_context=multiprocessing.get_context(method))
+            return self._pool
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(cancel_futures=True)
+                self._pool = None
+
+
+#: the default for code paths that are not given a Workers object: run inline
+INLINE = Workers(1)
