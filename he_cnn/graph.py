@@ -131,6 +131,12 @@ def infer_shapes_and_bounds(
                 f"layer {getattr(layer, 'name', layer)!r} of type {type(layer).__name__} is not supported; "
                 f"expected one of {', '.join(t.__name__ for t in SUPPORTED_LAYERS)}"
             )
+        sources = layer.inputs if isinstance(layer, Concat) else (layer.input,)
+        missing = [s for s in sources if s not in shapes]
+        if missing:
+            raise ShapeError(f"layer {layer.name!r} reads tensor(s) {missing} that no earlier layer produces")
+        if isinstance(layer, (Conv, Dense)) and (layer.weight.ndim != (4 if isinstance(layer, Conv) else 2)):
+            raise ShapeError(f"layer {layer.name!r}: weight of shape {layer.weight.shape} has the wrong rank")
         if isinstance(layer, Concat):
             ins = [shapes[i] for i in layer.inputs]
             hw = {s[1:] for s in ins}
