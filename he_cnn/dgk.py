@@ -21,7 +21,7 @@ from gmpy2 import mpz
 from .errors import HECNNError, InvalidCiphertext
 from .keys import FixedBaseTable, RandomnessPool
 
-#: plaintext modulus: must exceed 3 * (l + 2) + 3 for the longest compared bit length l (l <= 300)
+#: plaintext modulus: must exceed 3 * (l + 2) + 3 for the longest compared bit length l (see max_bits)
 DGK_U = 1031
 
 

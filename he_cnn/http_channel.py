@@ -11,6 +11,7 @@ was the peer that refused. The cloud public key travels as a wire message too
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,6 +160,14 @@ def fetch_public_key(base_url: str, timeout: float = 30.0, session: requests.Ses
 
 
 def _one_line(e: BaseException) -> str:
-    """A short single-line description of a transport error (requests' messages nest and wrap)."""
+    """The root cause of a transport error in a few words (requests nests urllib3's wrapped errors)."""
     text = " ".join(str(e).split())
-    return text if len(text) <= 200 else text[:197] + "..."
+    errno = _ERRNO.search(text)
+    if errno:
+        return errno.group(1).rstrip("'\")")
+    if "Name or service not known" in text or "nodename nor servname" in text:
+        return "unknown host name"
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")

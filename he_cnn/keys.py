@@ -6,8 +6,8 @@ N-th residue. Plaintexts are signed: v is stored as ``v mod N`` and decoded back
 ``(-N/2, N/2)``; a value that does not fit raises :class:`EncodingOverflow` instead of wrapping.
 
 Randomness: ``rho`` is ``h^e`` for a fixed random N-th residue ``h = r0^N`` and a fresh short
-exponent ``e`` (``RANDOMIZER_EXPONENT_BITS`` bits), computed from a fixed-base window table in about
-40 modular multiplications instead of one full exponentiation. This is the standard short-exponent
+exponent ``e`` (``RANDOMIZER_EXPONENT_BITS`` bits), computed from a fixed-base window table in at most
+32 modular multiplications instead of one full exponentiation. This is the standard short-exponent
 randomizer (its security rests on the hardness of the short-exponent discrete log in the group of
 N-th residues); ``docs/threat-model.md`` names the assumption. Randomizers can be computed ahead of
 time into a :class:`RandomnessPool` (the offline phase), which makes online encryption and

@@ -1,7 +1,7 @@
 """The secure ICNN: an encrypted model, its one-time set-up, and end-to-end secure inference.
 
 The owner turns an :class:`~he_cnn.graph.IntegerModel` into an :class:`EncryptedModel`: the public
-architecture (layer kinds, geometry, shapes and worst-case bounds: what any cloud must know to run
+architecture (layer kinds, geometry, shapes and the bit lengths of worst-case bounds: what any cloud must know to run
 it) plus E(K) and E(b) for every convolution and dense layer. S1 walks the same layer graph as the
 plaintext reference, calling SCVL/SCT for linear layers, SACT for ReLU and SMAP for max-pooling, and
 finally hands the class vector to the user under the user's key. Every layer records its seconds,
@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import BadRequest, KeyMismatch, ShapeError, UnsupportedLayer
+from .errors import BadRequest, KeyMismatch, ProtocolError, ShapeError, UnsupportedLayer
 from .graph import Concat, Conv, Dense, Flatten, IntegerModel, MaxPool, ReLU
 from .keys import PublicKey
 from .protocols.common import S1Context
@@ -31,7 +31,11 @@ LAYER_KINDS = ("conv", "dense", "relu", "maxpool", "concat", "flatten")
 
 
 def architecture(model: IntegerModel) -> dict[str, Any]:
-    """The public part of a model: layers without weights, shapes, bounds, weight bit lengths."""
+    """The public part of a model: layers without weights, shapes, and bit lengths only.
+
+    Exact bounds are sums of |weights| and would tell the clouds weight norms; their bit lengths
+    (|v| < 2^bits) are all the protocols need.
+    """
     layers = []
     for layer in model.layers:
         if isinstance(layer, Conv):
@@ -65,7 +69,7 @@ def architecture(model: IntegerModel) -> dict[str, Any]:
         "output": model.output,
         "num_classes": model.num_classes,
         "shapes": {k: list(v) for k, v in model.shapes.items()},
-        "bounds": {k: int(v) for k, v in model.bounds.items()},
+        "bits": {k: int(v).bit_length() for k, v in model.bounds.items()},
         "classes": list(model.meta.get("classes", [str(i) for i in range(model.num_classes)])),
     }
 
@@ -87,7 +91,8 @@ class EncryptedModel:
         return tuple(self.spec["input_shape"])
 
     def bound_bits(self, tensor: str) -> int:
-        return int(self.spec["bounds"][tensor]).bit_length()
+        """l with |v| < 2^l for every value of the tensor."""
+        return int(self.spec["bits"][tensor])
 
     def serialize(self) -> bytes:
         msg = Message(meta={"spec": self.spec, "key_id": self.public_key.key_id})
@@ -174,6 +179,8 @@ class PreparedQuery:
 
     linear: dict[str, LinearPrecomputation]
     seconds: float
+    #: set once a query consumed it: masks used twice would show S2 the difference of two inputs
+    used: bool = False
 
 
 def prepare_query(ctx: S1Context, model: EncryptedModel, setup: ModelSetup) -> PreparedQuery:
@@ -218,6 +225,10 @@ def secure_inference(ctx: S1Context, model: EncryptedModel, setup: ModelSetup, i
     """
     if image.shape != model.input_shape:
         raise ShapeError(f"image shape {image.shape}, expected {model.input_shape}")
+    if prepared is not None:
+        if prepared.used:
+            raise ProtocolError("a prepared query was offered twice: its masks must be used only once")
+        prepared.used = True
     ctx.public_key.require_same(image.public_key, "image")
     tensors: dict[str, EncryptedTensor] = {model.spec["input_name"]: image}
     stats: list[LayerStats] = []
@@ -247,7 +258,7 @@ def secure_inference(ctx: S1Context, model: EncryptedModel, setup: ModelSetup, i
             x = tensors[entry["input"]]
             tensors[entry["output"]] = timed(name, kind, lambda: secure_maxpool(
                 ctx, x, int(entry["kernel"]), int(entry["stride"]), int(entry["padding"]),
-                int(model.spec["bounds"][entry["input"]])))
+                model.bound_bits(entry["input"])))
         elif kind == "concat":
             tensors[entry["output"]] = EncryptedTensor.concatenate([tensors[i] for i in entry["inputs"]], axis=0)
         elif kind == "flatten":

@@ -20,9 +20,10 @@ Steps (z = x + 2^l in [0, 2^(l+1)), so t = floor(z / 2^l)):
         x t = t d - (2^l + r) t   with   t d = alpha d - floor(r / 2^l) d - [..] d.
 
 Cost per element: S2 one decryption per pack, l+1 DGK encryptions, l+1 zero tests (an exponentiation
-by the t-bit v_p mod p), 2 or 4 Paillier encryptions; S1 ~l+kappa squarings (packing), per bit one
-inversion, a few multiplications, an exponentiation by a ~10-bit blinding exponent and a DGK
-randomizer; then 2 to 3 short exponentiations. Two rounds for a whole tensor.
+by the t-bit v_p mod p, every position tested so timing does not depend on the outcome), 2 or 4
+Paillier encryptions; S1 ~l+kappa squarings (packing), per bit at most one inversion, a few
+multiplications, an exponentiation by a ~10-bit blinding exponent and a DGK randomizer; then, for
+the product, 2 short exponentiations (none without). Two rounds for a whole tensor.
 S1 learns: nothing (Paillier and DGK ciphertexts only).
 S2 learns: d, statistically independent of x (distance 2^-kappa); whether one blinded c_j is zero,
 which is the bit delta XORed with S1's secret uniform sign, i.e. a uniform bit; the nonzero c_j are
@@ -141,9 +142,13 @@ def _blind_chunk(dgk: dict, enc_bits: np.ndarray, r_low: list[int], signs: list[
 
 
 def _zero_chunk(p: int, v_p: int, u: int, rows: np.ndarray) -> list[int]:
-    """delta for each row: 1 if one of its DGK ciphertexts encrypts 0 (c^v_p = 1 mod p)."""
+    """delta for each row: 1 if one of its DGK ciphertexts encrypts 0 (c^v_p = 1 mod p).
+
+    Every position is tested, also after a zero is found: stopping early would make the round's
+    duration depend on the outcomes, which S1 could correlate with its secret signs.
+    """
     p, v_p = mpz(p), mpz(v_p)
-    return [int(any(gmpy2.powmod(c, v_p, p) == 1 for c in row)) for row in rows]
+    return [int(sum(gmpy2.powmod(c, v_p, p) == 1 for c in row) > 0) for row in rows]
 
 
 def s2_compare_bits(cloud: "KeyCloud", msg: Message) -> Message:
@@ -194,14 +199,14 @@ def secure_relu(ctx: S1Context, x: EncryptedTensor, bits: int) -> EncryptedTenso
     return secure_sign(ctx, x, bits, product=True)[1]
 
 
-def secure_max(ctx: S1Context, a: EncryptedTensor, b: EncryptedTensor, bound: int) -> EncryptedTensor:
-    """E(max(a, b)) = E(b + ReLU(a - b)) element-wise for |a|, |b| <= bound; ties give b (= a)."""
-    return b.add(secure_relu(ctx, a.sub(b), (2 * bound).bit_length()))
+def secure_max(ctx: S1Context, a: EncryptedTensor, b: EncryptedTensor, bits: int) -> EncryptedTensor:
+    """E(max(a, b)) = E(b + ReLU(a - b)) element-wise for |a|, |b| < 2^bits; ties give b (= a)."""
+    return b.add(secure_relu(ctx, a.sub(b), bits + 1))
 
 
 def secure_maxpool(ctx: S1Context, x: EncryptedTensor, kernel: int, stride: int, padding: int,
-                   bound: int) -> EncryptedTensor:
-    """SMAP: the maximum of every pooling window of a (C, H, W) tensor with |x| <= bound.
+                   bits: int) -> EncryptedTensor:
+    """SMAP: the maximum of every pooling window of a (C, H, W) tensor with |x| < 2^bits.
 
     A k x k window maximum is separable: first the maximum over each row segment, then over each
     column segment of those (:func:`_line_max`; maxima of runs of neighbours are computed once and
@@ -219,9 +224,9 @@ def secure_maxpool(ctx: S1Context, x: EncryptedTensor, kernel: int, stride: int,
     cols = _window_ranges(w, ow, kernel, stride, padding)
     rows = _window_ranges(h, oh, kernel, stride, padding)
     # pass 1 along W: lines are (channel, row); pass 2 along H: lines are (channel, output column)
-    row_max = _line_max(ctx, x.data.reshape(c * h, w), cols, bound).reshape(c, h, ow)
+    row_max = _line_max(ctx, x.data.reshape(c * h, w), cols, bits).reshape(c, h, ow)
     by_column = row_max.transpose(0, 2, 1).reshape(c * ow, h)
-    out = _line_max(ctx, by_column, rows, bound).reshape(c, ow, oh).transpose(0, 2, 1)
+    out = _line_max(ctx, by_column, rows, bits).reshape(c, ow, oh).transpose(0, 2, 1)
     return EncryptedTensor(ctx.public_key, np.ascontiguousarray(out))
 
 
@@ -230,7 +235,7 @@ def _window_ranges(length: int, count: int, kernel: int, stride: int, padding: i
     return [(max(0, j * stride - padding), min(length - 1, j * stride - padding + kernel - 1)) for j in range(count)]
 
 
-def _line_max(ctx: S1Context, lines: np.ndarray, ranges: list[tuple[int, int]], bound: int) -> np.ndarray:
+def _line_max(ctx: S1Context, lines: np.ndarray, ranges: list[tuple[int, int]], bits: int) -> np.ndarray:
     """Maxima of ``ranges`` of every line of a (lines, length) ciphertext array -> (lines, len(ranges)).
 
     Each range is split into aligned-left runs of 2^t neighbours (largest first); a run's maximum is
@@ -258,23 +263,23 @@ def _line_max(ctx: S1Context, lines: np.ndarray, ranges: list[tuple[int, int]], 
         items = sorted(i for t, i in needed if t == level)
         half = 1 << (level - 1)
         maxima = _batched_max(ctx, [table[(level - 1, i)] for i in items],
-                              [table[(level - 1, i + half)] for i in items], bound)
+                              [table[(level - 1, i + half)] for i in items], bits)
         for i, m in zip(items, maxima):
             table[(level, i)] = m
     candidates = [[table[r] for r in rs] for rs in window_runs]
     while any(len(c) > 1 for c in candidates):
         firsts = [c[k] for c in candidates for k in range(0, len(c) - 1, 2)]
         seconds = [c[k + 1] for c in candidates for k in range(0, len(c) - 1, 2)]
-        maxima = iter(_batched_max(ctx, firsts, seconds, bound))
+        maxima = iter(_batched_max(ctx, firsts, seconds, bits))
         candidates = [[next(maxima) for _ in range(len(c) // 2)] + c[len(c) - len(c) % 2:] for c in candidates]
     return np.stack([c[0] for c in candidates], axis=1)
 
 
-def _batched_max(ctx: S1Context, firsts: list[np.ndarray], seconds: list[np.ndarray], bound: int) -> list[np.ndarray]:
+def _batched_max(ctx: S1Context, firsts: list[np.ndarray], seconds: list[np.ndarray], bits: int) -> list[np.ndarray]:
     """secure_max of many equal-length ciphertext columns at once (one two-round call)."""
     if not firsts:
         return []
     pk = ctx.public_key
     a = EncryptedTensor(pk, np.stack(firsts))
     b = EncryptedTensor(pk, np.stack(seconds))
-    return list(secure_max(ctx, a, b, bound).data)
+    return list(secure_max(ctx, a, b, bits).data)
