@@ -61,6 +61,13 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
+def serve_in_thread(app) -> str:
+    """Serve ``app`` over real HTTP with waitress in a daemon thread; its base URL."""
+    server = create_server(app, host="127.0.0.1", port=0, threads=2)
+    threading.Thread(target=server.run, daemon=True).start()
+    return f"http://127.0.0.1:{server.socket.getsockname()[1]}"
+
+
 def error_of(response, status: int, code: str | None = None) -> str:
     assert response.status_code == status, response.data[:300]
     assert response.mimetype == "application/json"
@@ -405,10 +412,16 @@ def test_s2_losing_its_setups_is_repaired(s1, s2_dir, cloud, model_id, model, ke
     assert len(list((s2_dir / s2_app.SETUP_DIR).iterdir())) == 1  # the new set-up is persisted again
 
 
-def test_s2_reloads_setups(s2_dir, keys1024, model_id, cloud):
+def test_restart_of_s2_reloads_setups(s1_dir, s2_dir, model_id, model, cloud, keys1024, user_keys):
     fresh = KeyCloud(cloud.keys, cloud.dgk_public, cloud.dgk_private)
-    s2_app.create_app(S2Config(data_dir=s2_dir, cloud_token=CLOUD_TOKEN, key_bits=1024), key_cloud=fresh)
+    restarted = s2_app.create_app(S2Config(data_dir=s2_dir, cloud_token=CLOUD_TOKEN, key_bits=1024), key_cloud=fresh)
     assert set(fresh.setups) == set(cloud.setups) and fresh.setups
+    client = make_s1(s1_dir, serve_in_thread(restarted)).test_client()
+    pixels = ints(np.full(36, 3), (1, 6, 6))
+    response = client.post(f"/v1/models/{model_id}/classify", data=query_body(keys1024, user_keys, pixels))
+    vector = EncryptedTensor.from_ciphertexts(user_keys.public, decode(response.data).array("class_vector"), (3,))
+    assert list(vector.decrypt(user_keys.private)) == list(classify_reference(model, pixels))
+    assert len(fresh.setups) == len(cloud.setups)  # the stored set-up was used, not run again
 
 
 def test_interrupted_upload_is_never_served(s1_dir, s2_url, model_id):
@@ -456,3 +469,55 @@ def test_no_secret_in_s1_data_dir(s1_dir, keys1024):
             for p in (keys1024.private.p, keys1024.private.q):
                 assert int(p).to_bytes((int(p).bit_length() + 7) // 8, "big") not in text
     assert os.name != "posix" or stat.S_IMODE((s1_dir / "models").stat().st_mode) == 0o700
+
+
+def test_out_of_range_pixels_are_unprocessable(s1, model_id, keys1024, user_keys):
+    pixels = np.zeros((1, 6, 6), dtype=object)
+    pixels[0, 2, 2] = 2**50  # far outside 0..input_max: S2 sees the guard bits set
+    response = s1.post(f"/v1/models/{model_id}/classify", data=query_body(keys1024, user_keys, pixels))
+    assert "bound" in error_of(response, 422, "bound_exceeded")
+    healthy(s1)
+
+
+def test_s2_with_another_key_is_named(tmp_path, s1_dir, model_id, keys1024, user_keys):
+    import shutil
+
+    other_s2 = serve_in_thread(s2_app.create_app(S2Config(data_dir=tmp_path / "s2", cloud_token=CLOUD_TOKEN,
+                                                          key_bits=1024)))
+    shutil.copytree(s1_dir, tmp_path / "s1")
+    client = make_s1(tmp_path / "s1", other_s2).test_client()
+    assert client.get("/v1/health").get_json()["s2"]["key_matches"] is False
+    response = client.post(f"/v1/models/{model_id}/classify", data=query_body(keys1024, user_keys))
+    assert "S2 now holds key" in error_of(response, 502, "peer_key_changed")
+    healthy(client)
+
+
+def test_prepared_offline_phase_gives_the_same_answer(s1, model_id, model, keys1024, user_keys):
+    """S1 prepares each model's next query in the background; a query that uses it is still exact."""
+    import time
+
+    pixels = ints(np.random.default_rng(9).integers(0, 16, 36), (1, 6, 6))
+    used = []
+    for _ in range(20):
+        reply = decode(s1.post(f"/v1/models/{model_id}/classify", data=query_body(keys1024, user_keys, pixels)).data)
+        vector = EncryptedTensor.from_ciphertexts(user_keys.public, reply.array("class_vector"), (3,))
+        assert list(vector.decrypt(user_keys.private)) == list(classify_reference(model, pixels))
+        used.append(reply.meta["offline_seconds"] is not None)
+        if used[-1]:
+            break
+        time.sleep(0.5)
+    assert used[-1], "no query ever found its offline phase prepared"
+
+
+def test_unexpected_errors_are_a_bare_json_500(cloud, tmp_path):
+    same_keys = KeyCloud(cloud.keys, cloud.dgk_public, cloud.dgk_private)
+    app = s2_app.create_app(S2Config(data_dir=tmp_path, cloud_token=CLOUD_TOKEN, key_bits=1024), key_cloud=same_keys)
+
+    def broken(step: str, payload: bytes) -> bytes:
+        raise RuntimeError("secret detail /etc/passwd")
+
+    same_keys.handle = broken  # type: ignore[method-assign]
+    client = app.test_client()
+    message = error_of(client.post("/v1/rounds/smp", data=b"x", headers=AUTH_CLOUD), 500, "internal_error")
+    assert "secret detail" not in message
+    healthy(client)

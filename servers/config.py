@@ -1,0 +1,90 @@
+"""The clouds' settings as frozen dataclasses (filled from CLI flags or ``HECNN_S1_*`` / ``HECNN_S2_*``).
+
+Tokens are excluded from ``repr`` so a config can be logged safely. ``validate`` raises
+:class:`~he_cnn.errors.BadRequest` with what is wrong, which the CLI shows as one line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from he_cnn.errors import BadRequest
+from he_cnn.http_channel import DEFAULT_TIMEOUT
+from he_cnn.keys import DEFAULT_KEY_BITS, MIN_KEY_BITS
+
+MIB = 1 << 20
+MIN_TOKEN_CHARS = 16
+DEFAULT_S1_PORT = 8601
+DEFAULT_S2_PORT = 8602
+#: a 2048-bit encrypted digits ICNN is about 6 MiB; the limit leaves room for larger models
+DEFAULT_S1_MAX_BODY = 64 * MIB
+#: the largest protocol round (DGK bit ciphertexts of a whole ReLU layer) is tens of MiB
+DEFAULT_S2_MAX_BODY = 256 * MIB
+DEFAULT_THREADS = 8
+
+
+def _check_common(role: str, host: str, port: int, max_body_bytes: int, threads: int, workers: int,
+                  tokens: dict[str, str]) -> None:
+    if not host:
+        raise BadRequest(f"{role}: host must not be empty")
+    if not 0 <= port <= 65535:
+        raise BadRequest(f"{role}: port must be in 0..65535, got {port}")
+    if max_body_bytes < 1024:
+        raise BadRequest(f"{role}: max body bytes must be at least 1024, got {max_body_bytes}")
+    if threads < 1 or workers < 1:
+        raise BadRequest(f"{role}: threads and workers must be at least 1, got {threads} and {workers}")
+    for name, token in tokens.items():
+        if len(token) < MIN_TOKEN_CHARS:
+            raise BadRequest(f"{role}: the {name} must have at least {MIN_TOKEN_CHARS} characters "
+                             f"(got {len(token)}); generate one with: python -c 'import secrets; print(secrets.token_urlsafe())'")
+
+
+@dataclass(frozen=True)
+class S2Config:
+    """Settings of the key cloud."""
+
+    data_dir: Path
+    cloud_token: str = field(repr=False)
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_S2_PORT
+    key_bits: int = DEFAULT_KEY_BITS
+    max_body_bytes: int = DEFAULT_S2_MAX_BODY
+    threads: int = DEFAULT_THREADS
+    #: processes for the heavy loops of each protocol round (1 = inline, in the request thread)
+    workers: int = 1
+
+    def validate(self) -> "S2Config":
+        _check_common("S2", self.host, self.port, self.max_body_bytes, self.threads, self.workers, {"cloud token": self.cloud_token})
+        if self.key_bits < MIN_KEY_BITS:
+            raise BadRequest(f"S2: key size {self.key_bits} bits is too small: expected at least {MIN_KEY_BITS}")
+        return self
+
+
+@dataclass(frozen=True)
+class S1Config:
+    """Settings of the compute cloud."""
+
+    data_dir: Path
+    peer_url: str
+    owner_token: str = field(repr=False)
+    cloud_token: str = field(repr=False)
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_S1_PORT
+    max_body_bytes: int = DEFAULT_S1_MAX_BODY
+    threads: int = DEFAULT_THREADS
+    peer_timeout: float = DEFAULT_TIMEOUT
+    #: processes for the heavy loops of each protocol round (1 = inline, in the request thread)
+    workers: int = 1
+    #: prepare each model's next query (its query-independent part) in the background
+    precompute: bool = True
+
+    def validate(self) -> "S1Config":
+        _check_common("S1", self.host, self.port, self.max_body_bytes, self.threads, self.workers,
+                      {"owner token": self.owner_token, "cloud token": self.cloud_token})
+        if not self.peer_url.startswith(("http://", "https://")):
+            raise BadRequest(f"S1: peer URL must start with http:// or https://, got {self.peer_url!r}")
+        if self.peer_timeout <= 0:
+            raise BadRequest(f"S1: peer timeout must be positive, got {self.peer_timeout}")
+        if self.owner_token == self.cloud_token:
+            raise BadRequest("S1: the owner token and the cloud token must differ")
+        return self

@@ -1,0 +1,143 @@
+"""Serving a cloud with waitress (a production WSGI server), and the ``he-cnn serve s1|s2`` commands.
+
+Settings come from flags or from ``HECNN_S1_*`` / ``HECNN_S2_*`` environment variables (prefer the
+variables for tokens: command lines are visible to other users in ``ps``). When the socket is bound,
+one line ``S1 listening on http://host:port`` goes to stderr (with the real port when ``--port 0``
+asked for a free one), so scripts can wait for it. SIGTERM and Ctrl-C stop the server cleanly.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Callable
+
+import click
+from flask import Flask
+from waitress.server import create_server
+
+from he_cnn.errors import HECNNError
+from he_cnn.http_channel import DEFAULT_TIMEOUT
+from he_cnn.keys import DEFAULT_KEY_BITS
+from he_cnn.parallel import default_worker_count
+
+from .config import (DEFAULT_S1_MAX_BODY, DEFAULT_S1_PORT, DEFAULT_S2_MAX_BODY, DEFAULT_S2_PORT, DEFAULT_THREADS,
+                     S1Config, S2Config)
+from .http import shutdown_app
+
+
+def run_server(app: Flask, role: str, host: str, port: int, threads: int) -> None:
+    """Serve ``app`` until SIGTERM/SIGINT; announce the bound address on stderr."""
+    server = create_server(app, host=host, port=port, threads=threads, ident=f"he-cnn {role}",
+                           clear_untrusted_proxy_headers=True)
+    bound_host, bound_port = server.socket.getsockname()[:2]  # type: ignore[union-attr]
+    shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    click.echo(f"{role} listening on http://{shown}:{bound_port}", err=True)
+    sys.stderr.flush()
+    try:
+        server.run()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        server.close()
+        shutdown_app(app)
+        click.echo(f"{role} stopped", err=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # waitress logs one warning per queued request under load; keep those
+    logging.getLogger("waitress").setLevel(logging.WARNING)
+
+
+def _cloud_options(role: str, port: int, max_body: int) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """The flags both clouds share, with this cloud's environment variable names (HECNN_S1_* or HECNN_S2_*)."""
+    env = f"HECNN_{role}_"
+    options = [
+        click.option("--host", envvar=env + "HOST", default="127.0.0.1", show_default=True,
+                     help="Interface to bind (0.0.0.0 for all; put TLS in front in a real deployment)."),
+        click.option("--port", envvar=env + "PORT", type=click.IntRange(0, 65535), default=port, show_default=True,
+                     help="TCP port (0 picks a free one and prints it)."),
+        click.option("--data-dir", envvar=env + "DATA_DIR", type=click.Path(file_okay=False, path_type=Path),
+                     default=Path("data") / role.lower(), show_default=True, help="Where this cloud keeps its state."),
+        click.option("--cloud-token", envvar=env + "CLOUD_TOKEN", required=True, show_envvar=True,
+                     help="Shared secret of S1 and S2 for the protocol rounds (prefer the env var)."),
+        click.option("--max-body-bytes", envvar=env + "MAX_BODY_BYTES", type=click.IntRange(1024), default=max_body,
+                     show_default=True, help="Largest request body accepted (413 above)."),
+        click.option("--threads", envvar=env + "THREADS", type=click.IntRange(1, 256), default=DEFAULT_THREADS,
+                     show_default=True, help="Request threads (concurrent requests)."),
+        click.option("--workers", envvar=env + "WORKERS", type=click.IntRange(1, 256), default=default_worker_count(),
+                     show_default="all cores", help="Processes for the heavy loops of each protocol round."),
+        click.option("--verbose/--quiet", default=True, show_default=True, help="Log start-up, set-ups and errors."),
+    ]
+
+    def decorate(f: Callable[..., None]) -> Callable[..., None]:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def _start(role: str, build: Callable[[], Flask], host: str, port: int, threads: int) -> None:
+    try:
+        app = build()
+    except HECNNError as e:
+        raise click.ClickException(f"{role} cannot start: {e}") from e
+    except OSError as e:
+        raise click.ClickException(f"{role} cannot start: {e.strerror or e}: {e.filename or ''}") from e
+    try:
+        run_server(app, role, host, port, threads)
+    except OSError as e:  # e.g. the port is taken
+        raise click.ClickException(f"{role} cannot listen on {host}:{port}: {e.strerror or e}") from e
+
+
+@click.group("serve")
+def serve() -> None:
+    """Run one of the two clouds (S1 compute, S2 key cloud) with the waitress WSGI server."""
+
+
+@serve.command("s2")
+@_cloud_options("S2", DEFAULT_S2_PORT, DEFAULT_S2_MAX_BODY)
+@click.option("--key-bits", envvar="HECNN_S2_KEY_BITS", type=click.IntRange(1024), default=DEFAULT_KEY_BITS,
+              show_default=True, help="Size of the cloud Paillier key, generated on first start only.")
+def serve_s2(host: str, port: int, data_dir: Path, cloud_token: str, max_body_bytes: int, threads: int,
+             workers: int, verbose: bool, key_bits: int) -> None:
+    """Start S2, the key cloud: holds the cloud key pair, answers S1's protocol rounds."""
+    from .s2 import create_app
+
+    _setup_logging(verbose)
+    config = S2Config(data_dir=data_dir, cloud_token=cloud_token, host=host, port=port, key_bits=key_bits,
+                      max_body_bytes=max_body_bytes, threads=threads, workers=workers)
+    _start("S2", lambda: create_app(config), host, port, threads)
+
+
+@serve.command("s1")
+@_cloud_options("S1", DEFAULT_S1_PORT, DEFAULT_S1_MAX_BODY)
+@click.option("--peer-url", envvar="HECNN_S1_PEER_URL", default=f"http://127.0.0.1:{DEFAULT_S2_PORT}",
+              show_default=True, help="Base URL of S2.")
+@click.option("--owner-token", envvar="HECNN_S1_OWNER_TOKEN", required=True, show_envvar=True,
+              help="Secret the data owner presents to upload models (prefer the env var).")
+@click.option("--peer-timeout", envvar="HECNN_S1_PEER_TIMEOUT", type=click.FloatRange(min=0.1),
+              default=DEFAULT_TIMEOUT, show_default=True, help="Seconds to wait for one protocol round at S2.")
+@click.option("--precompute/--no-precompute", envvar="HECNN_S1_PRECOMPUTE", default=True, show_default=True,
+              help="Prepare each model's next query (the image-independent work) in the background.")
+def serve_s1(host: str, port: int, data_dir: Path, cloud_token: str, max_body_bytes: int, threads: int,
+             workers: int, verbose: bool, peer_url: str, owner_token: str, peer_timeout: float,
+             precompute: bool) -> None:
+    """Start S1, the compute cloud: stores encrypted models, classifies encrypted images with S2."""
+    from .s1 import create_app
+
+    _setup_logging(verbose)
+    config = S1Config(data_dir=data_dir, peer_url=peer_url, owner_token=owner_token, cloud_token=cloud_token,
+                      host=host, port=port, max_body_bytes=max_body_bytes, threads=threads, peer_timeout=peer_timeout,
+                      workers=workers, precompute=precompute)
+    _start("S1", lambda: create_app(config), host, port, threads)

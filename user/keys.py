@@ -1,0 +1,81 @@
+"""The user's own Paillier key pair on disk.
+
+The secret key file is JSON ``{"format": "he-cnn-user-key", "version": 1, "n", "p", "q"}`` created
+with mode 0600 (never world-readable, not even briefly) and written atomically; the public part is
+stored alongside as ``<file>.pub`` (``{"format": "he-cnn-user-public-key", "version": 1, "n"}``) for
+sharing. The secret key only ever leaves this file inside the user's own process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from he_cnn.errors import BadRequest, HECNNError
+from he_cnn.keys import DEFAULT_KEY_BITS, KeyPair, generate_keypair, keypair_from_primes
+
+KEY_FORMAT = "he-cnn-user-key"
+PUBLIC_FORMAT = "he-cnn-user-public-key"
+VERSION = 1
+
+
+def public_path(path: Path) -> Path:
+    return path.with_name(path.name + ".pub")
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def create_user_key(path: Path, bits: int = DEFAULT_KEY_BITS, overwrite: bool = False) -> KeyPair:
+    """Generate a key pair and write it to ``path`` (0600) and ``path.pub``; refuse to clobber a key."""
+    if path.exists() and not overwrite:
+        raise BadRequest(f"{path} already exists; pass --force to replace it (the old key is then lost)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = generate_keypair(bits)
+    secret = {"format": KEY_FORMAT, "version": VERSION, "key_id": keys.public.key_id, "n": int(keys.public.n),
+              "p": int(keys.private.p), "q": int(keys.private.q)}
+    public = {"format": PUBLIC_FORMAT, "version": VERSION, "key_id": keys.public.key_id, "n": int(keys.public.n)}
+    _write(path, json.dumps(secret), 0o600)
+    _write(public_path(path), json.dumps(public), 0o644)
+    return keys
+
+
+def load_user_key(path: Path) -> KeyPair:
+    """The key pair in ``path``; :class:`BadRequest` with the reason if it is missing or malformed."""
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise BadRequest(f"key file {path} does not exist; create one with: he-cnn user keygen --out {path}") from e
+    except (OSError, ValueError) as e:
+        raise BadRequest(f"key file {path} is not readable JSON: {e}") from e
+    if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT:
+        hint = " (that is the public part; pass the secret key file)" if isinstance(doc, dict) and \
+            doc.get("format") == PUBLIC_FORMAT else ""
+        raise BadRequest(f"{path} is not a he-cnn user key file{hint}")
+    if doc.get("version") != VERSION:
+        raise BadRequest(f"key file {path} has version {doc.get('version')!r}; expected {VERSION}")
+    try:
+        keys = keypair_from_primes(int(doc["p"]), int(doc["q"]))
+    except (KeyError, TypeError, ValueError, HECNNError) as e:
+        raise BadRequest(f"key file {path} is corrupt: {e}") from e
+    if int(doc.get("n", keys.public.n)) != keys.public.n:
+        raise BadRequest(f"key file {path} is corrupt: n does not equal p * q")
+    return keys
+
+
+def is_private_file(path: Path) -> bool:
+    """True when no one but the owner may read ``path``."""
+    return stat.S_IMODE(path.stat().st_mode) & 0o077 == 0
