@@ -127,16 +127,19 @@ def _linear_layers(spec: dict, pk: PublicKey, msg: Message) -> dict[str, Encrypt
                 continue
             name = entry["name"]
             in_shape = shapes[entry["input"]]
-            geometry = LinearGeometry("conv", in_shape, int(entry["kernel"]), int(entry["stride"]),
-                                      int(entry["padding"])) if entry["kind"] == "conv" else LinearGeometry("dense", in_shape)
+            geometry = LinearGeometry.from_dict(
+                {"kind": entry["kind"], "in_shape": in_shape, "kernel": entry.get("kernel", 1),
+                 "stride": entry.get("stride", 1), "padding": entry.get("padding", 0)})
             w = msg.array(f"{name}.weight")
             b = msg.array(f"{name}.bias")
             weight = EncryptedTensor.from_ciphertexts(pk, w.reshape(-1), w.shape)
             bias = EncryptedTensor.from_ciphertexts(pk, b.reshape(-1), b.shape)
             out[name] = EncryptedLinear(name, geometry, weight, bias, int(entry["weight_bits"]))
         return out
-    except (KeyError, TypeError, ValueError) as e:
+    except ProtocolError as e:
         raise BadRequest(f"malformed model architecture: {e}") from e
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise BadRequest(f"malformed model architecture: {type(e).__name__} {e}") from e
 
 
 def encrypt_model(model: IntegerModel, public_key: PublicKey,

@@ -64,3 +64,24 @@ def test_layer_reading_unknown_tensor(trained_icnn):
     with pytest.raises(ShapeError, match="no earlier layer produces"):
         infer_shapes_and_bounds(model.layers + (ReLU("r", "nowhere", "x"),), model.input_name, model.input_shape,
                                 model.input_max)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda spec: spec["layers"][0].update(stride=0),
+    lambda spec: spec["layers"][0].update(kernel=-1),
+    lambda spec: spec["layers"][0].update(padding=99),
+    lambda spec: spec["shapes"].update(input=[1, 2]),
+    lambda spec: spec.update(version=99),
+    lambda spec: spec["layers"][0].pop("input"),
+])
+def test_malformed_architecture_is_bad_request(encrypted, keys1024, mutate):
+    import copy
+
+    from he_cnn.errors import BadRequest
+    from he_cnn.wire import decode, encode
+
+    msg = decode(encrypted.serialize())
+    msg.meta["spec"] = copy.deepcopy(msg.meta["spec"])
+    mutate(msg.meta["spec"])
+    with pytest.raises(BadRequest, match="model"):
+        EncryptedModel.deserialize(keys1024.public, encode(msg))
