@@ -38,6 +38,7 @@ from .config import S1Config
 from .http import new_app, request_body, require_bearer, wire_response, worker_pool
 from .models import ModelStore, StoredModel, check_spec
 from .s2 import UNKNOWN_SETUP
+from .pools import PoolFiller, pool_target
 from .storage import DataDirError, atomic_write, ensure_private_dir
 
 CLOUD_KEY_FILE = "cloud-key.hecn"
@@ -334,6 +335,10 @@ def create_app(config: S1Config) -> Flask:
     app.extensions["he_cnn.s1.offline"] = offline = OfflinePhase(peer, config.precompute)
     for stored in store.all():
         offline.refill(stored)
+    if peer.pinned is not None:  # S1 draws DGK randomizers for blinding and Paillier ones for re-randomising
+        target = pool_target()
+        app.extensions["he_cnn.pools"] = PoolFiller(app, [(peer.pinned.dgk.pool, target),
+                                                           (peer.pinned.paillier.pool, target // 32)])
     app.register_blueprint(bp)
     log.info("S1 ready: %d models from %s, S2 at %s", loaded, data_dir, peer.url)
     return app

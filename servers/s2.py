@@ -35,6 +35,7 @@ from he_cnn.wire import Message, decode, encode
 
 from .config import S2Config
 from .http import new_app, request_body, require_bearer, wire_response, worker_pool
+from .pools import PoolFiller, pool_target
 from .storage import DataDirError, atomic_write, ensure_private_dir
 
 KEY_FILE = "keys.json"
@@ -223,6 +224,9 @@ def create_app(config: S2Config, key_cloud: KeyCloud | None = None) -> Flask:
     app.extensions["he_cnn.s2"] = cloud
     app.extensions["he_cnn.s2.config"] = config
     app.extensions["he_cnn.s2.public_key"] = public_key_message(cloud.keys.public, cloud.dgk_public)
+    target = pool_target()
+    app.extensions["he_cnn.pools"] = PoolFiller(app, [(cloud.dgk_public.pool, target),
+                                                       (cloud.keys.public.pool, target // 8)])
     app.register_blueprint(bp)
     log.info("S2 ready: key %s (%d bits), %d set-ups from %s", cloud.keys.public.key_id, cloud.keys.public.bits,
              loaded, data_dir)

@@ -1,0 +1,73 @@
+"""Refilling a cloud's randomness pools while it is idle: the offline phase of a running service.
+
+Every Paillier and DGK encryption and re-randomisation needs a fresh randomizer (``h^e``, tens of
+modular multiplications). A :class:`PoolFiller` thread computes them ahead of time into the keys'
+:class:`~he_cnn.keys.RandomnessPool` objects, so that inside a query each costs one multiplication.
+It works only while the app has had no request for ``quiet_seconds``: S1 and S2 alternate during a
+query, and a filler that ran whenever its own cloud waited would take the other cloud's core.
+The pool size comes from ``HECNN_RANDOMNESS_POOL`` (DGK randomizers; Paillier gets an eighth;
+0 turns filling off).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from flask import Flask
+
+from he_cnn.keys import RandomnessPool
+
+DEFAULT_DGK_POOL = 100_000
+CHUNK = 64
+
+
+def pool_target() -> int:
+    try:
+        return max(0, int(os.environ.get("HECNN_RANDOMNESS_POOL", DEFAULT_DGK_POOL)))
+    except ValueError:
+        return DEFAULT_DGK_POOL
+
+
+class PoolFiller:
+    """A daemon thread topping up (pool, target) pairs while the app is quiet."""
+
+    def __init__(self, app: Flask, pools: list[tuple[RandomnessPool, int]], quiet_seconds: float = 2.0):
+        self.pools = [(p, t) for p, t in pools if t > 0]
+        self.quiet_seconds = quiet_seconds
+        self._last_request = time.monotonic()
+        self._active = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        app.before_request(self._request_started)
+        app.teardown_request(self._request_finished)
+        self._thread = threading.Thread(target=self._run, name="he-cnn-pool-filler", daemon=True)
+        if self.pools:
+            self._thread.start()
+
+    def _request_started(self) -> None:
+        with self._lock:
+            self._active += 1
+            self._last_request = time.monotonic()
+
+    def _request_finished(self, _error: BaseException | None = None) -> None:
+        with self._lock:
+            self._active -= 1
+            self._last_request = time.monotonic()
+
+    def busy(self) -> bool:
+        """True while a request runs (or has just run) or some work marked itself busy."""
+        with self._lock:
+            return self._active > 0 or time.monotonic() - self._last_request < self.quiet_seconds
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pending = [(p, t) for p, t in self.pools if len(p) < t]
+            if not pending or self.busy():
+                self._stop.wait(0.2)
+                continue
+            pool, target = pending[0]
+            pool.fill(min(target, len(pool) + CHUNK))
+
+    def shutdown(self) -> None:
+        self._stop.set()
