@@ -123,13 +123,13 @@ class DGKPrivateKey:
 
 
 def _prime_of_form(factor: mpz, bits: int) -> mpz:
-    """A prime p = factor * f + 1 of about ``bits`` bits, f even random."""
-    f_bits = bits - factor.bit_length()
+    """A prime p = factor * f + 1 of exactly ``bits`` bits (top two bits set), f even random."""
+    f_bits = bits - factor.bit_length() + 1
     while True:
-        f = mpz(secrets.randbits(f_bits)) | (mpz(1) << (f_bits - 1))
+        f = mpz(secrets.randbits(f_bits))
         f -= f % 2
         p = factor * f + 1
-        if gmpy2.is_prime(p, 30):
+        if p.bit_length() == bits and p >> (bits - 2) == 3 and gmpy2.is_prime(p, 30):
             return p
 
 
