@@ -41,7 +41,7 @@ from ..dgk import DGKPublicKey
 from ..errors import BoundExceeded, ProtocolError, ShapeError
 from ..graph import conv_output_hw
 from ..keys import random_ints
-from ..tensor import EncryptedTensor
+from ..tensor import EncryptedTensor, object_array
 from ..wire import Message
 from .common import S1Context, ciphertext_field, encrypted_reply, read_ciphertexts, masked_reveal, read_revealed
 
@@ -84,23 +84,53 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool
     reply2 = ctx.channel.request(ZERO_STEP, msg2)
 
     pk = ctx.public_key
-    delta = read_ciphertexts(pk, reply2, "delta", (n,))
-    alpha = read_ciphertexts(pk, reply2, "alpha", (n,))
-    positive = signs == 1
-    # [d mod 2^l < r mod 2^l] = delta (s = +1) or 1 - delta (s = -1)
-    carry = EncryptedTensor(pk, np.where(positive, delta.data, delta.neg().add(1).data))
-    r_high = [(m >> l) - 1 for m in masks]
-    t = alpha.sub(r_high).sub(carry)
-    if not product:
-        return t.reshape(shape), None
-    delta_d = read_ciphertexts(pk, reply2, "delta_d", (n,))
-    alpha_d = read_ciphertexts(pk, reply2, "alpha_d", (n,))
-    d = xf.add(masks)
-    carry_d = EncryptedTensor(pk, np.where(positive, delta_d.data, d.sub(delta_d).data))
-    t_d = alpha_d.sub(d.mul_plain(r_high)).sub(carry_d)
-    ctx.count("exp_short", 2 * n)
-    xt = t_d.sub(t.mul_plain(masks))
-    return t.reshape(shape), xt.reshape(shape)
+    fields = ["delta", "alpha"] + (["delta_d", "alpha_d"] if product else [])
+    columns = [read_ciphertexts(pk, reply2, f, (n,)).data for f in fields]
+    columns.append(xf.data)
+    calls = [(pk.n, pk.nsq, l, [list(c[r.start:r.stop]) for c in columns], masks[r.start:r.stop],
+              list(signs[r.start:r.stop])) for r in ctx.workers.chunks(n, minimum=8)]
+    results = [pair for part in ctx.workers.map(_finish_sign_chunk, calls) for pair in part]
+    if product:
+        ctx.count("exp_short", 2 * n)
+    t = EncryptedTensor(pk, object_array((p[0] for p in results), n)).reshape(shape)
+    xt = EncryptedTensor(pk, object_array((p[1] for p in results), n)).reshape(shape) if product else None
+    return t, xt
+
+
+def _finish_sign_chunk(n: mpz, nsq: mpz, l: int, columns: list[list[mpz]], masks: list[int], signs: list[int]
+                       ) -> list[tuple[mpz, mpz | None]]:
+    """S1's step 5 for a chunk of elements: E(t) and, with the product columns, E(x t).
+
+    With carry = [d mod 2^l < r mod 2^l] (delta if s = +1, else 1 - delta), R = floor(r / 2^l) and
+    M = 2^l + r:  t = alpha - R - carry  and  x t = alpha d - R d - carry d - M t. Written as one
+    quotient so that an element costs at most two inversions and two short exponentiations.
+    """
+    product = len(columns) == 5
+    out: list[tuple[mpz, mpz | None]] = []
+    enc_minus_one = (1 + (n - 1) * n) % nsq
+    for i, (delta, alpha) in enumerate(zip(columns[0], columns[1])):
+        m, s = masks[i], signs[i]
+        r_high = (m >> l) - 1
+        # E(-R) as 1 + (-R mod n) n
+        minus_r = (1 + (n - r_high) % n * n) % nsq
+        # s = +1: t = alpha E(-R) / delta;  s = -1: t = alpha E(-R) (1 - delta)^-1 = alpha E(-R) delta E(-1)
+        if s == 1:
+            t = alpha * minus_r % nsq * gmpy2.invert(delta, nsq) % nsq
+        else:
+            t = alpha * minus_r % nsq * delta % nsq * enc_minus_one % nsq
+        if not product:
+            out.append((t, None))
+            continue
+        delta_d, alpha_d, x = columns[2][i], columns[3][i], columns[4][i]
+        d = x * ((1 + m * n) % nsq) % nsq
+        # x t = alpha_d / (d^R carry_d t^M) with carry_d = delta_d (s = +1) or d / delta_d (s = -1)
+        if s == 1:
+            num, den = alpha_d, gmpy2.powmod(d, r_high, nsq) * delta_d % nsq
+        else:
+            num, den = alpha_d * delta_d % nsq, gmpy2.powmod(d, r_high + 1, nsq)
+        den = den * gmpy2.powmod(t, m, nsq) % nsq
+        out.append((t, num * gmpy2.invert(den, nsq) % nsq))
+    return out
 
 
 def blind_bit_comparisons(dgk: DGKPublicKey, enc_bits: np.ndarray, r_low: list[int], signs: list[int],
