@@ -1,0 +1,721 @@
+#!/usr/bin/env python
+"""he-cnn benchmark: secure ICNN inference against plaintext, a per-element ``phe`` baseline and the
+Paillier lower bound, per key size, in one run.
+
+Usage (from the repository root, with the project's venv)::
+
+    python bench/bench.py                          # 1024, 2048, 3072-bit keys; writes docs/benchmarks.md
+    python bench/bench.py --keys 1024 2048 --json bench/results.json
+    python bench/bench.py --quick --keys 1024 --images 1     # smoke run, a few minutes
+
+What one run measures (everything also goes to ``--json FILE``):
+
+* the default ICNN (trained once with seed 0 on the digits; the integer model JSON and the torch
+  weights are cached in ``$HECNN_CACHE_DIR`` or ``~/.cache/he-cnn/bench``) on the first ``--images``
+  digits test images: plaintext float torch and plaintext integer reference, per image;
+* secure inference **in-process** (S1 and S2 objects in this process, ``--workers`` processes):
+  one-time set-up (key generation, model encryption, set-up round), then per image the offline
+  phase (``prepare_query`` and the randomness pools filled to exactly what one query consumes) and
+  the online latency, with the decrypted class vector checked against the integer reference;
+* **over HTTP** (``--http``): S2 as the real service (``python -m servers serve s2``) and S1 here
+  (same offline phase), and the **full service** as deployed (S1 and S2 services, upload and one
+  classify request as the user sends it; the service does its query-independent work inline);
+* per layer: seconds, rounds, bytes each way, the engine's operation counters, where the seconds go
+  (bench-side wrappers, see ``instrument.py``), the protocol's least work priced with primitive costs
+  measured here (``lowerbound.py``) and our time / that bound, and the least bytes;
+* the per-element ``phe`` baseline of ``baseline.py`` on the first convolution and the first ReLU
+  (a subset, extrapolated) and our speed-up over it;
+* peak memory (VmHWM) of this process, of its worker processes and of each service process.
+
+Defaults keep a quiet 2-core machine under ~20 minutes: 3 images at 1024 and 2048 bits, 1 image above
+2048 bits (``--images-large``), 1 image over HTTP per key (``--http-images``), the full service up to
+2048 bits (``--service-max-bits``); ``--batch N`` (default off) adds a throughput run of N images.
+Writes ``docs/benchmarks.md`` and ``docs/benchmark_layers.png`` unless ``--quick`` (then only if
+``--markdown``/``--plot`` are given). matplotlib is an optional, bench-only dependency.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import resource
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for p in (str(ROOT), str(HERE)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import gmpy2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from he_cnn.channel import InProcessChannel  # noqa: E402
+from he_cnn.data import load_digits_dataset, quantize_image  # noqa: E402
+from he_cnn.keys import KAPPA, generate_keypair  # noqa: E402
+from he_cnn.model import ICNN  # noqa: E402
+from he_cnn.parallel import Workers, default_worker_count  # noqa: E402
+from he_cnn.protocols.common import S1Context, slot_bits, slots_per_pack  # noqa: E402
+from he_cnn.protocols.linear import precompute_linear  # noqa: E402
+from he_cnn.quantize import load_integer_model, quantize_icnn, save_integer_model  # noqa: E402
+from he_cnn.reference import classify_reference, integer_accuracy, run_reference  # noqa: E402
+from he_cnn.s2 import KeyCloud  # noqa: E402
+from he_cnn.secure_model import PreparedQuery, encrypt_model, secure_inference, setup_model  # noqa: E402
+from he_cnn.tensor import EncryptedTensor  # noqa: E402
+from he_cnn.train import train_icnn  # noqa: E402
+
+import baseline  # noqa: E402
+import instrument  # noqa: E402
+import lowerbound  # noqa: E402
+import report  # noqa: E402
+
+TRAIN_SETTINGS = {"size": 16, "epochs": 15, "seed": 0, "input_max": 15, "weight_bits": 6}
+ACCOUNTING_BITS = 512
+T_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - T_START:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+def vm_hwm_kb(pid: int | str = "self") -> int | None:
+    """Peak resident set size (VmHWM) of a process, in KiB; None if unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def reset_peak(pid: int | str = "self") -> bool:
+    """Reset a process's VmHWM to its current RSS (Linux: write 5 to clear_refs)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker_pids(workers: Workers) -> list[int]:
+    pool = getattr(workers, "_pool", None)
+    procs = getattr(pool, "_processes", None) or {}
+    return [int(p) for p in procs]
+
+
+def mib(kb: int | None) -> float | None:
+    return None if kb is None else round(kb / 1024, 1)
+
+
+# -- model ----------------------------------------------------------------------------------------
+
+def cache_dir(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("HECNN_CACHE_DIR"):
+        return Path(os.environ["HECNN_CACHE_DIR"]) / "bench"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "he-cnn" / "bench"
+
+
+def model_key() -> str:
+    from he_cnn import data, graph, model, quantize, train
+
+    digest = hashlib.sha256(json.dumps(TRAIN_SETTINGS, sort_keys=True).encode())
+    for module in (data, graph, model, quantize, train):
+        digest.update(Path(module.__file__ or "").read_bytes())
+    return digest.hexdigest()[:24]
+
+
+def load_or_train(cache: Path) -> tuple[Any, ICNN, Any, dict]:
+    """The integer model, the float torch model, the data set and training facts (cached)."""
+    ds = load_digits_dataset(size=TRAIN_SETTINGS["size"], seed=TRAIN_SETTINGS["seed"])
+    key = model_key()
+    files = {k: cache / f"icnn-{key}.{k}" for k in ("json", "pt", "info.json")}
+    if all(f.is_file() for f in files.values()):
+        try:
+            im = load_integer_model(files["json"])
+            tm = ICNN(num_classes=len(ds.classes), image_size=TRAIN_SETTINGS["size"])
+            tm.load_state_dict(torch.load(files["pt"], weights_only=True))
+            tm.eval()
+            info = json.loads(files["info.json"].read_text())
+            log(f"model: cached {files['json']}")
+            return im, tm, ds, {**info, "cached": True, "path": str(files["json"])}
+        except Exception as e:  # noqa: BLE001 - a broken cache only means training again
+            log(f"model: cache unusable ({e}); training again")
+    log(f"model: training the ICNN ({TRAIN_SETTINGS['epochs']} epochs, seed {TRAIN_SETTINGS['seed']})")
+    result = train_icnn(ds, epochs=TRAIN_SETTINGS["epochs"], seed=TRAIN_SETTINGS["seed"])
+    im = quantize_icnn(result.model, input_max=TRAIN_SETTINGS["input_max"], weight_bits=TRAIN_SETTINGS["weight_bits"])
+    im = dataclasses.replace(im, meta={**im.meta, "classes": list(ds.classes)})
+    int_acc = integer_accuracy(im, [quantize_image(x, im.input_max) for x in ds.x_test], ds.y_test)
+    info = {"float_test_accuracy": result.float_test_accuracy, "integer_test_accuracy": int_acc,
+            "train_seconds": result.seconds, "settings": TRAIN_SETTINGS}
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        save_integer_model(im, files["json"])
+        torch.save(result.model.state_dict(), files["pt"])
+        files["info.json"].write_text(json.dumps(info))
+    except OSError as e:
+        log(f"model: could not cache ({e})")
+    return im, result.model, ds, {**info, "cached": False, "path": str(files["json"])}
+
+
+# -- plaintext ------------------------------------------------------------------------------------
+
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_plaintext(tm: ICNN, im, ds, indices: list[int], reps: int) -> dict:
+    """Per-image latency, batch of one. torch runs on one thread: for a network this small, more
+    threads only add synchronisation (and wait for the cores the secure run keeps busy)."""
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _plaintext_rows(tm, im, ds, indices, reps, rows)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _plaintext_rows(tm: ICNN, im, ds, indices: list[int], reps: int, rows: list) -> dict:
+    with torch.no_grad():
+        for i in indices:
+            x = torch.from_numpy(np.ascontiguousarray(ds.x_test[i][None], dtype=np.float32))
+            xi = quantize_image(ds.x_test[i], im.input_max)
+            tm(x)  # warm-up
+            t_float = _median_time(lambda: tm(x), reps)
+            t_int = _median_time(lambda: classify_reference(im, xi), max(3, reps // 10))
+            rows.append({"index": i, "label": int(ds.y_test[i]), "float_pred": int(tm(x).argmax()),
+                         "int_pred": int(np.argmax(classify_reference(im, xi))),
+                         "float_seconds": t_float, "int_seconds": t_int})
+    return {"images": rows, "torch_threads": torch.get_num_threads(),
+            "float_seconds": statistics.mean(r["float_seconds"] for r in rows),
+            "int_seconds": statistics.mean(r["int_seconds"] for r in rows)}
+
+
+# -- pool accounting ------------------------------------------------------------------------------
+
+def packs_for(reveals: list[tuple[int, int]], bits: int) -> int:
+    return sum(-(-count // slots_per_pack(bits, slot_bits(l, KAPPA))) for count, l in reveals)
+
+
+def accounting_run(im, x_int: np.ndarray, workers: Workers) -> dict:
+    """One query with a small key and empty pools: what a query draws from each randomness pool.
+
+    DGK draws and Paillier replies do not depend on the key size; the number of packs does, so the
+    reveals (count, bits) are recorded and packs recomputed for each key.
+    """
+    prof = instrument.PROFILER
+    kp = generate_keypair(ACCOUNTING_BITS, allow_small=True)
+    uk = generate_keypair(1024)
+    cloud = KeyCloud.create(kp)
+    cloud.workers = workers
+    ctx = S1Context(kp.public, cloud.dgk_public, instrument.mark(InProcessChannel(cloud.handle)), workers=workers)
+    em = encrypt_model(im, kp.public)
+    st = setup_model(ctx, em)
+    ex = EncryptedTensor.encrypt(kp.public, x_int)
+    p0, d0 = kp.public.pool.taken, cloud.dgk_public.pool.taken
+    prof.reset()
+    t0 = time.perf_counter()
+    res = secure_inference(ctx, em, st, ex, uk.public)
+    seconds = time.perf_counter() - t0
+    reveals = list(prof.reveals)
+    ok = [int(v) for v in res.output.decrypt(uk.private)] == [int(v) for v in classify_reference(im, x_int)]
+    dgk_bits = sum(s.ops.get("dgk_bit", 0) for s in res.layers)
+    paillier = kp.public.pool.taken - p0
+    packs = packs_for(reveals, ACCOUNTING_BITS)
+    return {"reveals": reveals, "paillier_taken": paillier, "dgk_taken": cloud.dgk_public.pool.taken - d0,
+            "dgk_bits": dgk_bits, "packs": packs, "replies": paillier - packs,
+            "outputs": int(im.num_classes), "exact": ok, "seconds": seconds}
+
+
+def pool_needs(acct: dict, bits: int, http: bool) -> dict[str, int]:
+    """Randomizers one query takes from S1's (and, in-process, S2's) pools at this key size."""
+    packs = packs_for(acct["reveals"], bits)
+    if http:  # only S1's draws come from our pools; S2 is another process
+        return {"paillier": packs, "dgk": acct["dgk_bits"], "user": acct["outputs"]}
+    return {"paillier": packs + acct["replies"], "dgk": acct["dgk_taken"], "user": acct["outputs"]}
+
+
+# -- one query ------------------------------------------------------------------------------------
+
+def prepare_timed(ctx: S1Context, em, st) -> tuple[PreparedQuery, dict[str, float]]:
+    """prepare_query, timing each layer."""
+    linear, per_layer, ops = {}, {}, {}
+    start = time.perf_counter()
+    for entry in em.spec["layers"]:
+        if entry["kind"] in ("conv", "dense"):
+            name = entry["name"]
+            before = ctx.ops.get("exp_offline", 0)
+            t0 = time.perf_counter()
+            linear[name] = precompute_linear(ctx, em.linear[name], st.layers[name], em.bound_bits(entry["input"]))
+            per_layer[name] = time.perf_counter() - t0
+            ops[name] = ctx.ops.get("exp_offline", 0) - before
+    return PreparedQuery(linear, time.perf_counter() - start), per_layer, ops
+
+
+def run_query(ctx: S1Context, em, st, pk, dgk, uk, im, x_int: np.ndarray, needs: dict[str, int],
+              profile: bool = True) -> dict:
+    """Offline phase (prepare + pools) then the timed online inference of one image, checked."""
+    t0 = time.perf_counter()
+    ex = EncryptedTensor.encrypt(pk, x_int)
+    t_user_encrypt = time.perf_counter() - t0
+    prep, prep_layers, prep_ops = prepare_timed(ctx, em, st)
+    t0 = time.perf_counter()
+    pk.pool.fill(needs["paillier"])
+    dgk.pool.fill(needs["dgk"])
+    uk.public.pool.fill(needs["user"])
+    t_fill = time.perf_counter() - t0
+    avail = {"paillier": len(pk.pool), "dgk": len(dgk.pool), "user": len(uk.public.pool)}
+    taken0 = {"paillier": pk.pool.taken, "dgk": dgk.pool.taken, "user": uk.public.pool.taken}
+    prof = instrument.PROFILER
+    prof.reset()
+    prof.enabled = profile
+    instrument.arm(ctx.channel)
+    res = secure_inference(ctx, em, st, ex, uk.public, prep)
+    prof.enabled = True
+    taken = {"paillier": pk.pool.taken - taken0["paillier"], "dgk": dgk.pool.taken - taken0["dgk"],
+             "user": uk.public.pool.taken - taken0["user"]}
+    vector = [int(v) for v in res.output.decrypt(uk.private)]
+    reference = [int(v) for v in classify_reference(im, x_int)]
+    layers = [{"name": s.name, "kind": s.kind, "seconds": s.seconds, "rounds": s.rounds,
+               "bytes_to_s2": s.bytes_to_s2, "bytes_to_s1": s.bytes_to_s1,
+               "ops": {**s.ops, **({"exp_offline": prep_ops[s.name]} if s.name in prep_ops else {})}}
+              for s in res.layers]
+    breakdown = None
+    if profile and len(prof.buckets) == len(res.layers):
+        breakdown = instrument.layer_breakdown(prof.buckets, [s.seconds for s in res.layers])
+        for row, b in zip(layers, breakdown):
+            row["breakdown"] = b
+    return {"online_seconds": res.seconds, "layers": layers, "exact": vector == reference,
+            "predicted": int(np.argmax(vector)), "user_encrypt_seconds": t_user_encrypt,
+            "prepare_seconds": prep.seconds, "prepare_layers": prep_layers, "pool_fill_seconds": t_fill,
+            "pool_filled": avail, "pool_taken": taken,
+            "pool_shortfall": {k: max(0, taken[k] - avail[k]) for k in taken},
+            "rounds": res.rounds, "bytes_to_s2": sum(s.bytes_to_s2 for s in res.layers),
+            "bytes_to_s1": sum(s.bytes_to_s1 for s in res.layers), "breakdown_ok": breakdown is not None}
+
+
+# -- in-process, per key size ---------------------------------------------------------------------
+
+def run_inprocess(bits: int, im, ds, indices: list[int], acct: dict, args) -> dict:
+    out: dict[str, Any] = {"bits": bits, "workers": args.workers}
+    log(f"{bits}: generating the cloud Paillier key")
+    t0 = time.perf_counter()
+    kp = generate_keypair(bits)
+    out["keygen_paillier_seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cloud = KeyCloud.create(kp)
+    out["keygen_dgk_seconds"] = time.perf_counter() - t0
+    user_bits = min(bits, 2048)
+    uk = generate_keypair(user_bits)
+    out["user_key_bits"] = user_bits
+    workers = Workers(args.workers)
+    workers.map(os.getpid, [()] * workers.count)  # fork the pool now, not inside a timed phase
+    cloud.workers = workers
+    reset_peak()
+    channel = instrument.mark(InProcessChannel(cloud.handle))
+    pk, dgk = kp.public, cloud.dgk_public
+    ctx = S1Context(pk, dgk, channel, workers=workers)
+    log(f"{bits}: encrypting the model (owner)")
+    t0 = time.perf_counter()
+    em = encrypt_model(im, pk)
+    out["model_encrypt_seconds"] = time.perf_counter() - t0
+    out["model_ciphertexts"] = sum(layer.weight.size + layer.bias.size for layer in em.linear.values())
+    out["model_upload_bytes"] = len(em.serialize())
+    t0 = time.perf_counter()
+    st = setup_model(ctx, em)
+    out["setup_seconds"] = time.perf_counter() - t0
+    stats = channel.stats
+    out["setup_rounds"], out["setup_bytes_to_s2"], out["setup_bytes_to_s1"] = stats.rounds, stats.bytes_to_s2, stats.bytes_to_s1
+    log(f"{bits}: measuring primitive costs")
+    prims = lowerbound.measure_primitives(pk, kp.private, dgk, cloud.dgk_private, args.prim_seconds)
+    prims["user_mulmod"] = lowerbound.per_call(
+        lambda a=uk.public.nsq - 3, b=uk.public.nsq - 5, m=uk.public.nsq: a * b % m, args.prim_seconds / 3, 200)
+    out["primitives"] = prims
+    needs = pool_needs(acct, bits, http=False)
+    out["pool_needs_first"] = needs
+    images = []
+    count = args.images if bits <= 2048 else min(args.images, args.images_large)
+    for n, i in enumerate(indices[:count], 1):
+        log(f"{bits}: image {n}/{count} (test #{i}): offline phase, then online")
+        x_int = quantize_image(ds.x_test[i], im.input_max)
+        q = run_query(ctx, em, st, pk, dgk, uk, im, x_int, needs)
+        q["index"] = i
+        images.append(q)
+        needs = {k: q["pool_taken"][k] for k in needs}  # exact for the next image
+        log(f"{bits}: image {n}: online {q['online_seconds']:.2f} s, offline prepare {q['prepare_seconds']:.1f} s + "
+            f"pools {q['pool_fill_seconds']:.1f} s, {'exact' if q['exact'] else 'WRONG RESULT'}")
+    out["images"] = images
+    out["memory_mib"] = {"s1_s2_process": mib(vm_hwm_kb()),
+                         "workers": [mib(vm_hwm_kb(p)) for p in worker_pids(workers)],
+                         "ru_maxrss_lifetime": mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)}
+    spec = em.spec
+    entries = {e["name"]: e for e in spec["layers"]}
+    out["bounds"] = []
+    for layer in _mean_layers(images):
+        entry = entries.get(layer.name, {"name": layer.name})
+        lb = lowerbound.layer_bound(entry, spec, layer, bits, prims, workers.count, pk.ciphertext_bytes,
+                                    dgk.ciphertext_bytes, uk.public.ciphertext_bytes, prims["user_mulmod"])
+        out["bounds"].append({"name": layer.name, **lb})
+    out["ciphertext_bytes"], out["dgk_ciphertext_bytes"] = pk.ciphertext_bytes, dgk.ciphertext_bytes
+    if args.baseline:
+        out["baseline"] = run_baseline(bits, kp, cloud, em, im, ds, indices[0], args)
+    if args.batch and bits in args.batch_keys:
+        out["batch"] = run_batch(bits, kp, cloud, em, st, uk, im, ds, indices, workers, args)
+    workers.shutdown()
+    return out
+
+
+class _Layer:
+    def __init__(self, name: str, kind: str, ops: dict):
+        self.name, self.kind, self.ops = name, kind, ops
+
+
+def _mean_layers(images: list[dict]) -> list[_Layer]:
+    return [_Layer(row["name"], row["kind"], row["ops"]) for row in images[0]["layers"]] if images else []
+
+
+def run_baseline(bits: int, kp, cloud, em, im, ds, index: int, args) -> dict:
+    x_int = quantize_image(ds.x_test[index], im.input_max)
+    ref = run_reference(im, x_int)
+    ex = EncryptedTensor.encrypt(kp.public, x_int)
+    res: dict[str, Any] = {}
+    conv = next(e["name"] for e in em.spec["layers"] if e["kind"] == "conv")
+    relu_entry = next(e for e in em.spec["layers"] if e["kind"] == "relu")
+    log(f"{bits}: phe baseline, {conv} (subset)")
+    res["linear"] = baseline.baseline_linear(kp, im, em, conv, ex, ref, block=args.baseline_block)
+    log(f"{bits}: phe baseline, {relu_entry['name']} (subset)")
+    x_relu = EncryptedTensor.encrypt(kp.public, ref[relu_entry["input"]])
+    res["relu"] = baseline.baseline_relu(kp, cloud.dgk_public, cloud.dgk_private, em, relu_entry["name"], x_relu, ref,
+                                         elements=args.baseline_elements)
+    return res
+
+
+def run_batch(bits: int, kp, cloud, em, st, uk, im, ds, indices, workers: Workers, args) -> dict:
+    """Throughput: ``--batch`` images through ``--batch-threads`` concurrent queries, offline work inline."""
+    import threading
+
+    log(f"{bits}: throughput run, {args.batch} images, {args.batch_threads} concurrent queries")
+    jobs = [indices[i % len(indices)] for i in range(args.batch)]
+    lock = threading.Lock()
+    results: list[dict] = []
+    errors: list[str] = []
+    no_pool = {"paillier": 0, "dgk": 0, "user": 0}
+
+    def worker() -> None:
+        ctx = S1Context(kp.public, cloud.dgk_public, InProcessChannel(cloud.handle), workers=workers)
+        while True:
+            with lock:
+                if not jobs:
+                    return
+                i = jobs.pop()
+            try:
+                t0 = time.perf_counter()
+                q = run_query(ctx, em, st, kp.public, cloud.dgk_public, uk, im,
+                              quantize_image(ds.x_test[i], im.input_max), no_pool, profile=False)
+                with lock:
+                    results.append({"index": i, "exact": q["exact"], "latency": time.perf_counter() - t0})
+            except Exception as e:  # noqa: BLE001
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(args.batch_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"images": args.batch, "threads": args.batch_threads, "wall_seconds": wall,
+            "images_per_hour": 3600 * len(results) / wall if wall else None,
+            "mean_latency": statistics.mean(r["latency"] for r in results) if results else None,
+            "exact": sum(r["exact"] for r in results), "errors": errors}
+
+
+# -- over HTTP ------------------------------------------------------------------------------------
+
+def run_http(bits: int, im, ds, indices: list[int], acct: dict, args) -> dict:
+    """S2 as the real service with S1 here; then the full service (S1 service too) as a user sees it."""
+    try:
+        from he_cnn.http_channel import HTTPChannel, fetch_public_key, http_request
+        from he_cnn.wire import Message, decode, encode
+        from servers.launch import CloudProcess
+    except Exception as e:  # noqa: BLE001 - the service may be mid-construction
+        return {"bits": bits, "error": f"TODO: HTTP measurement unavailable ({type(e).__name__}: {e})"}
+    out: dict[str, Any] = {"bits": bits}
+    token, owner_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    forward = (lambda line: log(line)) if args.verbose else None
+    procs: list[Any] = []
+    workers = Workers(args.workers)
+    reset_peak()
+    try:
+        with tempfile.TemporaryDirectory(prefix="he-cnn-bench-") as tmp:
+            log(f"{bits}: HTTP: starting the S2 service (it generates its {bits}-bit keys)")
+            t0 = time.perf_counter()
+            s2 = CloudProcess("S2", ["--data-dir", f"{tmp}/s2", "--key-bits", str(bits), "--quiet"],
+                              {"HECNN_S2_CLOUD_TOKEN": token, "PYTHONPATH": str(ROOT)}, on_log=forward, cwd=ROOT)
+            procs.append(s2)
+            s2_url = s2.wait_ready(timeout=1800)
+            out["s2_start_seconds"] = time.perf_counter() - t0
+            key, _ = fetch_public_key(s2_url)
+            pk, dgk = key.paillier, key.dgk
+            uk = generate_keypair(min(bits, 2048))
+            workers.map(os.getpid, [()] * workers.count)
+            channel = instrument.mark(HTTPChannel(s2_url, token, timeout=3600))
+            ctx = S1Context(pk, dgk, channel, workers=workers)
+            t0 = time.perf_counter()
+            em = encrypt_model(im, pk)
+            out["model_encrypt_seconds"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            st = setup_model(ctx, em)
+            out["setup_seconds"] = time.perf_counter() - t0
+            needs = pool_needs(acct, bits, http=True)
+            images = []
+            for n, i in enumerate(indices[:args.http_images], 1):
+                log(f"{bits}: HTTP (S1 here, S2 service): image {n}/{args.http_images}")
+                q = run_query(ctx, em, st, pk, dgk, uk, im, quantize_image(ds.x_test[i], im.input_max), needs)
+                q["index"] = i
+                images.append(q)
+                needs = {k: q["pool_taken"][k] for k in needs}
+                log(f"{bits}: HTTP image {n}: online {q['online_seconds']:.2f} s, "
+                    f"{'exact' if q['exact'] else 'WRONG RESULT'}")
+            out["images"] = images
+            out["memory_mib"] = {"s1_here": mib(vm_hwm_kb()), "s2_service": mib(vm_hwm_kb(s2.process.pid))}
+            channel.close()
+            if bits <= args.service_max_bits and args.service_images > 0:
+                out["service"] = run_service(bits, im, ds, indices, em, pk, uk, s2, s2_url, token, owner_token,
+                                             tmp, forward, procs, CloudProcess, http_request, Message, encode,
+                                             decode, args)
+    except Exception as e:  # noqa: BLE001 - report, do not lose the other results
+        out["error"] = f"{type(e).__name__}: {e}"
+        log(f"{bits}: HTTP measurement failed: {out['error']}")
+        if args.verbose:
+            traceback.print_exc()
+    finally:
+        for proc in reversed(procs):
+            try:
+                proc.stop()
+            except Exception:  # noqa: BLE001
+                pass
+        workers.shutdown()
+    return out
+
+
+def run_service(bits, im, ds, indices, em, pk, uk, s2, s2_url, token, owner_token, tmp, forward, procs,
+                CloudProcess, http_request, Message, encode, decode, args) -> dict:
+    """The deployed service: owner upload to S1 (S1 runs the set-up with S2), user classify requests."""
+    out: dict[str, Any] = {}
+    log(f"{bits}: service: starting S1")
+    s1 = CloudProcess("S1", ["--data-dir", f"{tmp}/s1", "--peer-url", s2_url, "--quiet"],
+                      {"HECNN_S1_CLOUD_TOKEN": token, "HECNN_S1_OWNER_TOKEN": owner_token, "PYTHONPATH": str(ROOT)},
+                      on_log=forward, cwd=ROOT)
+    procs.append(s1)
+    s1_url = s1.wait_ready(timeout=300)
+    reset_peak(s2.process.pid)
+    body = em.serialize()
+    t0 = time.perf_counter()
+    info = http_request("POST", f"{s1_url}/v1/models", "S1", 3600, token=owner_token, data=body).json()
+    out["upload_and_setup_seconds"] = time.perf_counter() - t0
+    out["upload_bytes"] = len(body)
+    model_id = info["model_id"]
+    rows = []
+    for n, i in enumerate(indices[:args.service_images], 1):
+        log(f"{bits}: service: classify request {n}/{args.service_images} (no offline phase in the service)")
+        x_int = quantize_image(ds.x_test[i], im.input_max)
+        t0 = time.perf_counter()
+        msg = Message()
+        user_n = np.empty(1, dtype=object)
+        user_n[0] = gmpy2.mpz(uk.public.n)
+        msg.arrays["user_n"] = user_n
+        msg.arrays["image"] = EncryptedTensor.encrypt(pk, x_int).data
+        msg.widths["image"] = pk.ciphertext_bytes
+        reply = http_request("POST", f"{s1_url}/v1/models/{model_id}/classify", "S1", 7200, data=encode(msg))
+        answer = decode(reply.content)
+        cts = answer.array("class_vector").reshape(-1)
+        vector = [int(v) for v in EncryptedTensor.from_ciphertexts(uk.public, cts, (cts.size,)).decrypt(uk.private)]
+        wall = time.perf_counter() - t0
+        meta = dict(answer.meta)
+        rows.append({"index": i, "seconds": wall, "server_seconds": meta.get("seconds"),
+                     "rounds": meta.get("rounds"), "bytes_to_s2": meta.get("bytes_to_s2"),
+                     "bytes_to_s1": meta.get("bytes_to_s1"), "layers": meta.get("layers"),
+                     "exact": vector == [int(v) for v in classify_reference(im, x_int)]})
+        log(f"{bits}: service request {n}: {wall:.1f} s end to end, {'exact' if rows[-1]['exact'] else 'WRONG'}")
+    out["images"] = rows
+    out["memory_mib"] = {"s1_service": mib(vm_hwm_kb(s1.process.pid)), "s2_service": mib(vm_hwm_kb(s2.process.pid))}
+    return out
+
+
+# -- machine --------------------------------------------------------------------------------------
+
+def machine_facts(args) -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        load = Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        load = []
+    try:
+        mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal"))
+    except (OSError, StopIteration):
+        mem = None
+    import phe
+
+    try:
+        import matplotlib
+        mpl = matplotlib.__version__
+    except ImportError:
+        mpl = None
+    return {"cpu": cpu, "cores": default_worker_count(), "logical_cpus": os.cpu_count(), "mem_mib": mib(mem),
+            "load_average_at_start": load, "python": platform.python_version(), "gmpy2": gmpy2.version(),
+            "gmp": gmpy2.mp_version(), "phe": getattr(phe, "__version__", "?"), "numpy": np.__version__,
+            "torch": torch.__version__, "matplotlib": mpl, "platform": platform.platform(),
+            "command": "python bench/bench.py " + " ".join(sys.argv[1:])}
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--keys", type=int, nargs="+", default=[1024, 2048, 3072], help="cloud key sizes in bits")
+    ap.add_argument("--images", type=int, default=None, help="test images per key size in-process (default 3; --quick 1)")
+    ap.add_argument("--images-large", type=int, default=1, help="cap on images for keys above 2048 bits (default 1)")
+    ap.add_argument("--workers", type=int, default=default_worker_count(), help="process-pool size (default: all cores)")
+    ap.add_argument("--http", dest="http", action="store_true", default=True, help="also measure over HTTP (default)")
+    ap.add_argument("--no-http", dest="http", action="store_false")
+    ap.add_argument("--http-images", type=int, default=1, help="images per key with S1 here and the S2 service")
+    ap.add_argument("--service-images", type=int, default=1, help="classify requests to the full service per key")
+    ap.add_argument("--service-max-bits", type=int, default=2048, help="largest key for the full-service run")
+    ap.add_argument("--baseline", dest="baseline", action="store_true", default=True, help="phe baseline (default)")
+    ap.add_argument("--no-baseline", dest="baseline", action="store_false")
+    ap.add_argument("--baseline-block", type=int, default=None, help="side of the block of conv outputs (default 2)")
+    ap.add_argument("--baseline-elements", type=int, default=None, help="ReLU elements in the baseline (default 16)")
+    ap.add_argument("--batch", type=int, default=0, help="throughput run of N images (default 0 = off)")
+    ap.add_argument("--batch-threads", type=int, default=2, help="concurrent queries in the throughput run")
+    ap.add_argument("--batch-keys", type=int, nargs="+", default=None,
+                    help="key sizes for the throughput run (default: 2048 if measured, else the smallest)")
+    ap.add_argument("--json", metavar="FILE", help="write every figure as JSON")
+    ap.add_argument("--markdown", metavar="FILE", default=None, help="write the report (default docs/benchmarks.md unless --quick)")
+    ap.add_argument("--plot", metavar="FILE", default=None, help="per-layer plot (default docs/benchmark_layers.png unless --quick)")
+    ap.add_argument("--cache-dir", default=None, help="where the trained model is cached")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 image, small baseline subsets, short timings")
+    ap.add_argument("--verbose", action="store_true", help="forward the services' logs, print tracebacks")
+    ap.add_argument("--from-json", metavar="FILE", help="measure nothing: rebuild the report (text, --markdown, "
+                    "--plot) from a previous --json FILE")
+    args = ap.parse_args(argv)
+    args.images = args.images if args.images is not None else (1 if args.quick else 3)
+    args.baseline_block = args.baseline_block or (1 if args.quick else 2)
+    args.baseline_elements = args.baseline_elements or (4 if args.quick else 16)
+    args.prim_seconds = 0.1 if args.quick else 0.5
+    args.plain_reps = 20 if args.quick else 100
+    if args.batch_keys is None:
+        args.batch_keys = [2048] if 2048 in args.keys else [min(args.keys)]
+    if not args.quick:
+        args.markdown = args.markdown or str(ROOT / "docs" / "benchmarks.md")
+        args.plot = args.plot or str(ROOT / "docs" / "benchmark_layers.png")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        results["summary"] = report.analyse(results)
+        print(report.text_report(results))
+        write_outputs(results, args)
+        return 0
+    instrument.install()
+    facts = machine_facts(args)
+    log(f"machine: {facts['cpu']}, {facts['cores']} cores; workers {args.workers}; keys {args.keys}")
+    im, tm, ds, train_info = load_or_train(cache_dir(args.cache_dir))
+    indices = list(range(max(args.images, args.http_images, args.service_images, 1)))
+    results: dict[str, Any] = {"machine": facts, "args": {k: v for k, v in vars(args).items()},
+                               "model": {**train_info, "layers": len(im.layers), "input_shape": list(im.input_shape),
+                                         "pixels": int(np.prod(im.input_shape))}}
+    log("plaintext: float torch and integer reference")
+    results["plaintext"] = measure_plaintext(tm, im, ds, indices[:args.images], args.plain_reps)
+    log(f"accounting run ({ACCOUNTING_BITS}-bit toy key): what one query draws from the randomness pools")
+    acct_workers = Workers(args.workers)
+    acct = accounting_run(im, quantize_image(ds.x_test[indices[0]], im.input_max), acct_workers)
+    acct_workers.shutdown()
+    results["accounting"] = {k: v for k, v in acct.items() if k != "reveals"} | {"reveal_calls": len(acct["reveals"])}
+    if not acct["exact"]:
+        log("WARNING: the accounting run's result differs from the reference")
+    results["inprocess"], results["http"] = [], []
+    for bits in args.keys:
+        try:
+            results["inprocess"].append(run_inprocess(bits, im, ds, indices, acct, args))
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            results["inprocess"].append({"bits": bits, "error": f"{type(e).__name__}: {e}"})
+        if args.http:
+            results["http"].append(run_http(bits, im, ds, indices, acct, args))
+    results["wall_seconds"] = time.perf_counter() - T_START
+    summary = report.analyse(results)
+    results["summary"] = summary
+    print(report.text_report(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1, default=_json_default))
+        log(f"wrote {args.json}")
+    write_outputs(results, args)
+    log(f"done in {results['wall_seconds'] / 60:.1f} min")
+    failures = [r for r in results["inprocess"] if "error" in r or not all(q["exact"] for q in r.get("images", []))]
+    return 1 if failures else 0
+
+
+def write_outputs(results: dict, args) -> None:
+    """The plot and the Markdown report (each if asked for)."""
+    if args.plot:
+        problem = report.plot_layers(results, args.plot)
+        log(f"plot skipped: {problem}" if problem else f"wrote {args.plot}")
+        results["plot"] = None if problem else args.plot
+        if not problem:
+            base = Path(args.markdown).resolve().parent if args.markdown else Path.cwd()
+            results["plot_link"] = os.path.relpath(Path(args.plot).resolve(), base)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(report.markdown_report(results))
+        log(f"wrote {args.markdown}")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, set):
+        return sorted(o)
+    return str(o)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Primitive costs on this machine, and per layer the least work and bytes the protocol needs.
+
+:func:`measure_primitives` times the operations every protocol step is made of, for one key:
+a modular multiplication mod N^2 and mod the DGK modulus, a CRT decryption, a DGK zero test, a
+blinding exponentiation (exponent below u), and a short exponentiation per exponent bit.
+
+:func:`layer_bound` counts, for one layer as the engine runs it (its own operation counters, the
+model's bit bounds), the *minimum* operations the protocol needs, assuming every randomizer comes
+from the offline pool, and prices them:
+
+* reveal of n values of l bits (packed k per plaintext): per value slot = l + kappa + 3 squarings
+  (the Horner shift) and one multiplication; per pack one re-randomisation (1 mult) and one CRT
+  decryption at S2;
+* linear layer, P positions x F fan-in x C channels: S1's cross terms E(X_cols) @ B by a shared-base
+  w-bit window (w = ``WINDOW``): per MAC (taps on zero padding excluded) ceil(b_B / w) multiplications
+  plus, per output, b_B squarings shared by all F bases (b_B = weight bits + kappa + 2, the mask width); per output 3 multiplications
+  to assemble and at S2 one encryption from the pool (2 multiplications);
+* comparison of l bits (ReLU, and each max of a max-pool): per bit one DGK encryption at S2 (1 mult
+  with a pooled randomizer), at S1 one blinding exponentiation and 3 multiplications (combination,
+  randomizer), at S2 one zero test; per element 4 Paillier encryptions at S2 (2 mults each),
+  ~8 multiplications and two short exponentiations (kappa + 1 and l + kappa + 2 bits) at S1;
+* result for the user: a reveal of the class vector and 2 multiplications per value under each key.
+
+The bound is that work divided by the number of cores (S1 and S2 take turns, so each may use every
+core in its turn) — a floor no implementation of *this* protocol goes below on this machine; our
+time / bound says how much is Python, dispatch, and work the protocol could avoid.
+Bytes: the ciphertexts each round must carry at fixed width (packs, DGK bits, replies), no headers.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from typing import Any, Callable
+
+import gmpy2
+from gmpy2 import mpz
+
+from he_cnn.graph import im2col_indices
+from he_cnn.keys import KAPPA
+from he_cnn.protocols.common import slot_bits, slots_per_pack
+
+#: window of the shared-base exponentiation assumed by the bound (the engine's Straus window)
+WINDOW = 4
+#: S1 multiplications per compared element besides the bits (carry, t, t*d, x*t assembly)
+COMBINE_MULTS = 8
+#: multiplications per compared bit at S1 besides the blinding exponentiation
+BIT_MULTS = 3
+
+
+def per_call(fn: Callable[[], Any], min_seconds: float, batch: int = 50) -> float:
+    """Seconds per call of ``fn``: best of 3 runs of at least ``min_seconds / 3`` each."""
+    best = math.inf
+    for _ in range(3):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            for _ in range(batch):
+                fn()
+            n += batch
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_seconds / 3:
+                break
+        best = min(best, elapsed / n)
+    return best
+
+
+def measure_primitives(public, private, dgk_public, dgk_private, min_seconds: float = 0.3) -> dict[str, float]:
+    """Seconds per primitive operation for these keys, single core."""
+    nsq, n = public.nsq, public.n
+    a, b = mpz(secrets.randbelow(int(nsq))), mpz(secrets.randbelow(int(nsq)))
+    dn = dgk_public.n
+    da, db = mpz(secrets.randbelow(int(dn))), mpz(secrets.randbelow(int(dn)))
+    c = public.encrypt(12345)
+    dc = dgk_public.encrypt(1)
+    p, v_p = dgk_private.p, dgk_private.v_p
+    e64 = mpz(secrets.randbits(64) | (1 << 63))
+    blind_exps = [mpz(1 + secrets.randbelow(dgk_public.u - 1)) for _ in range(64)]
+    it = iter(range(1 << 62))
+
+    def blind() -> mpz:
+        return gmpy2.powmod(dc, blind_exps[next(it) & 63], dn)
+
+    prims = {
+        "mulmod_nsq": per_call(lambda: a * b % nsq, min_seconds, 200),
+        "mulmod_dgk": per_call(lambda: da * db % dn, min_seconds, 200),
+        "decrypt_crt": per_call(lambda: private.decrypt_raw(c), min_seconds, 5),
+        "dgk_zero_test": per_call(lambda: gmpy2.powmod(dc, v_p, p), min_seconds, 20),
+        "dgk_blind_exp": per_call(blind, min_seconds, 50),
+        "exp_per_bit_nsq": per_call(lambda: gmpy2.powmod(c, e64, nsq), min_seconds, 20) / 64,
+        "invert_nsq": per_call(lambda: gmpy2.invert(c, nsq), min_seconds, 20),
+        "fresh_randomizer_nsq": per_call(public.fresh_randomizer, min_seconds, 5),
+        "fresh_randomizer_dgk": per_call(dgk_public.fresh_randomizer, min_seconds, 5),
+        "full_exp_nsq": per_call(lambda: gmpy2.powmod(c, n, nsq), min_seconds, 2),
+    }
+    return {k: float(v) for k, v in prims.items()}
+
+
+def tensor_bits(spec: dict, tensor: str) -> int:
+    """Bit length of a tensor's worst-case bound, from the public spec (``bits``; older specs: ``bounds``)."""
+    if "bits" in spec:
+        return int(spec["bits"][tensor])
+    return int(spec["bounds"][tensor]).bit_length()
+
+
+def _reveal(n_values: int, l: int, bits: int, prim: dict[str, float], kappa: int = KAPPA) -> tuple[float, float, int, int]:
+    """(S1 seconds, S2 seconds, packs, S1 multiplications mod N^2) for revealing n values of l bits."""
+    slot = slot_bits(l, kappa)
+    k = slots_per_pack(bits, slot)
+    packs = -(-n_values // k)
+    mults = n_values * (slot + 1) + packs
+    return mults * prim["mulmod_nsq"], packs * prim["decrypt_crt"], packs, mults
+
+
+def layer_bound(entry: dict, spec: dict, layer, bits: int, prim: dict[str, float], cores: int,
+                ct_bytes: int, dgk_bytes: int, user_ct_bytes: int, user_mulmod: float,
+                kappa: int = KAPPA) -> dict[str, Any]:
+    """Least work (S1, S2 single-core seconds), the bound on ``cores``, least bytes each way, and the
+    operation counts behind them (``counts``: decryptions, encryptions, zero tests, exponentiations by
+    exponent size, modular multiplications)."""
+    shapes = spec["shapes"]
+    ops = layer.ops
+    mm, mmd = prim["mulmod_nsq"], prim["mulmod_dgk"]
+    kind = layer.kind
+    s1 = s2 = 0.0
+    to_s2 = to_s1 = 0
+    elements = 0
+    detail: dict[str, Any] = {}
+    counts: dict[str, Any] = {}
+    if kind in ("conv", "dense"):
+        in_shape = shapes[entry["input"]]
+        n_in = math.prod(in_shape)
+        lx = tensor_bits(spec, entry["input"])
+        c_out = int(entry["channels"])
+        if kind == "conv":
+            idx = im2col_indices(tuple(in_shape), int(entry["kernel"]), int(entry["stride"]), int(entry["padding"]))
+            positions = idx.shape[0]
+            macs = int((idx >= 0).sum()) * c_out  # zero padding needs no multiplication
+        else:
+            positions = 1
+            macs = n_in * c_out
+        b_mask = int(entry["weight_bits"]) + kappa + 2
+        r1, r2, packs, reveal_mults = _reveal(n_in, lx, bits, prim, kappa)
+        outputs = positions * c_out
+        s1_mults = reveal_mults + macs * math.ceil(b_mask / WINDOW) + outputs * b_mask + outputs * 3
+        s1, s2 = s1_mults * mm, r2 + outputs * 2 * mm
+        to_s2, to_s1 = packs * ct_bytes, outputs * ct_bytes
+        elements = outputs
+        detail = {"macs": macs, "mask_bits": b_mask, "inputs": n_in, "input_bits": lx, "packs": packs,
+                  "outputs": outputs}
+        counts = {"decryptions": packs, "paillier_encryptions": outputs, "mulmod_nsq": s1_mults + 2 * outputs,
+                  "exp_bits_online": {b_mask: macs}}
+    elif kind in ("relu", "maxpool"):
+        # ReLU compares |x| < 2^bits; a max compares a - b, one bit more
+        l = tensor_bits(spec, entry["input"]) + (0 if kind == "relu" else 1)
+        compared_bits = int(ops.get("dgk_bit", 0))
+        m = compared_bits // (l + 1)
+        r1, r2, packs, reveal_mults = _reveal(m, l, bits, prim, kappa)
+        s1 = (r1 + compared_bits * (prim["dgk_blind_exp"] + BIT_MULTS * mmd)
+              + m * (COMBINE_MULTS * mm + ((kappa + 1) + (l + kappa + 2)) * prim["exp_per_bit_nsq"]))
+        s2 = r2 + compared_bits * (mmd + prim["dgk_zero_test"]) + m * 4 * 2 * mm
+        to_s2 = packs * ct_bytes + compared_bits * dgk_bytes
+        to_s1 = compared_bits * dgk_bytes + 4 * m * ct_bytes
+        elements = math.prod(shapes[entry["output"]])
+        detail = {"comparisons": m, "bits": l, "compared_bits": compared_bits, "packs": packs}
+        counts = {"decryptions": packs, "paillier_encryptions": 4 * m, "dgk_encryptions": compared_bits,
+                  "dgk_zero_tests": compared_bits, "dgk_blind_exps": compared_bits,
+                  "mulmod_nsq": reveal_mults + COMBINE_MULTS * m + 8 * m, "mulmod_dgk": (1 + BIT_MULTS) * compared_bits,
+                  "exp_bits_online": {kappa + 1: m, l + kappa + 2: m}}
+    elif kind == "to_user":
+        n = int(spec["num_classes"])
+        l = tensor_bits(spec, spec["output"])
+        r1, r2, packs, reveal_mults = _reveal(n, l, bits, prim, kappa)
+        s1 = r1 + n * 2 * user_mulmod
+        s2 = r2 + n * 2 * user_mulmod
+        to_s2, to_s1 = packs * ct_bytes, n * user_ct_bytes
+        elements = n
+        detail = {"values": n, "bits": l, "packs": packs}
+        counts = {"decryptions": packs, "user_encryptions": n, "mulmod_nsq": reveal_mults}
+    work = s1 + s2
+    return {"s1_work": s1, "s2_work": s2, "work": work, "bound": work / max(1, cores),
+            "min_bytes_to_s2": to_s2, "min_bytes_to_s1": to_s1, "elements": elements, "counts": counts, **detail}
+
+
+def link_seconds(rounds: int, total_bytes: int, rtt: float = 1e-3, bandwidth_bits: float = 1e9) -> float:
+    """Latency a link adds: one round trip per round plus serialisation of every byte."""
+    return rounds * rtt + total_bytes * 8 / bandwidth_bits
