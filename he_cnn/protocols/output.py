@@ -44,7 +44,7 @@ def s2_to_user(cloud: "KeyCloud", msg: Message) -> Message:
     user_n = msg.array("user_n").reshape(-1)
     if user_n.size != 1:
         raise ProtocolError("expected exactly one user modulus")
-    user_key = PublicKey(mpz(user_n[0]))
+    user_key = cloud.user_key(mpz(user_n[0]))
     if user_key.bits < cloud.min_user_key_bits or user_key == cloud.keys.public:
         raise ProtocolError(f"unacceptable user key ({user_key.bits} bits)")
     reply = Message()
