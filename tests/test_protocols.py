@@ -185,3 +185,32 @@ def test_protocols_exact_with_process_workers(keys1024, key_cloud):
     finally:
         key_cloud.workers = Workers(1)
         workers.shutdown()
+
+
+def test_workers_die_with_their_parent(tmp_path):
+    """A cloud killed with SIGKILL must not leave its worker processes behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "from he_cnn.parallel import Workers\n"
+        "import os, sys, time\n"
+        "w = Workers(2)\n"
+        "pids = w.map(os.getpid, [()] * 8)\n"
+        "print(' '.join(map(str, sorted(set(pids)))), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert pids and proc.pid not in pids
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
+    assert not alive
