@@ -2,19 +2,35 @@
 
 ``he-cnn serve s1|s2`` (:mod:`servers.serve`), ``he-cnn owner ...`` (:mod:`owner.cli`),
 ``he-cnn user ...`` (:mod:`user.cli`) and ``he-cnn demo`` (:mod:`servers.demo`); each has ``--help``.
+Each sub-command's module is imported only when that sub-command runs: the owner's and the demo's
+modules load torch and the training code (seconds), which a cloud process neither needs nor should
+carry.
 """
 from __future__ import annotations
 
+import importlib
+
 import click
 
-from owner.cli import owner
-from user.cli import user
-
-from .demo import demo
-from .serve import serve
+#: sub-command name -> "module:attribute" of its click command
+COMMANDS = {"serve": "servers.serve:serve", "owner": "owner.cli:owner", "user": "user.cli:user",
+            "demo": "servers.demo:demo"}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """A click group whose sub-commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[cmd_name].split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+@click.group("he-cnn", cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="he-cnn")
 def main() -> None:
     """Encrypted image classification by two non-colluding clouds: nobody but you sees image, model or answer.
@@ -24,9 +40,3 @@ def main() -> None:
     Deployment:   he-cnn serve s2 ...   he-cnn serve s1 ...
                   he-cnn owner upload ...   he-cnn user keygen ...   he-cnn user query ...
     """
-
-
-main.add_command(serve)
-main.add_command(owner)
-main.add_command(user)
-main.add_command(demo)

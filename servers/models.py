@@ -205,7 +205,7 @@ class ModelStore:
                 model = EncryptedModel.deserialize(public_key, (entry / MODEL_FILE).read_bytes())
                 setup = decode_setup(model, (entry / SETUP_FILE).read_bytes())
                 info = json.loads((entry / INFO_FILE).read_text())
-            except (OSError, ValueError, HECNNError) as e:
+            except (OSError, ValueError, ArithmeticError, HECNNError) as e:  # ArithmeticError: int() of an infinity
                 raise DataDirError(f"stored model {entry} is corrupt or not under the cloud key ({e}); "
                                    "move it away and upload the model again") from e
             self._models[entry.name] = StoredModel(entry.name, model, setup, info)

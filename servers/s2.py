@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,8 @@ KEY_FORMAT_VERSION = 1
 SETUP_DIR = "setups"
 SETUP_SUFFIX = ".hecn"
 UNKNOWN_SETUP = "unknown_setup"
+#: test hook: a file to which S2 appends every plaintext it obtains (see :func:`record_plaintexts`)
+RECORD_ENV = "HECNN_S2_RECORD_FILE"
 
 log = logging.getLogger("he_cnn.servers.s2")
 
@@ -148,7 +152,7 @@ def load_setups(cloud: KeyCloud, data_dir: Path) -> int:
     for path in sorted(folder.glob("*" + SETUP_SUFFIX)):
         try:
             setup_id, layers = decode_setup(path.read_bytes())
-        except (OSError, HECNNError) as e:
+        except (OSError, ArithmeticError, HECNNError) as e:  # ArithmeticError: e.g. int() of an infinity
             raise DataDirError(f"S2 set-up file {path} is corrupt ({e}); delete it (S1 runs the set-up again "
                                "on the next query of that model)") from e
         cloud.setups[setup_id] = layers
@@ -164,6 +168,28 @@ def persist_setups(cloud: KeyCloud, data_dir: Path) -> None:
         atomic_write(_setup_path(data_dir, setup_id), encode_setup(setup_id, layers))
 
     cloud.on_setup = on_setup
+
+
+# -- test hook: what S2 sees ----------------------------------------------------------------------
+
+def record_plaintexts(cloud: KeyCloud, path: Path) -> None:
+    """Append every plaintext ``cloud`` obtains to ``path``, one JSON line per reveal.
+
+    A line is ``{"step", "bits", "kappa", "values"}``: the masked values of one revealed field (kappa > 0)
+    or the zero-test bits of one comparison round (kappa = 0), exactly what the handlers pass to
+    :meth:`~he_cnn.s2.KeyCloud.observe`. Enabled only by the ``HECNN_S2_RECORD_FILE`` environment
+    variable, for the leakage tests over HTTP (``tests/test_trust_leakage.py``). The file holds the
+    masked weights K + B, which S1's masks turn into the model: never set it in a deployment.
+    """
+    lock = threading.Lock()
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+
+    def observe(step: str, values: list[int], bits: int, kappa: int) -> None:
+        line = json.dumps({"step": step, "bits": bits, "kappa": kappa, "values": [int(v) for v in values]})
+        with lock, path.open("a") as f:
+            f.write(line + "\n")
+
+    cloud.observe = observe  # type: ignore[method-assign]
 
 
 # -- the app --------------------------------------------------------------------------------------
@@ -218,6 +244,10 @@ def create_app(config: S2Config, key_cloud: KeyCloud | None = None) -> Flask:
     cloud = key_cloud if key_cloud is not None else load_or_create_key_cloud(data_dir, config.key_bits)
     loaded = load_setups(cloud, data_dir)
     persist_setups(cloud, data_dir)
+    if os.environ.get(RECORD_ENV):
+        record_plaintexts(cloud, Path(os.environ[RECORD_ENV]))
+        log.warning("S2 records every plaintext it obtains to %s (%s, a test hook: never in a deployment)",
+                    os.environ[RECORD_ENV], RECORD_ENV)
     cloud.workers = worker_pool(config.workers)
     app = new_app(__name__, config.max_body_bytes)
     app.extensions["he_cnn.workers"] = cloud.workers

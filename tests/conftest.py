@@ -1,6 +1,8 @@
 """Shared fixtures. Fast tier: 1024-bit cloud keys (512-bit where only encoding is tested)."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from he_cnn.channel import InProcessChannel
@@ -40,3 +42,14 @@ def trained_icnn():
     dataset = load_digits_dataset()
     result = train_icnn(dataset)
     return dataset, result, quantize_icnn(result.model)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The figures the trust tests measured (cases tried, faults injected, throughput), if any ran."""
+    support = sys.modules.get("trust_support")  # imported by the trust tests only
+    figures = support.REPORT if support is not None else {}
+    if figures:
+        terminalreporter.section("trust figures")
+        for name in sorted(figures):
+            value = figures[name]
+            terminalreporter.write_line(f"{name}: {value:g}" if isinstance(value, float) else f"{name}: {value}")

@@ -86,6 +86,15 @@ def healthy(client) -> None:
 
 # -- fixtures -------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module", autouse=True)
+def no_pool_filling():
+    """The apps here are never shut down: with their randomness pools on, each would keep filling them
+    in a daemon thread for the rest of the session and slow every later test (GIL)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HECNN_RANDOMNESS_POOL", "0")
+        yield
+
+
 @pytest.fixture(scope="module")
 def cloud(keys1024) -> KeyCloud:
     return KeyCloud.create(keys1024)

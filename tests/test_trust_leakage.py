@@ -1,0 +1,206 @@
+"""What leaks over HTTP: S2 sees nothing that depends on the image, the result is the user's alone,
+and S1 never holds a secret key, in its files, its environment or its memory.
+
+S2 runs as a real process with its test hook ``HECNN_S2_RECORD_FILE``: every plaintext it obtains
+(each masked value it decrypts, each zero-test bit) is appended to a file. The owner uploads the tiny
+model with ``he-cnn owner upload --model``; the user classifies four very different images (blank,
+saturated, random, a digit) through the user's code path.
+
+Statistics (scipy.stats). Masked values are scaled by their mask range 2^(bits+1+kappa) into [0, 1).
+The family of tests is: a two-sample Kolmogorov-Smirnov test for every pair of images, a one-sample
+KS test against the uniform distribution for every image and for the set-up reveal (K + B), and a
+binomial test against 1/2 on every image's zero-test bits. Threshold: the family fails if any
+p-value is at or below 1e-3 / m (m tests, Bonferroni), so an honest implementation fails a run by
+chance with probability below 1e-3; ``test_the_statistics_have_power`` shows the same tests reject
+unmasked and under-masked values of the same images.
+"""
+from __future__ import annotations
+
+import json
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from scipy import stats
+
+from he_cnn.data import load_digits_dataset, quantize_image
+from he_cnn.errors import HECNNError
+from he_cnn.keys import generate_keypair, keypair_from_primes
+from he_cnn.quantize import save_integer_model
+from he_cnn.reference import run_reference
+from he_cnn.secure_model import architecture
+from he_cnn.tensor import EncryptedTensor
+from he_cnn.wire import decode
+from test_e2e import he_cnn
+from trust_support import (REPORT, TINY_SIZE, CloudPair, SecretScanner, assert_exact, classify, process_memory,
+                           process_tree, random_image, s2_secrets, tiny_model)
+
+pytestmark = pytest.mark.slow
+
+#: the family-wise false-alarm rate of the leakage statistics (Bonferroni-split over the tests)
+P_FAMILY = 1e-3
+#: the steps S2 handles in one query of the tiny model, in order, and how many values each reveals
+QUERY_STEPS = [("x", 64), ("d", 128), ("delta", 128), ("d", 64), ("delta", 64), ("d", 32), ("delta", 32),
+               ("x", 32), ("y", 3)]
+
+
+def images() -> dict[str, np.ndarray]:
+    digit = load_digits_dataset(size=TINY_SIZE).x_test[0]
+    shape = (1, TINY_SIZE, TINY_SIZE)
+    return {"blank": np.zeros(shape, dtype=int).astype(object), "saturated": np.full(shape, 15).astype(object),
+            "random": random_image(11), "digit": quantize_image(digit, 15)}
+
+
+def read_records(path: Path, start: int, end: int) -> list[dict]:
+    with path.open("rb") as f:
+        f.seek(start)
+        return [json.loads(line) for line in f.read(end - start).splitlines()]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """Upload with the owner CLI, four queries; per image its reply and what S2 recorded during it."""
+    root = tmp_path_factory.mktemp("leakage")
+    record = root / "s2-plaintexts.jsonl"
+    pair = CloudPair(root, s2_env={"HECNN_S2_RECORD_FILE": str(record)})
+    try:
+        model = tiny_model()
+        model_path = root / "tiny.json"
+        save_integer_model(model, model_path)
+        out = he_cnn("owner", "upload", "--model", str(model_path), "--s1", pair.s1_url, "--json",
+                     env={"HECNN_OWNER_TOKEN": pair.owner_token})
+        model_id = json.loads(out)["model_id"]
+        setup_records = read_records(record, 0, record.stat().st_size)
+        cloud_key, user = pair.cloud_key(), generate_keypair(1024)
+        runs = {}
+        for name, pixels in images().items():
+            start = record.stat().st_size
+            vector, _, raw = classify(pair.s1_url, model_id, cloud_key, user, pixels)
+            runs[name] = (pixels, vector, raw, read_records(record, start, record.stat().st_size))
+        yield pair, model, setup_records, user, runs
+        REPORT["leakage: images queried over HTTP"] += len(runs)
+        REPORT["leakage: plaintexts S2 obtained (recorded)"] += sum(len(r["values"]) for *_, rs in runs.values()
+                                                                   for r in rs)
+    finally:
+        pair.stop()
+
+
+def scaled(records: list[dict]) -> np.ndarray:
+    """Every masked value, divided by its mask range 2^(bits+1+kappa): uniform on [0, 1) if hidden."""
+    return np.array([v / 2 ** (r["bits"] + 1 + r["kappa"]) for r in records if r["step"] != "delta"
+                     for v in r["values"]])
+
+
+def zero_test_bits(records: list[dict]) -> np.ndarray:
+    return np.array([v for r in records if r["step"] == "delta" for v in r["values"]])
+
+
+def test_queries_are_exact_and_s2_sees_only_masked_values(recorded):
+    _, model, setup_records, _, runs = recorded
+    assert [r["step"] for r in setup_records] == ["w0", "w1"]  # the set-up: K + B of conv and fc, once
+    for pixels, vector, _, records in runs.values():
+        assert_exact(model, pixels, vector)
+        assert [(r["step"], len(r["values"])) for r in records] == QUERY_STEPS
+        for r in records:
+            if r["kappa"]:
+                assert r["kappa"] >= 40
+                assert all(0 <= v < 2 ** (r["bits"] + 2 + r["kappa"]) for v in r["values"])
+            else:
+                assert set(r["values"]) <= {0, 1}
+
+
+def leakage_p_values(setup_records: list[dict], runs: dict[str, list[dict]]) -> dict[str, float]:
+    values = {name: scaled(records) for name, records in runs.items()}
+    bits = {name: zero_test_bits(records) for name, records in runs.items()}
+    p = {f"KS {a} vs {b}": stats.ks_2samp(values[a], values[b]).pvalue for a, b in combinations(values, 2)}
+    p |= {f"uniform {name}": stats.kstest(v, "uniform").pvalue for name, v in values.items()}
+    p["uniform set-up K+B"] = stats.kstest(scaled(setup_records), "uniform").pvalue
+    p |= {f"binomial {name}": stats.binomtest(int(b.sum()), len(b), 0.5).pvalue for name, b in bits.items()}
+    return p
+
+
+def test_what_s2_sees_does_not_depend_on_the_image(recorded):
+    _, _, setup_records, _, runs = recorded
+    records = {name: run[3] for name, run in runs.items()}
+    assert all(len(scaled(r)) == 323 and len(zero_test_bits(r)) == 224 for r in records.values())
+    p = leakage_p_values(setup_records, records)
+    assert len(p) == 15
+    failed = {name: value for name, value in p.items() if value <= P_FAMILY / len(p)}
+    assert not failed, failed
+    REPORT["leakage: statistical tests passed"] += len(p)
+    REPORT["leakage: smallest p-value"] = float(f"{min(p.values()):.3g}")
+
+
+def test_the_statistics_have_power(recorded):
+    """Negative controls on the same images: the values S2 would see without masks, or with masks only
+    as wide as the values (kappa = 0), fail the same family of tests."""
+    _, model, setup_records, _, runs = recorded
+    bits = architecture(model)["bits"]
+    rng = np.random.default_rng(0)
+
+    def observed(pixels: np.ndarray, kappa: int | None) -> list[dict]:
+        tensors = run_reference(model, pixels)
+        out = []
+        for name in ("input", "conv", "relu", "flat", "fc"):
+            x, l = [int(v) for v in np.ravel(tensors[name])], bits[name]
+            if kappa is None:  # unmasked: the value itself, shifted to be non-negative (scaled by 2^(l+1))
+                values = [v + 2**l for v in x]
+            else:
+                values = [v + 2**l + int(r) for v, r in zip(x, rng.integers(0, 2 ** (l + 1 + kappa), len(x)))]
+            out.append({"step": name, "bits": l, "kappa": kappa or 0, "values": values})
+        out.append({"step": "delta", "bits": 1, "kappa": 0,
+                    "values": [int(v > 0) for v in np.ravel(tensors["conv"])]})
+        return out
+
+    for kappa in (None, 0):
+        p = leakage_p_values(setup_records, {name: observed(run[0], kappa) for name, run in runs.items()})
+        failed = {name for name, value in p.items() if value <= P_FAMILY / len(p)}
+        assert any(name.startswith("KS ") for name in failed), (kappa, p)  # tells images apart
+        if kappa is None:
+            assert any(name.startswith("uniform ") for name in failed)  # and is visibly not uniform
+
+
+def test_the_result_is_not_decryptable_with_the_cloud_key(recorded):
+    pair, _, _, user, runs = recorded
+    secret = s2_secrets(pair.s2_dir)
+    cloud = keypair_from_primes(secret["paillier p"], secret["paillier q"])
+    for pixels, vector, raw, _ in runs.values():
+        ciphertexts = decode(raw).array("class_vector").reshape(-1)
+        assert list(EncryptedTensor.from_ciphertexts(user.public, ciphertexts, (3,)).decrypt(user.private)) == vector
+        with pytest.raises(HECNNError):  # under the user's key, refused by the key check...
+            EncryptedTensor(user.public, ciphertexts).decrypt(cloud.private)
+        for c in ciphertexts:  # ...and decrypting it anyway with the cloud key gives noise
+            if 0 < c < cloud.public.nsq:
+                noise = cloud.private.decrypt(c)
+                assert noise not in vector and abs(noise) > 2**900
+
+
+def test_s1_never_holds_a_secret_key(recorded):
+    """S2's primes and DGK secret appear in none of S1's files, environment, command line, log or memory
+    (every writable region of S1 and its worker processes), nor in any GET answer of either cloud; the
+    scanner does find them in S2's memory."""
+    pair, _, _, _, _ = recorded
+    scanner = SecretScanner(s2_secrets(pair.s2_dir))
+    files = [p for p in pair.s1_dir.rglob("*") if p.is_file()]
+    assert len(files) >= 4  # pinned key, model, set-up, summary
+    for path in files:
+        assert not scanner.find(path.read_bytes()), path
+    assert not scanner.find("\n".join(pair.logs).encode())
+    scanned = 0
+    for pid in process_tree(pair.s1.process.pid):
+        for name in ("environ", "cmdline"):
+            assert not scanner.find(Path(f"/proc/{pid}/{name}").read_bytes()), (pid, name)
+        for region in process_memory(pid):
+            assert not scanner.find(region), pid
+            scanned += len(region)
+    assert scanned > 10 * 2**20
+    found = set()
+    for region in process_memory(pair.s2.process.pid):
+        found.update(scanner.find(region))
+    assert {"paillier p (little-endian)", "dgk v_p (little-endian)"} <= found, found  # GMP's limbs
+    for url, path in [(pair.s1_url, p) for p in ("/v1/health", "/v1/public-key", "/v1/models")] + \
+                     [(pair.s2_url, p) for p in ("/v1/health", "/v1/public-key")]:
+        assert not scanner.find(requests.get(url + path, timeout=10).content), path  # no route hands them out
+    REPORT["leakage: bytes of S1 memory scanned for S2's secrets"] += scanned
