@@ -84,6 +84,11 @@ def encode(message: Message) -> bytes:
     return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + b"".join(blobs)
 
 
+def _no_constants(name: str) -> None:
+    """json.loads accepts NaN and Infinity, which are not JSON: refuse them in headers."""
+    raise ValueError(f"{name} is not allowed in a message header")
+
+
 def decode(data: bytes) -> Message:
     if len(data) < _PREFIX.size:
         raise WireFormatError(f"message of {len(data)} bytes is shorter than the {_PREFIX.size}-byte prefix")
@@ -95,7 +100,7 @@ def decode(data: bytes) -> Message:
     if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > len(data):
         raise WireFormatError(f"header length {header_len} does not fit a {len(data)}-byte message")
     try:
-        header = json.loads(data[_PREFIX.size:_PREFIX.size + header_len])
+        header = json.loads(data[_PREFIX.size:_PREFIX.size + header_len], parse_constant=_no_constants)
         meta, specs = header["meta"], header["arrays"]
         if not isinstance(meta, dict) or not isinstance(specs, list):
             raise TypeError("meta must be an object and arrays a list")

@@ -98,3 +98,12 @@ def test_wire_rejects_malformed(mutate, match):
     data = encode(Message(meta={"k": 1}, arrays={"ct": obj([7, 8])}, widths={"ct": 4}))
     with pytest.raises(WireFormatError, match=match):
         decode(mutate(data))
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_wire_refuses_non_json_constants(constant):
+    import struct
+
+    header = ('{"meta":{"k":%s},"arrays":[]}' % constant).encode()
+    with pytest.raises(WireFormatError, match="not allowed"):
+        decode(struct.pack(">4sHI", b"HECN", 1, len(header)) + header)

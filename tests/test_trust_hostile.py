@@ -420,7 +420,7 @@ def setup_case(kind: str, data, endpoint: Endpoint, world: World) -> Case:
     msg = decode(endpoint.valid())
     layer = data.draw(st.sampled_from(msg.meta["layers"]))
     target, name = (layer["geometry"], kind.split()[1]) if " " in kind else (layer, kind)
-    if name in ("kernel", "stride", "padding"):  # what int() refuses (infinities: the xfail test below)
+    if name in ("kernel", "stride", "padding"):  # what int() refuses (infinities: the test below)
         target[name] = data.draw(st.one_of(NOT_AN_INT, st.just(float("nan"))))
     elif name == "kind":
         target[name] = data.draw(st.text(max_size=8).filter(lambda k: k not in ("conv", "dense")))
@@ -538,8 +538,6 @@ def test_hostile_requests_get_a_4xx_json_error(world, name, family, kind, data):
     check_hostile(world, name, family, kind, data, "hostile cases (in-process)")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: LinearGeometry.from_dict lets int(inf) raise OverflowError (500); "
-                                      "fix: catch OverflowError there, or refuse NaN/Infinity in wire.decode")
 def test_an_infinite_kernel_in_a_set_up_is_a_4xx(world):
     endpoint = world.endpoints["S2 linear_setup"]
     msg = decode(endpoint.valid())
