@@ -8,12 +8,11 @@ sharing. The secret key only ever leaves this file inside the user's own process
 from __future__ import annotations
 
 import json
-import os
 import stat
-import tempfile
 from pathlib import Path
 
 from he_cnn.errors import BadRequest, HECNNError
+from he_cnn.files import atomic_write
 from he_cnn.keys import DEFAULT_KEY_BITS, KeyPair, generate_keypair, keypair_from_primes
 
 KEY_FORMAT = "he-cnn-user-key"
@@ -25,20 +24,6 @@ def public_path(path: Path) -> Path:
     return path.with_name(path.name + ".pub")
 
 
-def _write(path: Path, text: str, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def create_user_key(path: Path, bits: int = DEFAULT_KEY_BITS, overwrite: bool = False) -> KeyPair:
     """Generate a key pair and write it to ``path`` (0600) and ``path.pub``; refuse to clobber a key."""
     if path.exists() and not overwrite:
@@ -48,8 +33,8 @@ def create_user_key(path: Path, bits: int = DEFAULT_KEY_BITS, overwrite: bool = 
     secret = {"format": KEY_FORMAT, "version": VERSION, "key_id": keys.public.key_id, "n": int(keys.public.n),
               "p": int(keys.private.p), "q": int(keys.private.q)}
     public = {"format": PUBLIC_FORMAT, "version": VERSION, "key_id": keys.public.key_id, "n": int(keys.public.n)}
-    _write(path, json.dumps(secret), 0o600)
-    _write(public_path(path), json.dumps(public), 0o644)
+    atomic_write(path, json.dumps(secret).encode(), 0o600)
+    atomic_write(public_path(path), json.dumps(public).encode(), 0o644)
     return keys
 
 
