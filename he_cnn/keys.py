@@ -20,7 +20,7 @@ import os
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 import gmpy2
 import phe
@@ -196,9 +196,6 @@ class PublicKey:
 
     def encrypt(self, v: int) -> mpz:
         return self.plain_term(v) * self.randomizer() % self.nsq
-
-    def encrypt_many(self, values: Iterable[int]) -> list[mpz]:
-        return [self.encrypt(v) for v in values]
 
     def rerandomize(self, c: mpz) -> mpz:
         return c * self.randomizer() % self.nsq

@@ -14,7 +14,6 @@ from he_cnn.errors import HECNNError
 from he_cnn.files import atomic_write, fsync_dir  # noqa: F401  (re-exported for the servers)
 
 PRIVATE_DIR_MODE = 0o700
-PRIVATE_FILE_MODE = 0o600
 
 
 class DataDirError(HECNNError):
