@@ -220,11 +220,23 @@ def packs_for(reveals: list[tuple[int, int]], bits: int) -> int:
     return sum(-(-count // slots_per_pack(bits, slot_bits(l, KAPPA))) for count, l in reveals)
 
 
+def linear_draws(spec: dict, bits: int) -> tuple[int, int]:
+    """Paillier randomizers the linear layers' packed cross terms take at this key size, (S1, S2):
+    S1 re-randomises the Z packs (G x C), S2 encrypts the packs of Xt_cols (G x F)."""
+    s1 = s2 = 0
+    for entry in spec["layers"]:
+        if entry["kind"] in ("conv", "dense"):
+            _, taps, _, _, _, groups = lowerbound.linear_packing(entry, spec, bits)
+            s1, s2 = s1 + groups * int(entry["channels"]), s2 + groups * taps
+    return s1, s2
+
+
 def accounting_run(im, x_int: np.ndarray, workers: Workers) -> dict:
     """One query with a small key and empty pools: what a query draws from each randomness pool.
 
     DGK draws and Paillier replies do not depend on the key size; the number of packs does, so the
-    reveals (count, bits) are recorded and packs recomputed for each key.
+    reveals (count, bits) are recorded and packs recomputed for each key, and so are the linear layers'
+    packed cross terms (:func:`linear_draws`).
     """
     prof = instrument.PROFILER
     kp = generate_keypair(ACCOUNTING_BITS, allow_small=True)
@@ -244,18 +256,19 @@ def accounting_run(im, x_int: np.ndarray, workers: Workers) -> dict:
     ok = [int(v) for v in res.output.decrypt(uk.private)] == [int(v) for v in classify_reference(im, x_int)]
     dgk_bits = sum(s.ops.get("dgk_bit", 0) for s in res.layers)
     paillier = kp.public.pool.taken - p0
-    packs = packs_for(reveals, ACCOUNTING_BITS)
-    return {"reveals": reveals, "paillier_taken": paillier, "dgk_taken": cloud.dgk_public.pool.taken - d0,
-            "dgk_bits": dgk_bits, "packs": packs, "replies": paillier - packs,
+    packs = packs_for(reveals, ACCOUNTING_BITS) + sum(linear_draws(em.spec, ACCOUNTING_BITS))
+    return {"reveals": reveals, "spec": em.spec, "paillier_taken": paillier,
+            "dgk_taken": cloud.dgk_public.pool.taken - d0, "dgk_bits": dgk_bits, "packs": packs, "replies": paillier - packs,
             "outputs": int(im.num_classes), "exact": ok, "seconds": seconds}
 
 
 def pool_needs(acct: dict, bits: int, http: bool) -> dict[str, int]:
     """Randomizers one query takes from S1's (and, in-process, S2's) pools at this key size."""
-    packs = packs_for(acct["reveals"], bits)
+    s1_linear, s2_linear = linear_draws(acct["spec"], bits)
+    packs = packs_for(acct["reveals"], bits) + s1_linear
     if http:  # only S1's draws come from our pools; S2 is another process
         return {"paillier": packs, "dgk": acct["dgk_bits"], "user": acct["outputs"]}
-    return {"paillier": packs + acct["replies"], "dgk": acct["dgk_taken"], "user": acct["outputs"]}
+    return {"paillier": packs + s2_linear + acct["replies"], "dgk": acct["dgk_taken"], "user": acct["outputs"]}
 
 
 # -- one query ------------------------------------------------------------------------------------
@@ -666,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     acct_workers = Workers(args.workers)
     acct = accounting_run(im, quantize_image(ds.x_test[indices[0]], im.input_max), acct_workers)
     acct_workers.shutdown()
-    results["accounting"] = {k: v for k, v in acct.items() if k != "reveals"} | {"reveal_calls": len(acct["reveals"])}
+    results["accounting"] = {k: v for k, v in acct.items() if k not in ("reveals", "spec")} | {"reveal_calls": len(acct["reveals"])}
     if not acct["exact"]:
         log("WARNING: the accounting run's result differs from the reference")
     results["inprocess"], results["http"] = [], []

@@ -161,6 +161,7 @@ def install(profiler: Profiler = PROFILER) -> None:
         return original_pack(ctx, values, masks, l)
 
     common.pack_masked = w("s1_pack", recording_pack)
+    linear.reveal_packs = w("s1_pack", linear.reveal_packs)  # type: ignore[attr-defined]
     for name in ("add", "neg", "mul_plain", "rerandomize"):
         setattr(EncryptedTensor, name, w("s1_combine", getattr(EncryptedTensor, name)))
     for module in (linear, comparison, smp, output):

@@ -11,10 +11,14 @@ from the offline pool, and prices them:
 * reveal of n values of l bits (packed k per plaintext): per value slot = l + kappa + 3 squarings
   (the Horner shift) and one multiplication; per pack one re-randomisation (1 mult) and one CRT
   decryption at S2;
-* linear layer, P positions x F fan-in x C channels: S1's cross terms E(X_cols) @ B by a shared-base
-  w-bit window (w = ``WINDOW``): per MAC (taps on zero padding excluded) ceil(b_B / w) multiplications
-  plus, per output, b_B squarings shared by all F bases (b_B = weight bits + kappa + 2, the mask width); per output 3 multiplications
-  to assemble and at S2 one encryption from the pool (2 multiplications);
+* linear layer, P positions x F fan-in x C channels, k positions per packed plaintext (slots of
+  lc + kappa + 3 bits, lc = lx + 1 + b_B + ceil(log2 F), b_B = weight bits + kappa + 2, the mask
+  width), G = ceil(P / k) position groups: S2 encrypts G x F packs (2 multiplications each, pooled
+  randomizer); S1 unmasks them (1 multiplication each) and raises them to B by a shared-base w-bit
+  window (w = ``WINDOW``): per packed MAC ceil(b_B / w) multiplications plus, per output pack, b_B
+  squarings shared by all F bases; S1 masks and re-randomises the G x C result packs (2 multiplications
+  each), S2 decrypts them and encrypts the P x C outputs (2 multiplications each); S1 assembles each
+  output with 3 multiplications;
 * comparison of l bits (ReLU, and each max of a max-pool): per bit one DGK encryption at S2 (1 mult
   with a pooled randomizer), at S1 one blinding exponentiation and 3 multiplications (combination,
   randomizer), at S2 one zero test; per element 4 Paillier encryptions at S2 (2 mults each),
@@ -111,6 +115,21 @@ def _reveal(n_values: int, l: int, bits: int, prim: dict[str, float], kappa: int
     return mults * prim["mulmod_nsq"], packs * prim["decrypt_crt"], packs, mults
 
 
+def linear_packing(entry: dict, spec: dict, bits: int, kappa: int = KAPPA) -> tuple[int, int, int, int, int, int]:
+    """A linear layer's packed cross terms at this key size: (positions P, taps F, mask bits b_B,
+    cross-term bits lc, positions per plaintext k, position groups G = ceil(P / k))."""
+    in_shape = spec["shapes"][entry["input"]]
+    if entry["kind"] == "conv":
+        idx = im2col_indices(tuple(in_shape), int(entry["kernel"]), int(entry["stride"]), int(entry["padding"]))
+        positions, taps = idx.shape
+    else:
+        positions, taps = 1, math.prod(in_shape)
+    b_mask = int(entry["weight_bits"]) + kappa + 2
+    lc = tensor_bits(spec, entry["input"]) + 1 + b_mask + max(0, taps - 1).bit_length()
+    k = slots_per_pack(bits, slot_bits(lc, kappa))
+    return positions, taps, b_mask, lc, k, -(-positions // k)
+
+
 def layer_bound(entry: dict, spec: dict, layer, bits: int, prim: dict[str, float], cores: int,
                 ct_bytes: int, dgk_bytes: int, user_ct_bytes: int, user_mulmod: float,
                 kappa: int = KAPPA) -> dict[str, Any]:
@@ -127,28 +146,25 @@ def layer_bound(entry: dict, spec: dict, layer, bits: int, prim: dict[str, float
     detail: dict[str, Any] = {}
     counts: dict[str, Any] = {}
     if kind in ("conv", "dense"):
-        in_shape = shapes[entry["input"]]
-        n_in = math.prod(in_shape)
+        n_in = math.prod(shapes[entry["input"]])
         lx = tensor_bits(spec, entry["input"])
         c_out = int(entry["channels"])
-        if kind == "conv":
-            idx = im2col_indices(tuple(in_shape), int(entry["kernel"]), int(entry["stride"]), int(entry["padding"]))
-            positions = idx.shape[0]
-            macs = int((idx >= 0).sum()) * c_out  # zero padding needs no multiplication
-        else:
-            positions = 1
-            macs = n_in * c_out
-        b_mask = int(entry["weight_bits"]) + kappa + 2
+        positions, taps, b_mask, lc, k, groups = linear_packing(entry, spec, bits, kappa)
+        macs = positions * taps * c_out
         r1, r2, packs, reveal_mults = _reveal(n_in, lx, bits, prim, kappa)
         outputs = positions * c_out
-        s1_mults = reveal_mults + macs * math.ceil(b_mask / WINDOW) + outputs * b_mask + outputs * 3
-        s1, s2 = s1_mults * mm, r2 + outputs * 2 * mm
-        to_s2, to_s1 = packs * ct_bytes, outputs * ct_bytes
+        z_packs = groups * c_out
+        s1_mults = (reveal_mults + groups * taps  # unmask the packs S2 sends
+                    + groups * taps * c_out * math.ceil(b_mask / WINDOW) + z_packs * b_mask  # packed Straus
+                    + 2 * z_packs + outputs * 3)  # mask + re-randomise the Z packs; assemble outputs
+        s2_encryptions = groups * taps + outputs
+        s1, s2 = s1_mults * mm, r2 + z_packs * prim["decrypt_crt"] + s2_encryptions * 2 * mm
+        to_s2, to_s1 = (packs + z_packs) * ct_bytes, (groups * taps + outputs) * ct_bytes
         elements = outputs
         detail = {"macs": macs, "mask_bits": b_mask, "inputs": n_in, "input_bits": lx, "packs": packs,
-                  "outputs": outputs}
-        counts = {"decryptions": packs, "paillier_encryptions": outputs, "mulmod_nsq": s1_mults + 2 * outputs,
-                  "exp_bits_online": {b_mask: macs}}
+                  "outputs": outputs, "cross_bits": lc, "positions_per_pack": k}
+        counts = {"decryptions": packs + z_packs, "paillier_encryptions": s2_encryptions,
+                  "mulmod_nsq": s1_mults + 2 * s2_encryptions, "exp_bits_online": {b_mask: groups * taps * c_out}}
     elif kind in ("relu", "maxpool"):
         # ReLU compares |x| < 2^bits; a max compares a - b, one bit more
         l = tensor_bits(spec, entry["input"]) + (0 if kind == "relu" else 1)

@@ -3,8 +3,8 @@
 A :class:`KeyCloud` takes an encoded request for a named step and returns the encoded reply
 (``handle``); the in-process channel calls it directly, the S2 Flask service calls it per HTTP
 request. It keeps only what the protocols need between rounds: per-model set-up state (masked
-weights K + B) and short-lived comparison tickets. It can record every plaintext it obtains
-(``record=True``) so tests can show those values do not depend on the user's image.
+weights K + B) and short-lived tickets between the two rounds of a comparison or a linear layer.
+It can record every plaintext it obtains (``record=True``) so tests can show those values do not depend on the user's image.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ HANDLERS: dict[str, Callable[["KeyCloud", Message], Message]] = {
     smp.STEP: smp.s2_multiply,
     linear.SETUP_STEP: linear.s2_setup,
     linear.STEP: linear.s2_linear,
+    linear.CROSS_STEP: linear.s2_linear_cross,
     comparison.BITS_STEP: comparison.s2_compare_bits,
     comparison.ZERO_STEP: comparison.s2_compare_zero,
     output.STEP: output.s2_to_user,
@@ -35,28 +36,32 @@ HANDLERS: dict[str, Callable[["KeyCloud", Message], Message]] = {
 
 
 class TicketStore:
-    """State kept between the two rounds of a comparison, dropped after ``ttl`` seconds."""
+    """State kept between the two rounds of a protocol (comparison, linear layer), dropped after ``ttl`` seconds."""
 
     def __init__(self, ttl: float = 600.0):
         self.ttl = ttl
         self._items: dict[str, tuple[float, Any]] = {}
         self._lock = threading.Lock()
 
-    def put(self, value: Any) -> str:
+    def put(self, kind: str, value: Any) -> str:
         ticket = secrets.token_hex(16)
         now = time.monotonic()
         with self._lock:
             for k in [k for k, (t, _) in self._items.items() if now - t > self.ttl]:
                 del self._items[k]
-            self._items[ticket] = (now, value)
+            self._items[ticket] = (now, (kind, value))
         return ticket
 
-    def pop(self, ticket: str) -> Any:
+    def pop(self, ticket: str, kind: str) -> Any:
+        """The value a ``kind`` step stored under ``ticket``; a ticket works once, for its own kind."""
         with self._lock:
             item = self._items.pop(ticket, None)
         if item is None:
-            raise ProtocolError("unknown or expired comparison ticket")
-        return item[1]
+            raise ProtocolError(f"unknown or expired {kind} ticket")
+        stored_kind, value = item[1]
+        if stored_kind != kind:
+            raise ProtocolError(f"ticket belongs to a {stored_kind} step, not to {kind}")
+        return value
 
     def __len__(self) -> int:
         return len(self._items)

@@ -482,7 +482,8 @@ def test_no_secret_in_s1_data_dir(s1_dir, keys1024):
 
 def test_out_of_range_pixels_are_unprocessable(s1, model_id, keys1024, user_keys):
     pixels = np.zeros((1, 6, 6), dtype=object)
-    pixels[0, 2, 2] = 2**50  # far outside 0..input_max: S2 sees the guard bits set
+    # 4-bit input bound: x + M lies in [2^46, 2^47), so the guard bit of its 47-bit slot is set at the first reveal
+    pixels[0, 2, 2] = 2**46
     response = s1.post(f"/v1/models/{model_id}/classify", data=query_body(keys1024, user_keys, pixels))
     assert "bound" in error_of(response, 422, "bound_exceeded")
     healthy(s1)

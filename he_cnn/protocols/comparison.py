@@ -186,7 +186,7 @@ def s2_compare_bits(cloud: "KeyCloud", msg: Message) -> Message:
     dgk = cloud.dgk_public
     if l + 1 > dgk.max_bits:
         raise BoundExceeded(f"comparison of {l}-bit values exceeds the DGK key's limit of {dgk.max_bits} bits")
-    ticket = cloud.tickets.put((d, l))
+    ticket = cloud.tickets.put("comparison", (d, l))
     low = (1 << l) - 1
     cts = []
     for di in d:
@@ -199,7 +199,7 @@ def s2_compare_bits(cloud: "KeyCloud", msg: Message) -> Message:
 
 
 def s2_compare_zero(cloud: "KeyCloud", msg: Message) -> Message:
-    d, l = cloud.tickets.pop(msg.get("ticket", str))
+    d, l = cloud.tickets.pop(msg.get("ticket", str), "comparison")
     product = msg.get("product", bool)
     blinded = msg.array("blinded")
     if blinded.shape != (len(d), l + 1):

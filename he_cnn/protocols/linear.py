@@ -1,25 +1,35 @@
 """SCVL and SCT: convolution and dense layer of an encrypted input by encrypted weights.
 
-Both are one bilinear map ``Y = X_cols @ K`` (X_cols the im2col matrix of the input, K the
+Both are one bilinear map ``Y = X_cols @ K`` (X_cols the (P, F) im2col matrix of the input, K the
 (F, C) weight matrix), computed with a batched SMP whose weight mask is fixed per model:
 
 Set-up, once per model (step ``linear_setup``, one round for all layers):
   1. S1 draws a mask B (|K| < 2^lw, B = 2^lw + r as in :mod:`.common`) per layer, reveals K + B.
   2. S2 keeps Kt = K + B in the clear under a set-up id; S1 keeps B and E(Kt) = E(K) + B.
-Online, per layer (step ``linear``, one round):
-  1. S1 draws a fresh mask A for the input X (|X| < 2^lx) and reveals X + A (the tensor, not im2col).
-  2. S2 builds Xt_cols from X + A (zero padding), computes Y = Xt_cols @ Kt in the clear and returns
-     fresh E(Y).
-  3. S1 removes the cross terms: E(X_cols K) = E(Y) - E(X_cols) @ B - A_cols @ E(Kt), then adds E(b).
-     (Xt_cols Kt = X K + X B + A Kt.) ``A_cols @ E(Kt)`` does not depend on the query and can be
-     computed before the query arrives.
+Online, per layer (two rounds):
+  1. (step ``linear``) S1 draws a fresh mask A for the input X (|X| < 2^lx) and reveals X + A (the
+     tensor, not im2col). S2 builds Xt_cols from X + A (zero padding), computes Y = Xt_cols @ Kt in
+     the clear and keeps it under a ticket. It returns fresh encryptions of Xt_cols *packed along
+     the positions*: for each group of k positions and each tap f one ciphertext
+     E(sum_j Xt_cols[p_j, f] 2^(s j)), slots of s = lc + kappa + 3 bits, lc the cross-term bound below.
+  2. S1 turns each pack into E(sum_j (X_cols[p_j, f] + 2^lx) 2^(s j)) by subtracting the packed
+     A_cols - 2^lx (one multiplication), and raises the packs to B: one exponentiation now serves k
+     multiply-accumulates (SIMD), giving per position group and channel c the packed
+     Z[p, c] = sum_f (X_cols[p, f] + 2^lx) B[f, c] = (X_cols B)[p, c] + 2^lx sum_f B[f, c],
+     0 <= Z < 2^lc with lc = lx + 1 + bits(B) + ceil(log2 F).
+  3. (step ``linear_cross``) S1 reveals the packs of Z masked slot by slot (M = 2^lc + r, fresh, as any
+     reveal) with the ticket. S2 unpacks Z + M and returns fresh E(Y - Z - M) per output.
+  4. S1: E(X_cols K) = E(Y - Z - M) - E(A_cols Kt) + M + 2^lx sum_f B[f, c], then adds E(b).
+     (Xt_cols Kt = X K + X B + A Kt.) ``E(A_cols Kt)`` does not depend on the query and is computed
+     before the query arrives (:func:`precompute_linear`).
 
-Cost per multiply-accumulate: S1 one exponentiation by a (lw + kappa + 2)-bit exponent online and one
-by an (lx + kappa + 2)-bit exponent that is query-independent; S2 plaintext integer arithmetic only.
-Per input element: S1 ~lx + kappa squarings (packing), S2 one decryption per pack; per output: S2 one
-encryption, S1 one inversion.
-S1 learns: nothing.  S2 learns: K + B once per model and X + A per query, each statistically
-independent of K and X (distance 2^-kappa per element); the layer geometry and the bit bounds.
+Cost per multiply-accumulate: S1 one exponentiation by a (lw + kappa + 2)-bit exponent per k of them
+online (Straus, shared squarings) and one by an (lx + kappa + 2)-bit exponent that is
+query-independent. Per input element S1 ~lx + kappa squarings (packing), S2 one decryption per pack;
+per (position group, tap) S2 one encryption; per (position group, channel) S1 one re-randomisation and
+S2 one decryption; per output S2 one encryption, S1 one inversion.
+S1 learns: nothing.  S2 learns: K + B once per model, X + A and Z + M per query, each statistically
+independent of K, X and Z (distance 2^-kappa per element); the layer geometry and the bit bounds.
 """
 from __future__ import annotations
 
@@ -33,13 +43,15 @@ from ..errors import ProtocolError, ShapeError
 from ..graph import conv_output_hw, im2col_indices
 from ..tensor import EncryptedTensor, as_int_array
 from ..wire import Message
-from .common import S1Context, encrypted_reply, read_ciphertexts, read_revealed, reveal_message, sample_masks
+from .common import (S1Context, encrypted_reply, read_ciphertexts, read_revealed, reveal_message, reveal_packs,
+                     sample_masks, slot_bits, slots_per_pack)
 
 if TYPE_CHECKING:
     from ..s2 import KeyCloud
 
 SETUP_STEP = "linear_setup"
 STEP = "linear"
+CROSS_STEP = "linear_cross"
 
 
 @dataclass(frozen=True)
@@ -173,6 +185,24 @@ def s2_setup(cloud: "KeyCloud", msg: Message) -> Message:
     return Message(meta={"setup_id": setup_id, "layers": len(stored)})
 
 
+def cross_bits(x_bits: int, masks: np.ndarray) -> int:
+    """lc: a bound on the slot values sum_f (x + 2^lx) B[f, c] (0 <= Z < 2^lc), for |x| < 2^x_bits."""
+    fan_in = masks.shape[0]
+    b_bits = max(int(v).bit_length() for v in masks.reshape(-1))
+    return x_bits + 1 + b_bits + max(0, fan_in - 1).bit_length()
+
+
+def _pack_rows(values: np.ndarray, k: int, slot: int) -> np.ndarray:
+    """(P, F) integers -> (ceil(P / k), F) plaintexts sum_j values[g k + j, f] 2^(slot j) (slots past
+    P are zero)."""
+    p_count, f_count = values.shape
+    groups = -(-p_count // k)
+    padded = np.zeros((groups * k, f_count), dtype=object)
+    padded[:p_count] = values
+    shifts = np.array([1 << (slot * j) for j in range(k)], dtype=object).reshape(1, k, 1)
+    return (padded.reshape(groups, k, f_count) * shifts).sum(axis=1)
+
+
 def secure_linear(ctx: S1Context, setup_id: str, layer: EncryptedLinear, setup: LinearSetup,
                   x: EncryptedTensor, x_bits: int, pre: LinearPrecomputation | None = None) -> EncryptedTensor:
     """SCVL (kind "conv") or SCT (kind "dense"): E(conv(x, K) + b) or E(K^T x + b).
@@ -182,29 +212,74 @@ def secure_linear(ctx: S1Context, setup_id: str, layer: EncryptedLinear, setup: 
     geometry = layer.geometry
     if x.shape != geometry.in_shape:
         raise ShapeError(f"layer {layer.name}: input shape {x.shape}, expected {geometry.in_shape}")
-    ctx.public_key.require_same(x.public_key, f"input of layer {layer.name}")
+    pk = ctx.public_key
+    pk.require_same(x.public_key, f"input of layer {layer.name}")
     pre = pre or precompute_linear(ctx, layer, setup, x_bits)
-    msg = reveal_message(ctx, "x", x, x_bits, pre.masks)
-    msg.meta.update({"setup_id": setup_id, "layer": layer.name})
-    reply = ctx.channel.request(STEP, msg)
-
     idx = geometry.column_indices()
-    p_count, c_count = idx.shape[0], layer.weight.shape[1]
-    y = read_ciphertexts(ctx.public_key, reply, "y", (p_count, c_count))
-    ctx.count("exp_online", p_count * idx.shape[1] * c_count)
-    out = y.sub(x.take(idx).matmul_plain(setup.masks, ctx.workers)).sub(pre.a_term)
-    out = out.add(EncryptedTensor(ctx.public_key, np.broadcast_to(layer.bias.data, out.shape).copy()))
+    (p_count, f_count), c_count = idx.shape, layer.weight.shape[1]
+    lc = cross_bits(x_bits, setup.masks)
+    slot = slot_bits(lc, ctx.kappa)
+    k = slots_per_pack(pk.bits, slot)
+    groups = -(-p_count // k)
+
+    # round 1: X + A; S2 keeps Y = Xt_cols Kt and returns Xt_cols packed along positions
+    msg = reveal_message(ctx, "x", x, x_bits, pre.masks)
+    msg.meta.update({"setup_id": setup_id, "layer": layer.name, "cross_bits": lc})
+    reply = ctx.channel.request(STEP, msg)
+    ticket = reply.get("ticket", str)
+    cols = read_ciphertexts(pk, reply, "cols", (groups, f_count))
+
+    # S1: packs of X_cols + 2^lx, raised to B -> packs of Z, masked
+    offset = 1 << x_bits
+    a_cols = np.array(pre.masks + [0], dtype=object)[np.where(idx < 0, len(pre.masks), idx)]
+    cols = cols.sub(_pack_rows(a_cols - offset, k, slot))
+    ctx.count("exp_online", groups * f_count * c_count)
+    z = cols.matmul_plain(setup.masks, ctx.workers)  # (groups, C) packs
+    z_masks = np.array(sample_masks(c_count * groups * k, lc, ctx.kappa), dtype=object).reshape(c_count, groups * k)
+    # packs and masks in the order (c, group)
+    msg2 = reveal_packs(ctx, "z", z.data.T.reshape(-1), z_masks.reshape(c_count * groups, k), lc)
+    msg2.meta["ticket"] = ticket
+
+    # round 2: S2 returns E(Y - Z - M) per output
+    reply2 = ctx.channel.request(CROSS_STEP, msg2)
+    out = read_ciphertexts(pk, reply2, "y", (p_count, c_count)).sub(pre.a_term)
+    m = z_masks[:, :p_count].T  # (P, C)
+    b_sums = np.array([sum(int(v) for v in setup.masks[:, c]) for c in range(c_count)], dtype=object)
+    out = out.add(m + offset * b_sums)
+    out = out.add(EncryptedTensor(pk, np.broadcast_to(layer.bias.data, out.shape).copy()))
     # (P, C) -> channel-first output
-    return EncryptedTensor(ctx.public_key, out.data.T.copy()).reshape(layer.out_shape)
+    return EncryptedTensor(pk, out.data.T.copy()).reshape(layer.out_shape)
 
 
 def s2_linear(cloud: "KeyCloud", msg: Message) -> Message:
     weights, geometry = cloud.setup_layer(msg.get("setup_id", str), msg.get("layer", str))
-    values, _ = read_revealed(cloud, msg, "x")
+    values, x_bits = read_revealed(cloud, msg, "x")
     expected = int(np.prod(geometry.in_shape))
     if len(values) != expected:
         raise ShapeError(f"layer input has {len(values)} elements, expected {expected} ({geometry.in_shape})")
+    lc, kappa = msg.get("cross_bits", int), msg.get("kappa", int)
+    if not x_bits < lc <= cloud.keys.public.bits:
+        raise ProtocolError(f"cross-term bound of {lc} bits out of range for {x_bits}-bit inputs")
+    slot = slot_bits(lc, kappa)
     idx = geometry.column_indices()
+    k = slots_per_pack(cloud.keys.public.bits, slot)
     padded = np.array(values + [0], dtype=object)
     x_cols = padded[np.where(idx < 0, len(values), idx)]
-    return encrypted_reply(cloud, {"y": np.dot(x_cols, weights).reshape(-1)})
+    ticket = cloud.tickets.put("linear", (np.dot(x_cols, weights), slot))
+    cols = _pack_rows(x_cols, k, slot)
+    reply = encrypted_reply(cloud, {"cols": cols.reshape(-1)}, {"ticket": ticket})
+    reply.arrays["cols"] = reply.arrays["cols"].reshape(cols.shape)
+    return reply
+
+
+def s2_linear_cross(cloud: "KeyCloud", msg: Message) -> Message:
+    y, slot = cloud.tickets.pop(msg.get("ticket", str), "linear")
+    z, lc = read_revealed(cloud, msg, "z")
+    p_count, c_count = y.shape
+    if slot != slot_bits(lc, msg.get("kappa", int)):
+        raise ProtocolError(f"cross terms of {lc} bits do not match the packs S2 sent")
+    per = len(z) // c_count
+    if len(z) != per * c_count or not p_count <= per < p_count + slots_per_pack(cloud.keys.public.bits, slot):
+        raise ShapeError(f"{len(z)} cross terms do not fit {p_count} positions x {c_count} channels")
+    zt = np.array(z, dtype=object).reshape(c_count, per)[:, :p_count].T
+    return encrypted_reply(cloud, {"y": (y - zt).reshape(-1)})
