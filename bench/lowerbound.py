@@ -12,7 +12,7 @@ from the offline pool, and prices them:
   (the Horner shift) and one multiplication; per pack one re-randomisation (1 mult) and one CRT
   decryption at S2;
 * linear layer, P positions x F fan-in x C channels, k positions per packed plaintext (slots of
-  lc + kappa + 3 bits, lc = lx + 1 + b_B + ceil(log2 F), b_B = weight bits + kappa + 2, the mask
+  lc + kappa + 3 bits, lc = lx + 1 + b_B + ceil(log2 F), b_B = weight bits + kappa + 1, the mask
   width), G = ceil(P / k) position groups: S2 encrypts G x F packs (2 multiplications each, pooled
   randomizer); S1 unmasks them (1 multiplication each) and raises them to B by a shared-base w-bit
   window (w = ``WINDOW``): per packed MAC ceil(b_B / w) multiplications plus, per output pack, b_B
@@ -124,7 +124,9 @@ def linear_packing(entry: dict, spec: dict, bits: int, kappa: int = KAPPA) -> tu
         positions, taps = idx.shape
     else:
         positions, taps = 1, math.prod(in_shape)
-    b_mask = int(entry["weight_bits"]) + kappa + 2
+    # B = 2^lw + r, r < 2^(lw + 1 + kappa): lw + kappa + 1 bits, one more only with probability
+    # 2^-(kappa + 1) per weight (the engine uses the actual largest B)
+    b_mask = int(entry["weight_bits"]) + kappa + 1
     lc = tensor_bits(spec, entry["input"]) + 1 + b_mask + max(0, taps - 1).bit_length()
     k = slots_per_pack(bits, slot_bits(lc, kappa))
     return positions, taps, b_mask, lc, k, -(-positions // k)

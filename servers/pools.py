@@ -3,9 +3,9 @@
 Every Paillier and DGK encryption and re-randomisation needs a fresh randomizer (``h^e``, tens of
 modular multiplications). A :class:`PoolFiller` thread computes them ahead of time into the keys'
 :class:`~he_cnn.keys.RandomnessPool` objects, so that inside a query each costs one multiplication.
-It works only while the app has had no request for ``quiet_seconds``: S1 and S2 alternate during a
+It works only while the app has had no POST request for ``quiet_seconds``: S1 and S2 alternate during a
 query, and a filler that ran whenever its own cloud waited would take the other cloud's core.
-The pool size comes from ``HECNN_RANDOMNESS_POOL`` (DGK randomizers; Paillier gets an eighth;
+The pool size comes from ``HECNN_RANDOMNESS_POOL`` (DGK randomizers; Paillier gets a fifth at S2, a 12th at S1;
 0 turns filling off).
 """
 from __future__ import annotations
@@ -14,11 +14,13 @@ import os
 import threading
 import time
 
-from flask import Flask
+from flask import Flask, request
 
 from he_cnn.keys import RandomnessPool
 
-DEFAULT_DGK_POOL = 100_000
+#: one 2048-bit ICNN query draws ~123,000 DGK randomizers at each cloud, ~25,000 Paillier ones at S2
+#: and ~10,000 at S1
+DEFAULT_DGK_POOL = 130_000
 CHUNK = 64
 
 
@@ -45,15 +47,29 @@ class PoolFiller:
         if self.pools:
             self._thread.start()
 
+    @staticmethod
+    def _counts() -> bool:
+        """Only POSTs (protocol rounds, uploads, queries) are work. GETs (health, public key, model
+        list) are cheap: a monitor polling them must not keep the pools empty, and S1's health check
+        itself fetches S2's public key."""
+        return request.method != "GET"
+
     def _request_started(self) -> None:
-        with self._lock:
-            self._active += 1
-            self._last_request = time.monotonic()
+        if self._counts():
+            with self._lock:
+                self._active += 1
+                self._last_request = time.monotonic()
 
     def _request_finished(self, _error: BaseException | None = None) -> None:
-        with self._lock:
-            self._active -= 1
-            self._last_request = time.monotonic()
+        if self._counts():
+            with self._lock:
+                self._active -= 1
+                self._last_request = time.monotonic()
+
+    def status(self) -> dict:
+        """For the health endpoint: whether every pool is at its target, and (size, target) per pool."""
+        levels = [[len(p), t] for p, t in self.pools]
+        return {"full": all(n >= t for n, t in levels), "levels": levels}
 
     def busy(self) -> bool:
         """True while a request runs (or has just run) or some work marked itself busy."""

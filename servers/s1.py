@@ -143,6 +143,11 @@ class OfflinePhase:
         with self._lock:
             return self._ready.pop((stored.model_id, stored.setup.setup_id), None)
 
+    def ready_count(self) -> int:
+        """Models whose next query is prepared."""
+        with self._lock:
+            return len(self._ready)
+
     def refill(self, stored: StoredModel) -> None:
         if self._executor is None:
             return
@@ -184,8 +189,11 @@ bp = Blueprint("s1", __name__, url_prefix="/v1")
 def health() -> Response:
     peer, store = _service()
     pinned = peer.pinned
+    pools = current_app.extensions.get("he_cnn.pools")
     return jsonify({"status": "ok", "role": "s1", "models": len(store),
-                    "key_id": pinned.key_id if pinned else None, "s2": peer.check_peer_key()})
+                    "key_id": pinned.key_id if pinned else None, "s2": peer.check_peer_key(),
+                    "prepared": current_app.extensions["he_cnn.s1.offline"].ready_count(),
+                    "pools": pools.status() if pools else None})
 
 
 @bp.get("/public-key")
@@ -338,7 +346,7 @@ def create_app(config: S1Config) -> Flask:
     if peer.pinned is not None:  # S1 draws DGK randomizers for blinding and Paillier ones for re-randomising
         target = pool_target()
         app.extensions["he_cnn.pools"] = PoolFiller(app, [(peer.pinned.dgk.pool, target),
-                                                           (peer.pinned.paillier.pool, target // 32)])
+                                                           (peer.pinned.paillier.pool, target // 12)])
     app.register_blueprint(bp)
     log.info("S1 ready: %d models from %s, S2 at %s", loaded, data_dir, peer.url)
     return app

@@ -204,8 +204,10 @@ def _cloud() -> KeyCloud:
 @bp.get("/health")
 def health() -> Response:
     cloud = _cloud()
+    pools = current_app.extensions.get("he_cnn.pools")
     return jsonify({"status": "ok", "role": "s2", "key_id": cloud.keys.public.key_id,
-                    "key_bits": cloud.keys.public.bits, "setups": len(cloud.setups)})
+                    "key_bits": cloud.keys.public.bits, "setups": len(cloud.setups),
+                    "pools": pools.status() if pools else None})
 
 
 @bp.get("/public-key")
@@ -256,7 +258,7 @@ def create_app(config: S2Config, key_cloud: KeyCloud | None = None) -> Flask:
     app.extensions["he_cnn.s2.public_key"] = public_key_message(cloud.keys.public, cloud.dgk_public)
     target = pool_target()
     app.extensions["he_cnn.pools"] = PoolFiller(app, [(cloud.dgk_public.pool, target),
-                                                       (cloud.keys.public.pool, target // 8)])
+                                                       (cloud.keys.public.pool, target // 5)])
     app.register_blueprint(bp)
     log.info("S2 ready: key %s (%d bits), %d set-ups from %s", cloud.keys.public.key_id, cloud.keys.public.bits,
              loaded, data_dir)

@@ -19,7 +19,7 @@ def test_pools_fill_only_while_the_cloud_is_quiet():
     pk = generate_keypair(512, allow_small=True).public
     app = Flask(__name__)
 
-    @app.get("/slow")
+    @app.post("/slow")
     def slow():
         filled = len(pk.pool)
         time.sleep(0.5)
@@ -31,9 +31,38 @@ def test_pools_fill_only_while_the_cloud_is_quiet():
         with app.test_client() as client:
             # at most the one chunk already in flight is finished during a request (unchecked, the
             # filler would add thousands in those 0.5 s)
-            assert client.get("/slow").get_json()["grew"] <= CHUNK
+            assert client.post("/slow").get_json()["grew"] <= CHUNK
         before = len(pk.pool)
         assert wait_for(lambda: len(pk.pool) > before + CHUNK)  # and it resumes when quiet
         assert pk.pool.taken == 0 and pk.randomizer() and pk.pool.taken == 1
+    finally:
+        filler.shutdown()
+
+
+def test_gets_do_not_hold_the_filler_back_and_health_reports_the_levels():
+    pk = generate_keypair(512, allow_small=True).public
+    app = Flask(__name__)
+
+    @app.get("/v1/health")
+    def health():
+        return filler.status()
+
+    @app.post("/work")
+    def work():
+        return {}
+
+    filler = PoolFiller(app, [(pk.pool, 3 * CHUNK)], quiet_seconds=0.5)
+    try:
+        with app.test_client() as client:
+            client.post("/work")
+            statuses = []
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:  # polled far more often than the quiet period
+                statuses.append(client.get("/v1/health").get_json())
+                if statuses[-1]["full"]:
+                    break
+                time.sleep(0.05)
+        assert statuses[0] == {"full": False, "levels": [[statuses[0]["levels"][0][0], 3 * CHUNK]]}
+        assert statuses[-1] == {"full": True, "levels": [[3 * CHUNK, 3 * CHUNK]]}
     finally:
         filler.shutdown()
