@@ -115,16 +115,39 @@ def conv_output_hw(h: int, w: int, kernel: int, stride: int, padding: int) -> tu
     return (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
 
 
+def _linear_interval(weight: np.ndarray, bias: np.ndarray, lo: list[int], hi: list[int]) -> tuple[list[int], list[int]]:
+    """Per-output [lo, hi] of ``weight @ x + bias`` for x[i] in [lo[i], hi[i]]; ``weight`` is
+    (outputs, inputs, taps), each tap of input i ranging over [lo[i], hi[i]]."""
+    out_lo, out_hi = [], []
+    for o in range(weight.shape[0]):
+        low = high = int(bias[o])
+        for i in range(weight.shape[1]):
+            pos = sum(int(v) for v in weight[o, i].ravel() if v > 0)
+            neg = sum(int(v) for v in weight[o, i].ravel() if v < 0)
+            low += pos * lo[i] + neg * hi[i]
+            high += pos * hi[i] + neg * lo[i]
+        out_lo.append(low)
+        out_hi.append(high)
+    return out_lo, out_hi
+
+
 def infer_shapes_and_bounds(
     layers: tuple[Layer, ...], input_name: str, input_shape: tuple[int, int, int], input_max: int
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     """Shapes of every tensor, and worst-case bounds ``|v| <= bound`` by interval arithmetic.
 
+    The intervals are kept per channel and two-sided ([lo, hi]: after a ReLU lo = 0, so only the
+    positive weights raise the next layer's hi and only the negative ones lower its lo); a tensor's
+    bound is the largest |lo| or |hi| over its channels. Zero padding widens a channel's interval to
+    include 0. The bound holds for every image with pixels in [0, input_max].
+
     Raises :class:`UnsupportedLayer` for a layer type the engine does not know and
     :class:`ShapeError` where a layer's parameters do not fit its input.
     """
     shapes: dict[str, tuple[int, ...]] = {input_name: tuple(input_shape)}
-    bounds: dict[str, int] = {input_name: int(input_max)}
+    #: per channel (per feature for 1-D tensors) [lo, hi]
+    intervals: dict[str, tuple[list[int], list[int]]] = {
+        input_name: ([0] * input_shape[0], [int(input_max)] * input_shape[0])}
     for layer in layers:
         if not isinstance(layer, SUPPORTED_LAYERS):
             raise UnsupportedLayer(
@@ -143,9 +166,10 @@ def infer_shapes_and_bounds(
             if len(hw) != 1:
                 raise ShapeError(f"{layer.name}: concatenated inputs must share H, W; got {ins}")
             shapes[layer.output] = (sum(s[0] for s in ins), *ins[0][1:])
-            bounds[layer.output] = max(bounds[i] for i in layer.inputs)
+            intervals[layer.output] = ([v for i in layer.inputs for v in intervals[i][0]],
+                                       [v for i in layer.inputs for v in intervals[i][1]])
             continue
-        shape, bound = shapes[layer.input], bounds[layer.input]
+        shape, (lo, hi) = shapes[layer.input], intervals[layer.input]
         if isinstance(layer, Conv):
             c_out, c_in, kh, kw = layer.weight.shape
             if len(shape) != 3 or shape[0] != c_in or kh != kw:
@@ -153,8 +177,9 @@ def infer_shapes_and_bounds(
             if layer.bias.shape != (c_out,):
                 raise ShapeError(f"{layer.name}: bias shape {layer.bias.shape}, expected ({c_out},)")
             shapes[layer.output] = (c_out, *conv_output_hw(shape[1], shape[2], kh, layer.stride, layer.padding))
-            row_abs = [sum(abs(int(v)) for v in layer.weight[c].ravel()) for c in range(c_out)]
-            bounds[layer.output] = max(r * bound + abs(int(b)) for r, b in zip(row_abs, layer.bias))
+            if layer.padding:
+                lo, hi = [min(v, 0) for v in lo], [max(v, 0) for v in hi]
+            intervals[layer.output] = _linear_interval(layer.weight.reshape(c_out, c_in, -1), layer.bias, lo, hi)
         elif isinstance(layer, Dense):
             out_f, in_f = layer.weight.shape
             if shape != (in_f,):
@@ -162,19 +187,20 @@ def infer_shapes_and_bounds(
             if layer.bias.shape != (out_f,):
                 raise ShapeError(f"{layer.name}: bias shape {layer.bias.shape}, expected ({out_f},)")
             shapes[layer.output] = (out_f,)
-            row_abs = [sum(abs(int(v)) for v in layer.weight[o]) for o in range(out_f)]
-            bounds[layer.output] = max(r * bound + abs(int(b)) for r, b in zip(row_abs, layer.bias))
+            intervals[layer.output] = _linear_interval(layer.weight.reshape(out_f, in_f, 1), layer.bias, lo, hi)
         elif isinstance(layer, ReLU):
             shapes[layer.output] = shape
-            bounds[layer.output] = bound
+            intervals[layer.output] = ([max(v, 0) for v in lo], [max(v, 0) for v in hi])
         elif isinstance(layer, MaxPool):
             if len(shape) != 3 or layer.padding * 2 > layer.kernel:
                 raise ShapeError(f"{layer.name}: pooling {layer.kernel}x{layer.kernel} pad {layer.padding} on {shape}")
             shapes[layer.output] = (shape[0], *conv_output_hw(shape[1], shape[2], layer.kernel, layer.stride, layer.padding))
-            bounds[layer.output] = bound
+            intervals[layer.output] = (lo, hi)  # padded positions are left out of every window
         elif isinstance(layer, Flatten):
             shapes[layer.output] = (int(np.prod(shape)),)
-            bounds[layer.output] = bound
+            per = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            intervals[layer.output] = ([v for v in lo for _ in range(per)], [v for v in hi for _ in range(per)])
+    bounds = {name: max([abs(v) for v in lo] + [abs(v) for v in hi] + [0]) for name, (lo, hi) in intervals.items()}
     return shapes, bounds
 
 
