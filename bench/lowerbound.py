@@ -168,22 +168,39 @@ def layer_bound(entry: dict, spec: dict, layer, bits: int, prim: dict[str, float
         counts = {"decryptions": packs + z_packs, "paillier_encryptions": s2_encryptions,
                   "mulmod_nsq": s1_mults + 2 * s2_encryptions, "exp_bits_online": {b_mask: groups * taps * c_out}}
     elif kind in ("relu", "maxpool"):
-        # ReLU compares |x| < 2^bits; a max compares a - b, one bit more
+        # ReLU compares |x| < 2^bits; a max compares a - b, one bit more; a requantising ReLU (shift k)
+        # first truncates (a comparison of the low k bits) and then compares the remaining l - k bits
         l = tensor_bits(spec, entry["input"]) + (0 if kind == "relu" else 1)
+        shift = min(int(entry.get("shift", 0)), l) if kind == "relu" else 0
         compared_bits = int(ops.get("dgk_bit", 0))
-        m = compared_bits // (l + 1)
-        r1, r2, packs, reveal_mults = _reveal(m, l, bits, prim, kappa)
-        s1 = (r1 + compared_bits * (prim["dgk_blind_exp"] + BIT_MULTS * mmd)
-              + m * (COMBINE_MULTS * mm + ((kappa + 1) + (l + kappa + 2)) * prim["exp_per_bit_nsq"]))
-        s2 = r2 + compared_bits * (mmd + prim["dgk_zero_test"]) + m * 4 * 2 * mm
+        if kind == "relu":
+            m = math.prod(shapes[entry["input"]])
+            passes = [(l, l)] if not shift else [(l, shift), (l - shift, l - shift)] if shift < l else []
+        else:
+            m = compared_bits // (l + 1)
+            passes = [(l, l)]
+        s1 = s2 = 0.0
+        packs = reveal_mults = 0
+        for reveal_bits, low in passes:  # (revealed bits, compared low bits) per two-round pass
+            r1, r2, p, rm = _reveal(m, reveal_bits, bits, prim, kappa)
+            product = low == reveal_bits  # a truncation pass needs no product, so no short exponentiations
+            exp_bits = (kappa + 1) + (reveal_bits + kappa + 2) if product else 0
+            s1 += r1 + m * (COMBINE_MULTS * mm + exp_bits * prim["exp_per_bit_nsq"])
+            s2 += r2 + m * (4 if product else 2) * 2 * mm
+            packs, reveal_mults = packs + p, reveal_mults + rm
+        s1 += compared_bits * (prim["dgk_blind_exp"] + BIT_MULTS * mmd)
+        s2 += compared_bits * (mmd + prim["dgk_zero_test"])
         to_s2 = packs * ct_bytes + compared_bits * dgk_bytes
-        to_s1 = compared_bits * dgk_bytes + 4 * m * ct_bytes
+        to_s1 = compared_bits * dgk_bytes + (4 * m + 2 * m * (len(passes) - 1)) * ct_bytes
         elements = math.prod(shapes[entry["output"]])
-        detail = {"comparisons": m, "bits": l, "compared_bits": compared_bits, "packs": packs}
-        counts = {"decryptions": packs, "paillier_encryptions": 4 * m, "dgk_encryptions": compared_bits,
-                  "dgk_zero_tests": compared_bits, "dgk_blind_exps": compared_bits,
-                  "mulmod_nsq": reveal_mults + COMBINE_MULTS * m + 8 * m, "mulmod_dgk": (1 + BIT_MULTS) * compared_bits,
-                  "exp_bits_online": {kappa + 1: m, l + kappa + 2: m}}
+        detail = {"comparisons": m * len(passes), "bits": l, "compared_bits": compared_bits, "packs": packs,
+                  "shift": shift}
+        last = passes[-1][0] if passes else l
+        counts = {"decryptions": packs, "paillier_encryptions": 4 * m + 2 * m * (len(passes) - 1),
+                  "dgk_encryptions": compared_bits, "dgk_zero_tests": compared_bits, "dgk_blind_exps": compared_bits,
+                  "mulmod_nsq": reveal_mults + (COMBINE_MULTS + 8) * m * len(passes),
+                  "mulmod_dgk": (1 + BIT_MULTS) * compared_bits,
+                  "exp_bits_online": {kappa + 1: m, last + kappa + 2: m} if passes else {}}
     elif kind == "to_user":
         n = int(spec["num_classes"])
         l = tensor_bits(spec, spec["output"])

@@ -419,11 +419,12 @@ def _why(results: dict) -> list[str]:
         levers = [
             f"*fewer compared bits*: the values compared carry l = "
             f"{min(r['bound_detail']['bits'] for r in comp_rows)}..{max(r['bound_detail']['bits'] for r in comp_rows)} "
-            f"bits because scales grow without rescaling; each compared bit costs at least {per_bit * 1e3:.3f} ms here "
-            f"(zero test, blinding exponentiation, DGK multiplications, on {cores} cores). An exact truncation to "
-            f"16 bits before each comparison layer would cut the {bits_compared:,} compared bits to {bits16:,}, "
-            f"about {(bits_compared - bits16) * per_bit:.1f} s less bound (the truncation itself costs a masked "
-            f"reveal and a small comparison per value);",
+            f"bits (worst-case bounds; two ReLUs already requantise to 10 bits); each compared bit costs at least "
+            f"{per_bit * 1e3:.3f} ms here (zero test, blinding exponentiation, DGK multiplications, on {cores} cores). "
+            f"Capping every compared value at 16 bits (requantising inside the Inception branches too, which "
+            f"needs a rescaled concatenation) would cut the {bits_compared:,} compared bits to {bits16:,}, "
+            f"about {(bits_compared - bits16) * per_bit:.1f} s less bound; per-channel bit lengths instead of one "
+            f"per tensor would save a further ~9 % of the bits;",
             f"*the S1 combination step* (`s1_combine`: carry, t, t*d and x*t with two short exponentiations per "
             f"compared value) runs in the main process on one core: {combine:.1f} s; spread over the {cores} workers it "
             f"would take about {combine / cores:.1f} s;",

@@ -48,9 +48,13 @@ class Dense:
 
 @dataclass(frozen=True)
 class ReLU:
+    """``max(x, 0) >> shift``: with a shift the ReLU also requantises (an exact floor division by
+    2^shift), which keeps the activations, and so every later comparison, short."""
+
     name: str
     input: str
     output: str
+    shift: int = 0
 
 
 @dataclass(frozen=True)
@@ -189,8 +193,10 @@ def infer_shapes_and_bounds(
             shapes[layer.output] = (out_f,)
             intervals[layer.output] = _linear_interval(layer.weight.reshape(out_f, in_f, 1), layer.bias, lo, hi)
         elif isinstance(layer, ReLU):
+            if layer.shift < 0:
+                raise ShapeError(f"{layer.name}: negative shift {layer.shift}")
             shapes[layer.output] = shape
-            intervals[layer.output] = ([max(v, 0) for v in lo], [max(v, 0) for v in hi])
+            intervals[layer.output] = ([max(v, 0) >> layer.shift for v in lo], [max(v, 0) >> layer.shift for v in hi])
         elif isinstance(layer, MaxPool):
             if len(shape) != 3 or layer.padding * 2 > layer.kernel:
                 raise ShapeError(f"{layer.name}: pooling {layer.kernel}x{layer.kernel} pad {layer.padding} on {shape}")

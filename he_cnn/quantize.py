@@ -30,17 +30,28 @@ from .model import INPUT, ICNN, ChannelConcat
 
 FORMAT = "he-cnn-integer-model"
 FORMAT_VERSION = 1
+#: default width of requantised activations (see :func:`quantize_icnn`)
+ACTIVATION_BITS = 10
 LAYER_TYPES: dict[str, type] = {t.__name__: t for t in (Conv, Dense, ReLU, MaxPool, Concat, Flatten)}
 
 Step = tuple[str, nn.Module, tuple[str, ...]]
 
 
-def quantize_icnn(model: ICNN, input_max: int = 15, weight_bits: int = 6) -> IntegerModel:
-    """Quantise a trained :class:`ICNN`; the integer model's layers keep the torch step names."""
+def quantize_icnn(model: ICNN, input_max: int = 15, weight_bits: int = 6,
+                  activation_bits: int | None = ACTIVATION_BITS) -> IntegerModel:
+    """Quantise a trained :class:`ICNN`; the integer model's layers keep the torch step names.
+
+    With ``activation_bits``, every ReLU that is not inside an Inception branch (its output reaches
+    every branch of each later concatenation, so its scale cannot misalign one) also requantises:
+    it shifts right until its worst-case output fits ``activation_bits`` bits. None keeps every
+    scale (the activations then grow along the network).
+    """
     if type(input_max) is not int or input_max < 1:
         raise BadRequest(f"input_max must be a positive int, got {input_max!r}")
     if type(weight_bits) is not int or weight_bits < 2:
         raise BadRequest(f"weight_bits must be an int >= 2, got {weight_bits!r}")
+    if activation_bits is not None and (type(activation_bits) is not int or activation_bits < 2):
+        raise BadRequest(f"activation_bits must be an int >= 2 or None, got {activation_bits!r}")
     steps = model.steps()
     for name, module, _ in steps:
         _check_supported(name, module)
@@ -50,15 +61,25 @@ def quantize_icnn(model: ICNN, input_max: int = 15, weight_bits: int = 6) -> Int
         if isinstance(module, (nn.Conv2d, nn.Linear))
     }
     _align_concat_scales(steps, shifts)
-    exponents = _scale_exponents(steps, shifts)
-    layers = tuple(_integer_layer(step, shifts, exponents, input_max) for step in steps)
+    relu_shifts: dict[str, int] = {}
+    for relu in _requantizing_relus(steps) if activation_bits is not None else []:
+        # layers up to this ReLU are final once the earlier ReLUs' shifts are set
+        layers = tuple(_integer_layer(step, shifts, _scale_exponents(steps, shifts, relu_shifts), input_max,
+                                      relu_shifts) for step in steps)
+        _, bounds = infer_shapes_and_bounds(layers, INPUT, model.input_shape, input_max)
+        source = next(inputs[0] for name, _, inputs in steps if name == relu)
+        relu_shifts[relu] = max(0, int(bounds[source]).bit_length() - activation_bits)
+    exponents = _scale_exponents(steps, shifts, relu_shifts)
+    layers = tuple(_integer_layer(step, shifts, exponents, input_max, relu_shifts) for step in steps)
     shapes, bounds = infer_shapes_and_bounds(layers, INPUT, model.input_shape, input_max)
     output = steps[-1][0]
     meta = {
         "source": type(model).__name__,
         "input_max": input_max,
         "weight_bits": weight_bits,
+        "activation_bits": activation_bits,
         "weight_shifts": shifts,
+        "relu_shifts": relu_shifts,
         "scale_exponents": exponents,
         "scales": {t: str(input_max * Fraction(2) ** e) for t, e in exponents.items()},
     }
@@ -109,12 +130,39 @@ def _check_supported(name: str, module: nn.Module) -> None:
         )
 
 
-def _scale_exponents(steps: list[Step], shifts: dict[str, int]) -> dict[str, int]:
-    """Exponent ``e`` of every tensor's scale ``input_max * 2**e``; a concat takes its largest input's."""
+def _scale_exponents(steps: list[Step], shifts: dict[str, int], relu_shifts: dict[str, int] | None = None
+                     ) -> dict[str, int]:
+    """Exponent ``e`` of every tensor's scale ``input_max * 2**e``; a concat takes its largest input's;
+    a requantising ReLU lowers it by its shift."""
+    relu_shifts = relu_shifts or {}
     exponents = {INPUT: 0}
     for name, _, inputs in steps:
-        exponents[name] = max(exponents[i] for i in inputs) + shifts.get(name, 0)
+        exponents[name] = max(exponents[i] for i in inputs) + shifts.get(name, 0) - relu_shifts.get(name, 0)
     return exponents
+
+
+def _requantizing_relus(steps: list[Step]) -> list[str]:
+    """ReLUs outside every Inception branch (each concatenation downstream gets all its inputs from
+    it) with a comparison (ReLU, max-pool) downstream, the only place shorter values pay."""
+    consumers: dict[str, list[str]] = {}
+    for name, _, inputs in steps:
+        for i in inputs:
+            consumers.setdefault(i, []).append(name)
+    out = []
+    for name, module, _ in steps:
+        if not isinstance(module, nn.ReLU):
+            continue
+        reached, stack = {name}, [name]
+        while stack:
+            for c in consumers.get(stack.pop(), []):
+                if c not in reached:
+                    reached.add(c)
+                    stack.append(c)
+        later = [(n, m, inputs) for n, m, inputs in steps if n in reached and n != name]
+        compares = any(isinstance(m, (nn.ReLU, nn.MaxPool2d)) for _, m, _ in later)
+        if compares and all(set(inputs) <= reached for _, m, inputs in later if isinstance(m, ChannelConcat)):
+            out.append(name)
+    return out
 
 
 def _align_concat_scales(steps: list[Step], shifts: dict[str, int]) -> None:
@@ -142,7 +190,8 @@ def _last_linear(tensor: str, concat: str, by_name: dict[str, tuple[nn.Module, t
     raise UnsupportedLayer(f"{concat}: branch {tensor!r} has no convolution of its own to rescale")
 
 
-def _integer_layer(step: Step, shifts: dict[str, int], exponents: dict[str, int], input_max: int) -> Layer:
+def _integer_layer(step: Step, shifts: dict[str, int], exponents: dict[str, int], input_max: int,
+                   relu_shifts: dict[str, int] | None = None) -> Layer:
     name, module, inputs = step
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         weight = _to_ints(np.ldexp(module.weight.detach().double().numpy(), shifts[name]))
@@ -157,7 +206,7 @@ def _integer_layer(step: Step, shifts: dict[str, int], exponents: dict[str, int]
     if isinstance(module, ChannelConcat):
         return Concat(name, inputs, name)
     if isinstance(module, nn.ReLU):
-        return ReLU(name, inputs[0], name)
+        return ReLU(name, inputs[0], name, (relu_shifts or {}).get(name, 0))
     return Flatten(name, inputs[0], name)
 
 
@@ -347,4 +396,5 @@ _FIELD_PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "kernel": _positive_int,
     "stride": _positive_int,
     "padding": _non_negative_int,
+    "shift": _non_negative_int,
 }

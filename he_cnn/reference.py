@@ -93,7 +93,7 @@ def _evaluate(layer: Layer, tensors: dict[str, np.ndarray]) -> np.ndarray:
     if isinstance(layer, Dense):
         return layer.weight.dot(x) + layer.bias
     if isinstance(layer, ReLU):
-        return np.maximum(x, 0)
+        return np.maximum(x, 0) // (1 << layer.shift)
     if isinstance(layer, MaxPool):
         return _maxpool(layer, x)
     if isinstance(layer, Flatten):

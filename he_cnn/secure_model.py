@@ -45,7 +45,7 @@ def architecture(model: IntegerModel) -> dict[str, Any]:
         elif isinstance(layer, Dense):
             entry = {"kind": "dense", "channels": int(layer.weight.shape[0]), "weight_bits": _max_bits(layer.weight)}
         elif isinstance(layer, ReLU):
-            entry = {"kind": "relu"}
+            entry = {"kind": "relu", "shift": layer.shift}
         elif isinstance(layer, MaxPool):
             entry = {"kind": "maxpool", "kernel": layer.kernel, "stride": layer.stride, "padding": layer.padding}
         elif isinstance(layer, Concat):
@@ -123,6 +123,8 @@ def _linear_layers(spec: dict, pk: PublicKey, msg: Message) -> dict[str, Encrypt
             if entry["kind"] not in LAYER_KINDS:
                 raise UnsupportedLayer(f"layer {entry.get('name')!r} of kind {entry['kind']!r} is not supported; "
                                        f"expected one of {', '.join(LAYER_KINDS)}")
+            if entry["kind"] == "relu" and not (type(entry.get("shift", 0)) is int and 0 <= entry.get("shift", 0) <= 4096):
+                raise BadRequest(f"layer {entry.get('name')!r}: shift must be an int in [0, 4096], got {entry.get('shift')!r}")
             if entry["kind"] not in ("conv", "dense"):
                 continue
             name = entry["name"]
@@ -256,7 +258,8 @@ def secure_inference(ctx: S1Context, model: EncryptedModel, setup: ModelSetup, i
                 ctx, setup.setup_id, model.linear[name], setup.layers[name], x, model.bound_bits(entry["input"]), pre))
         elif kind == "relu":
             x = tensors[entry["input"]]
-            tensors[entry["output"]] = timed(name, kind, lambda: secure_relu(ctx, x, model.bound_bits(entry["input"])))
+            tensors[entry["output"]] = timed(name, kind, lambda: secure_relu(
+                ctx, x, model.bound_bits(entry["input"]), int(entry.get("shift", 0))))
         elif kind == "maxpool":
             x = tensors[entry["input"]]
             tensors[entry["output"]] = timed(name, kind, lambda: secure_maxpool(

@@ -106,6 +106,25 @@ def test_compare_and_relu_match_reference(s1, keys1024, bits):
     assert s1.channel.stats.rounds == 2
 
 
+@pytest.mark.parametrize("bits, shift", [(8, 1), (8, 3), (12, 11), (30, 13)])
+def test_truncation_is_an_exact_floor_division(s1, keys1024, bits, shift):
+    x = np.concatenate([edge_values(bits), np.array([-(2**bits), -(2**shift), -(2**shift) - 1, -(2**shift) + 1,
+                                                      2**shift, 2**shift - 1, -1], dtype=object)])
+    out = comparison.secure_truncate(s1, enc(s1, x), bits, shift)
+    assert list(out.decrypt(keys1024.private)) == [int(v) >> shift for v in x]  # floor, also for negatives
+    assert s1.channel.stats.rounds == 2
+    assert s1.ops["dgk_bit"] == x.size * (shift + 1)  # only the low bits are compared
+
+
+@pytest.mark.parametrize("bits, shift", [(8, 3), (20, 13), (5, 5), (5, 9)])
+def test_requantising_relu_matches_the_reference(s1, keys1024, bits, shift):
+    x = np.concatenate([edge_values(bits), np.array([-(2**bits), 2**shift, 2**shift - 1], dtype=object)])
+    x = np.array([v for v in x if -(2**bits) <= v < 2**bits], dtype=object)  # the declared range
+    out = comparison.secure_relu(s1, enc(s1, x), bits, shift)
+    assert list(out.decrypt(keys1024.private)) == [max(int(v), 0) >> shift for v in x]
+    assert s1.channel.stats.rounds == (0 if shift >= bits else 4)
+
+
 def test_compare_only(s1, keys1024):
     x = edge_values(12).reshape(2, -1)
     t = comparison.secure_compare(s1, enc(s1, x), 12)

@@ -52,42 +52,50 @@ BITS_STEP = "compare_bits"
 ZERO_STEP = "compare_zero"
 
 
-def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool
+def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool, low: int | None = None
                 ) -> tuple[EncryptedTensor, EncryptedTensor | None]:
-    """E([x >= 0]) and, if ``product``, E(x * [x >= 0]), element-wise, for |x| < 2^bits."""
+    """E([x >= 0]) and, if ``product``, E(x * [x >= 0]), element-wise, for -2^bits <= x < 2^bits.
+
+    With ``low`` = k < bits the same two rounds compare only the low k bits and give
+    E(floor((x + 2^bits) / 2^k)) instead of E([x >= 0]) (:func:`secure_truncate`; no product).
+    """
     l = bits
-    if l + 1 > ctx.dgk_key.max_bits:
-        raise BoundExceeded(f"comparison of {l}-bit values exceeds the DGK key's limit of {ctx.dgk_key.max_bits} bits")
+    k = l if low is None else low
+    if not 1 <= k <= l or (product and k != l):
+        raise ProtocolError(f"cannot split {l}-bit values at bit {k}{' with the product' if product else ''}")
+    if k + 1 > ctx.dgk_key.max_bits:
+        raise BoundExceeded(f"comparison of {k}-bit values exceeds the DGK key's limit of {ctx.dgk_key.max_bits} bits")
     shape = x.shape
     xf = x.flatten()
     n = xf.size
     msg, masks = masked_reveal(ctx, "d", xf, l)
+    msg.meta["low"] = k
     reply = ctx.channel.request(BITS_STEP, msg)
     ticket = reply.get("ticket", str)
     enc_bits = reply.array("bits")
-    if enc_bits.shape != (n, l + 1):
-        raise ProtocolError(f"expected {n} x {l + 1} DGK bit ciphertexts, got shape {enc_bits.shape}")
+    if enc_bits.shape != (n, k + 1):
+        raise ProtocolError(f"expected {n} x {k + 1} DGK bit ciphertexts, got shape {enc_bits.shape}")
 
     dgk = ctx.dgk_key
     if not all(0 < c < dgk.n for c in enc_bits.reshape(-1)):
         raise ProtocolError("S2 sent a DGK ciphertext out of range")
     signs = np.array([1 if b else -1 for b in random_ints(n, 1)], dtype=object)
-    r_low = [(m - (1 << l)) & ((1 << l) - 1) for m in masks]
-    randomizers = [dgk.randomizer() for _ in range(n * (l + 1))]
+    r_low = [(m - (1 << l)) & ((1 << k) - 1) for m in masks]
+    randomizers = [dgk.randomizer() for _ in range(n * (k + 1))]
     calls = [(dgk.to_dict(), enc_bits[r.start:r.stop], r_low[r.start:r.stop], list(signs[r.start:r.stop]),
-              randomizers[r.start * (l + 1):r.stop * (l + 1)]) for r in ctx.workers.chunks(n, minimum=8)]
+              randomizers[r.start * (k + 1):r.stop * (k + 1)]) for r in ctx.workers.chunks(n, minimum=8)]
     blinded = [c for part in ctx.workers.map(_blind_chunk, calls) for c in part]
-    ctx.count("dgk_bit", n * (l + 1))
+    ctx.count("dgk_bit", n * (k + 1))
     msg2 = Message(meta={"ticket": ticket, "product": product})
     ciphertext_field(msg2, "blinded", blinded, dgk.ciphertext_bytes)
-    msg2.arrays["blinded"] = msg2.arrays["blinded"].reshape(n, l + 1)
+    msg2.arrays["blinded"] = msg2.arrays["blinded"].reshape(n, k + 1)
     reply2 = ctx.channel.request(ZERO_STEP, msg2)
 
     pk = ctx.public_key
     fields = ["delta", "alpha"] + (["delta_d", "alpha_d"] if product else [])
     columns = [read_ciphertexts(pk, reply2, f, (n,)).data for f in fields]
     columns.append(xf.data)
-    calls = [(pk.n, pk.nsq, l, [list(c[r.start:r.stop]) for c in columns], masks[r.start:r.stop],
+    calls = [(pk.n, pk.nsq, l, k, [list(c[r.start:r.stop]) for c in columns], masks[r.start:r.stop],
               list(signs[r.start:r.stop])) for r in ctx.workers.chunks(n, minimum=8)]
     results = [pair for part in ctx.workers.map(_finish_sign_chunk, calls) for pair in part]
     if product:
@@ -97,20 +105,21 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool
     return t, xt
 
 
-def _finish_sign_chunk(n: mpz, nsq: mpz, l: int, columns: list[list[mpz]], masks: list[int], signs: list[int]
-                       ) -> list[tuple[mpz, mpz | None]]:
+def _finish_sign_chunk(n: mpz, nsq: mpz, l: int, k: int, columns: list[list[mpz]], masks: list[int],
+                       signs: list[int]) -> list[tuple[mpz, mpz | None]]:
     """S1's step 5 for a chunk of elements: E(t) and, with the product columns, E(x t).
 
-    With carry = [d mod 2^l < r mod 2^l] (delta if s = +1, else 1 - delta), R = floor(r / 2^l) and
-    M = 2^l + r:  t = alpha - R - carry  and  x t = alpha d - R d - carry d - M t. Written as one
-    quotient so that an element costs at most two inversions and two short exponentiations.
+    With carry = [d mod 2^k < r mod 2^k] (delta if s = +1, else 1 - delta), R = floor(r / 2^k) and
+    M = 2^l + r:  t = floor((x + 2^l) / 2^k) = alpha - R - carry (for k = l the sign bit) and
+    x t = alpha d - R d - carry d - M t. Written as one quotient so that an element costs at most two
+    inversions and two short exponentiations.
     """
     product = len(columns) == 5
     out: list[tuple[mpz, mpz | None]] = []
     enc_minus_one = (1 + (n - 1) * n) % nsq
     for i, (delta, alpha) in enumerate(zip(columns[0], columns[1])):
         m, s = masks[i], signs[i]
-        r_high = (m >> l) - 1
+        r_high = (m >> k) - (1 << (l - k))
         # E(-R) as 1 + (-R mod n) n
         minus_r = (1 + (n - r_high) % n * n) % nsq
         # s = +1: t = alpha E(-R) / delta;  s = -1: t = alpha E(-R) (1 - delta)^-1 = alpha E(-R) delta E(-1)
@@ -183,27 +192,32 @@ def _zero_chunk(p: int, v_p: int, u: int, rows: np.ndarray) -> list[int]:
 
 def s2_compare_bits(cloud: "KeyCloud", msg: Message) -> Message:
     d, l = read_revealed(cloud, msg, "d")
+    k = msg.get("low", int) if "low" in msg.meta else l
     dgk = cloud.dgk_public
-    if l + 1 > dgk.max_bits:
-        raise BoundExceeded(f"comparison of {l}-bit values exceeds the DGK key's limit of {dgk.max_bits} bits")
-    ticket = cloud.tickets.put("comparison", (d, l))
-    low = (1 << l) - 1
+    if not 1 <= k <= l:
+        raise ProtocolError(f"cannot compare the low {k} bits of {l}-bit values")
+    if k + 1 > dgk.max_bits:
+        raise BoundExceeded(f"comparison of {k}-bit values exceeds the DGK key's limit of {dgk.max_bits} bits")
+    ticket = cloud.tickets.put("comparison", (d, l, k))
+    low = (1 << k) - 1
     cts = []
     for di in d:
         beta = ((di & low) << 1) | 1
-        cts.extend(dgk.encrypt((beta >> (l - j)) & 1) for j in range(l + 1))
+        cts.extend(dgk.encrypt((beta >> (k - j)) & 1) for j in range(k + 1))
     reply = Message(meta={"ticket": ticket})
     ciphertext_field(reply, "bits", cts, dgk.ciphertext_bytes)
-    reply.arrays["bits"] = reply.arrays["bits"].reshape(len(d), l + 1)
+    reply.arrays["bits"] = reply.arrays["bits"].reshape(len(d), k + 1)
     return reply
 
 
 def s2_compare_zero(cloud: "KeyCloud", msg: Message) -> Message:
-    d, l = cloud.tickets.pop(msg.get("ticket", str), "comparison")
+    d, l, k = cloud.tickets.pop(msg.get("ticket", str), "comparison")
     product = msg.get("product", bool)
+    if product and k != l:
+        raise ProtocolError("the product needs the comparison of all bits")
     blinded = msg.array("blinded")
-    if blinded.shape != (len(d), l + 1):
-        raise ShapeError(f"expected {len(d)} x {l + 1} blinded ciphertexts, got {blinded.shape}")
+    if blinded.shape != (len(d), k + 1):
+        raise ShapeError(f"expected {len(d)} x {k + 1} blinded ciphertexts, got {blinded.shape}")
     dgk, dgk_priv = cloud.dgk_public, cloud.dgk_private
     if not all(0 < c < dgk.n for c in blinded.reshape(-1)):
         raise ProtocolError("blinded DGK ciphertext out of range: expected 0 < c < n")
@@ -211,7 +225,7 @@ def s2_compare_zero(cloud: "KeyCloud", msg: Message) -> Message:
              for r in cloud.workers.chunks(len(d), minimum=8)]
     delta = [v for part in cloud.workers.map(_zero_chunk, calls) for v in part]
     cloud.observe("delta", delta, 1, 0)
-    alpha = [di >> l for di in d]
+    alpha = [di >> k for di in d]
     fields = {"delta": delta, "alpha": alpha}
     if product:
         fields["delta_d"] = [a * b for a, b in zip(delta, d)]
@@ -224,8 +238,24 @@ def secure_compare(ctx: S1Context, x: EncryptedTensor, bits: int) -> EncryptedTe
     return secure_sign(ctx, x, bits, product=False)[0]
 
 
-def secure_relu(ctx: S1Context, x: EncryptedTensor, bits: int) -> EncryptedTensor:
-    """SACT: E(max(x, 0)) = SMP(E(x), E([x >= 0])) element-wise for |x| < 2^bits (two rounds)."""
+def secure_truncate(ctx: S1Context, x: EncryptedTensor, bits: int, shift: int) -> EncryptedTensor:
+    """E(floor(x / 2^shift)) element-wise, exactly, for -2^bits <= x < 2^bits and 1 <= shift <= bits
+    (two rounds; the comparison runs on the low ``shift`` bits only)."""
+    floor_z = secure_sign(ctx, x, bits, product=False, low=shift)[0]  # floor((x + 2^bits) / 2^shift)
+    return floor_z.add(np.full(x.shape, -(1 << (bits - shift)), dtype=object))
+
+
+def secure_relu(ctx: S1Context, x: EncryptedTensor, bits: int, shift: int = 0) -> EncryptedTensor:
+    """SACT: E(max(x, 0)) = SMP(E(x), E([x >= 0])) element-wise for |x| < 2^bits (two rounds).
+
+    With ``shift`` the ReLU requantises: E(max(x, 0) >> shift) = E(max(floor(x / 2^shift), 0)), a
+    truncation on the low ``shift`` bits and then a ReLU on the remaining ``bits - shift`` bits (four
+    rounds, shift + 1 + bits - shift + 1 DGK bits per element: one more than without the shift).
+    """
+    if shift >= bits:  # every output is 0: nothing to compute
+        return EncryptedTensor(ctx.public_key, np.full(x.shape, mpz(1), dtype=object))
+    if shift:
+        x, bits = secure_truncate(ctx, x, bits, shift), bits - shift
     return secure_sign(ctx, x, bits, product=True)[1]
 
 
