@@ -23,7 +23,7 @@ What one run measures (everything also goes to ``--json FILE``):
 * per layer: seconds, rounds, bytes each way, the engine's operation counters, where the seconds go
   (bench-side wrappers, see ``instrument.py``), the protocol's least work priced with primitive costs
   measured here (``lowerbound.py``) and our time / that bound, and the least bytes;
-* the per-element ``phe`` baseline of ``baseline.py`` on the first convolution and the first ReLU
+* the per-element ``phe`` baseline of ``baseline.py`` on the first convolution and the first plain (not requantising) ReLU
   (a subset, extrapolated) and our speed-up over it;
 * peak memory (VmHWM) of this process, of its worker processes and of each service process.
 
@@ -416,7 +416,9 @@ def run_baseline(bits: int, kp, cloud, em, im, ds, index: int, args) -> dict:
     ex = EncryptedTensor.encrypt(kp.public, x_int)
     res: dict[str, Any] = {}
     conv = next(e["name"] for e in em.spec["layers"] if e["kind"] == "conv")
-    relu_entry = next(e for e in em.spec["layers"] if e["kind"] == "relu")
+    # the first plain ReLU: a requantising one also truncates, which the per-element baseline does not
+    relu_entry = next((e for e in em.spec["layers"] if e["kind"] == "relu" and not e.get("shift")),
+                      next(e for e in em.spec["layers"] if e["kind"] == "relu"))
     log(f"{bits}: phe baseline, {conv} (subset)")
     res["linear"] = baseline.baseline_linear(kp, im, em, conv, ex, ref, block=args.baseline_block)
     log(f"{bits}: phe baseline, {relu_entry['name']} (subset)")

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import gmpy2
 from gmpy2 import mpz
 
-from he_cnn.graph import im2col_indices
+from he_cnn.graph import im2col_indices, maxpool_comparisons
 from he_cnn.keys import KAPPA
 from he_cnn.protocols.common import slot_bits, slots_per_pack
 
@@ -168,20 +168,23 @@ def layer_bound(entry: dict, spec: dict, layer, bits: int, prim: dict[str, float
         counts = {"decryptions": packs + z_packs, "paillier_encryptions": s2_encryptions,
                   "mulmod_nsq": s1_mults + 2 * s2_encryptions, "exp_bits_online": {b_mask: groups * taps * c_out}}
     elif kind in ("relu", "maxpool"):
-        # ReLU compares |x| < 2^bits; a max compares a - b, one bit more; a requantising ReLU (shift k)
-        # first truncates (a comparison of the low k bits) and then compares the remaining l - k bits
-        l = tensor_bits(spec, entry["input"]) + (0 if kind == "relu" else 1)
-        shift = min(int(entry.get("shift", 0)), l) if kind == "relu" else 0
-        compared_bits = int(ops.get("dgk_bit", 0))
+        # two-round passes (elements, revealed bits, compared low bits): a ReLU compares |x| < 2^l on
+        # l + 1 bits; a max compares a - b, one bit more; a shift k first truncates (the low k bits of
+        # every input element) and leaves l - k bits for the rest
+        l = tensor_bits(spec, entry["input"])
+        shift = min(int(entry.get("shift", 0)), l)
+        n_in = math.prod(shapes[entry["input"]])
+        passes = [(n_in, l, shift)] if shift else []
         if kind == "relu":
-            m = math.prod(shapes[entry["input"]])
-            passes = [(l, l)] if not shift else [(l, shift), (l - shift, l - shift)] if shift < l else []
+            passes += [(n_in, l - shift, l - shift)] if shift < l else []
         else:
-            m = compared_bits // (l + 1)
-            passes = [(l, l)]
+            cmp = maxpool_comparisons(tuple(shapes[entry["input"]]), int(entry["kernel"]), int(entry["stride"]),
+                                      int(entry["padding"]))
+            passes += [(cmp, l - shift + 1, l - shift + 1)]
+        compared_bits = sum(m * (low + 1) for m, _, low in passes)
         s1 = s2 = 0.0
         packs = reveal_mults = 0
-        for reveal_bits, low in passes:  # (revealed bits, compared low bits) per two-round pass
+        for m, reveal_bits, low in passes:
             r1, r2, p, rm = _reveal(m, reveal_bits, bits, prim, kappa)
             product = low == reveal_bits  # a truncation pass needs no product, so no short exponentiations
             exp_bits = (kappa + 1) + (reveal_bits + kappa + 2) if product else 0
@@ -190,17 +193,18 @@ def layer_bound(entry: dict, spec: dict, layer, bits: int, prim: dict[str, float
             packs, reveal_mults = packs + p, reveal_mults + rm
         s1 += compared_bits * (prim["dgk_blind_exp"] + BIT_MULTS * mmd)
         s2 += compared_bits * (mmd + prim["dgk_zero_test"])
+        replies = sum(m * (4 if low == reveal_bits else 2) for m, reveal_bits, low in passes)
         to_s2 = packs * ct_bytes + compared_bits * dgk_bytes
-        to_s1 = compared_bits * dgk_bytes + (4 * m + 2 * m * (len(passes) - 1)) * ct_bytes
+        to_s1 = compared_bits * dgk_bytes + replies * ct_bytes
         elements = math.prod(shapes[entry["output"]])
-        detail = {"comparisons": m * len(passes), "bits": l, "compared_bits": compared_bits, "packs": packs,
-                  "shift": shift}
-        last = passes[-1][0] if passes else l
-        counts = {"decryptions": packs, "paillier_encryptions": 4 * m + 2 * m * (len(passes) - 1),
+        detail = {"comparisons": sum(m for m, _, _ in passes), "bits": l, "compared_bits": compared_bits,
+                  "packs": packs, "shift": shift}
+        counts = {"decryptions": packs, "paillier_encryptions": replies,
                   "dgk_encryptions": compared_bits, "dgk_zero_tests": compared_bits, "dgk_blind_exps": compared_bits,
-                  "mulmod_nsq": reveal_mults + (COMBINE_MULTS + 8) * m * len(passes),
+                  "mulmod_nsq": reveal_mults + sum((COMBINE_MULTS + 8) * m for m, _, _ in passes),
                   "mulmod_dgk": (1 + BIT_MULTS) * compared_bits,
-                  "exp_bits_online": {kappa + 1: m, last + kappa + 2: m} if passes else {}}
+                  "exp_bits_online": {k: v for m, rb, low in passes if low == rb
+                                      for k, v in ((kappa + 1, m), (rb + kappa + 2, m))}}
     elif kind == "to_user":
         n = int(spec["num_classes"])
         l = tensor_bits(spec, spec["output"])

@@ -104,7 +104,8 @@ def analyse(results: dict) -> dict:
                     "speedup": b["seconds"] / ours["seconds"],
                     "smp_per_mac_estimate": b.get("smp_per_mac_estimate"),
                     "speedup_with_offline": b["seconds"] / (ours["seconds"] + (ours["offline_seconds"] or 0.0)),
-                    "exact": b["exact"], "method": b["method"], "subset_seconds": b["subset_seconds"]}
+                    "exact": b["exact"], "method": b["method"], "subset_seconds": b["subset_seconds"],
+                    "shift": b.get("shift", 0)}
         if run.get("batch"):
             key["batch"] = run["batch"]
         out["keys"][bits] = key
@@ -502,6 +503,12 @@ def _why(results: dict) -> list[str]:
         elif known:
             text += ("Where phe / bound exceeds 50x the target is within this protocol's reach and the gap is our "
                      "distance from the bound. ")
+        shifted = [p.get("shift") for sp in sps for p in s["keys"][sp["bits"]]["baseline"].values()
+                   if p["layer"] == layer and p.get("shift")]
+        if shifted:
+            text += (f"(Ours also requantises this layer: a truncation on the low {shifted[0]} bits first, "
+                     f"{shifted[0] + 1} more DGK bits per element and two more rounds; the baseline does the "
+                     "plain ReLU, so the ratio understates ours.) ")
         if "relu" in layer or "pool" in layer:
             text += ("The baseline's cost is dominated by fresh randomness (four phe encryptions with a full r^N per "
                      "element, a fresh DGK h^r per bit), which ours draws from the offline pools; what both must do — "

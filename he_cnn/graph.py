@@ -59,12 +59,16 @@ class ReLU:
 
 @dataclass(frozen=True)
 class MaxPool:
+    """Window maxima of ``x >> shift`` (the shift requantises first, exactly: an ReLU's shift moves
+    here when truncating before the pool is cheaper, since relu(max(x)) >> k = relu(max(x >> k)))."""
+
     name: str
     input: str
     output: str
     kernel: int
     stride: int
     padding: int = 0
+    shift: int = 0
 
 
 @dataclass(frozen=True)
@@ -200,14 +204,61 @@ def infer_shapes_and_bounds(
         elif isinstance(layer, MaxPool):
             if len(shape) != 3 or layer.padding * 2 > layer.kernel:
                 raise ShapeError(f"{layer.name}: pooling {layer.kernel}x{layer.kernel} pad {layer.padding} on {shape}")
+            if layer.shift < 0:
+                raise ShapeError(f"{layer.name}: negative shift {layer.shift}")
             shapes[layer.output] = (shape[0], *conv_output_hw(shape[1], shape[2], layer.kernel, layer.stride, layer.padding))
-            intervals[layer.output] = (lo, hi)  # padded positions are left out of every window
+            # padded positions are left out of every window
+            intervals[layer.output] = ([v >> layer.shift for v in lo], [v >> layer.shift for v in hi])
         elif isinstance(layer, Flatten):
             shapes[layer.output] = (int(np.prod(shape)),)
             per = int(np.prod(shape[1:])) if len(shape) > 1 else 1
             intervals[layer.output] = ([v for v in lo for _ in range(per)], [v for v in hi for _ in range(per)])
     bounds = {name: max([abs(v) for v in lo] + [abs(v) for v in hi] + [0]) for name, (lo, hi) in intervals.items()}
     return shapes, bounds
+
+
+def window_ranges(length: int, count: int, kernel: int, stride: int, padding: int) -> list[tuple[int, int]]:
+    """Inclusive [start, end] of each pooling window along one axis, padding clipped away."""
+    return [(max(0, j * stride - padding), min(length - 1, j * stride - padding + kernel - 1)) for j in range(count)]
+
+
+def max_runs(ranges: list[tuple[int, int]]) -> tuple[list[list[tuple[int, int]]], dict[int, list[int]]]:
+    """How a line's window maxima are built from shared runs (the separable max-pool's plan).
+
+    Each range is split into aligned-left runs (t, start) of 2^t neighbours, largest first. Returns the
+    runs of every window and, per level t >= 1, the sorted starts of the runs whose maxima must be
+    built (from two runs of level t - 1), shared by all windows that use them.
+    """
+    def runs(a: int, b: int) -> list[tuple[int, int]]:
+        out = []
+        while a <= b:
+            t = (b - a + 1).bit_length() - 1
+            out.append((t, a))
+            a += 1 << t
+        return out
+
+    window_runs = [runs(a, b) for a, b in ranges]
+    needed: set[tuple[int, int]] = set()
+    stack = [r for rs in window_runs for r in rs]
+    while stack:
+        t, i = stack.pop()
+        if t and (t, i) not in needed:
+            needed.add((t, i))
+            stack += [(t - 1, i), (t - 1, i + (1 << (t - 1)))]
+    levels = {level: sorted(i for t, i in needed if t == level) for level in {t for t, _ in needed}}
+    return window_runs, levels
+
+
+def maxpool_comparisons(shape: tuple[int, ...], kernel: int, stride: int, padding: int) -> int:
+    """Pairwise maxima the separable secure max-pool computes for a (C, H, W) tensor."""
+    c, h, w = shape
+    oh, ow = conv_output_hw(h, w, kernel, stride, padding)
+
+    def per_line(length: int, count: int) -> int:
+        window_runs, levels = max_runs(window_ranges(length, count, kernel, stride, padding))
+        return sum(len(v) for v in levels.values()) + sum(len(rs) - 1 for rs in window_runs)
+
+    return c * h * per_line(w, ow) + c * ow * per_line(h, oh)
 
 
 def pool_windows(shape: tuple[int, int, int], kernel: int, stride: int, padding: int) -> list[list[int]]:

@@ -25,7 +25,8 @@ import numpy as np
 from torch import nn
 
 from .errors import BadRequest, HECNNError, UnsupportedLayer
-from .graph import Concat, Conv, Dense, Flatten, IntegerModel, Layer, MaxPool, ReLU, infer_shapes_and_bounds
+from .graph import (Concat, Conv, Dense, Flatten, IntegerModel, Layer, MaxPool, ReLU, infer_shapes_and_bounds,
+                    maxpool_comparisons)
 from .model import INPUT, ICNN, ChannelConcat
 
 FORMAT = "he-cnn-integer-model"
@@ -61,16 +62,26 @@ def quantize_icnn(model: ICNN, input_max: int = 15, weight_bits: int = 6,
         if isinstance(module, (nn.Conv2d, nn.Linear))
     }
     _align_concat_scales(steps, shifts)
-    relu_shifts: dict[str, int] = {}
+    requant_shifts: dict[str, int] = {}
+
+    def build(requant: dict[str, int]) -> tuple[tuple[Layer, ...], dict, dict]:
+        exps = _scale_exponents(steps, shifts, requant)
+        built = tuple(_integer_layer(step, shifts, exps, input_max, requant) for step in steps)
+        return (built, *infer_shapes_and_bounds(built, INPUT, model.input_shape, input_max))
+
     for relu in _requantizing_relus(steps) if activation_bits is not None else []:
         # layers up to this ReLU are final once the earlier ReLUs' shifts are set
-        layers = tuple(_integer_layer(step, shifts, _scale_exponents(steps, shifts, relu_shifts), input_max,
-                                      relu_shifts) for step in steps)
-        _, bounds = infer_shapes_and_bounds(layers, INPUT, model.input_shape, input_max)
+        _, _, bounds = build(requant_shifts)
         source = next(inputs[0] for name, _, inputs in steps if name == relu)
-        relu_shifts[relu] = max(0, int(bounds[source]).bit_length() - activation_bits)
-    exponents = _scale_exponents(steps, shifts, relu_shifts)
-    layers = tuple(_integer_layer(step, shifts, exponents, input_max, relu_shifts) for step in steps)
+        requant_shifts[relu] = max(0, int(bounds[source]).bit_length() - activation_bits)
+    requant_shifts = {k: v for k, v in requant_shifts.items() if v}
+    _, shapes, bounds = build(requant_shifts)
+    for relu, k in list(requant_shifts.items()):
+        pool = next(inputs[0] for name, _, inputs in steps if name == relu)
+        if _cheaper_before_pool(steps, relu, pool, k, shapes, bounds):
+            requant_shifts[pool] = requant_shifts.pop(relu)
+    exponents = _scale_exponents(steps, shifts, requant_shifts)
+    layers = tuple(_integer_layer(step, shifts, exponents, input_max, requant_shifts) for step in steps)
     shapes, bounds = infer_shapes_and_bounds(layers, INPUT, model.input_shape, input_max)
     output = steps[-1][0]
     meta = {
@@ -79,7 +90,7 @@ def quantize_icnn(model: ICNN, input_max: int = 15, weight_bits: int = 6,
         "weight_bits": weight_bits,
         "activation_bits": activation_bits,
         "weight_shifts": shifts,
-        "relu_shifts": relu_shifts,
+        "requantize_shifts": requant_shifts,
         "scale_exponents": exponents,
         "scales": {t: str(input_max * Fraction(2) ** e) for t, e in exponents.items()},
     }
@@ -130,15 +141,31 @@ def _check_supported(name: str, module: nn.Module) -> None:
         )
 
 
-def _scale_exponents(steps: list[Step], shifts: dict[str, int], relu_shifts: dict[str, int] | None = None
+def _scale_exponents(steps: list[Step], shifts: dict[str, int], requant_shifts: dict[str, int] | None = None
                      ) -> dict[str, int]:
     """Exponent ``e`` of every tensor's scale ``input_max * 2**e``; a concat takes its largest input's;
     a requantising ReLU lowers it by its shift."""
-    relu_shifts = relu_shifts or {}
+    requant_shifts = requant_shifts or {}
     exponents = {INPUT: 0}
     for name, _, inputs in steps:
-        exponents[name] = max(exponents[i] for i in inputs) + shifts.get(name, 0) - relu_shifts.get(name, 0)
+        exponents[name] = max(exponents[i] for i in inputs) + shifts.get(name, 0) - requant_shifts.get(name, 0)
     return exponents
+
+
+def _cheaper_before_pool(steps: list[Step], relu: str, pool: str, k: int, shapes: dict, bounds: dict) -> bool:
+    """Whether a ReLU's shift k costs fewer DGK bits on the max-pool before it (relu(max(x)) >> k =
+    relu(max(x >> k)), exactly): truncating the pool's inputs (k + 1 bits each) lets every pool
+    comparison and the ReLU run k bits shorter."""
+    by_name = {name: (module, inputs) for name, module, inputs in steps}
+    module, inputs = by_name.get(pool, (None, ()))
+    if not isinstance(module, nn.MaxPool2d) or [n for n, _, i in steps if pool in i] != [relu]:
+        return False
+    l = int(bounds[inputs[0]]).bit_length()
+    n_in, n_out = math.prod(shapes[inputs[0]]), math.prod(shapes[relu])
+    comparisons = maxpool_comparisons(shapes[inputs[0]], module.kernel_size, module.stride, module.padding)
+    at_relu = comparisons * (l + 2) + n_out * (l + 2)
+    at_pool = n_in * (k + 1) + comparisons * (l - k + 2) + n_out * (l - k + 1)
+    return at_pool < at_relu
 
 
 def _requantizing_relus(steps: list[Step]) -> list[str]:
@@ -191,7 +218,7 @@ def _last_linear(tensor: str, concat: str, by_name: dict[str, tuple[nn.Module, t
 
 
 def _integer_layer(step: Step, shifts: dict[str, int], exponents: dict[str, int], input_max: int,
-                   relu_shifts: dict[str, int] | None = None) -> Layer:
+                   requant_shifts: dict[str, int] | None = None) -> Layer:
     name, module, inputs = step
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         weight = _to_ints(np.ldexp(module.weight.detach().double().numpy(), shifts[name]))
@@ -202,11 +229,12 @@ def _integer_layer(step: Step, shifts: dict[str, int], exponents: dict[str, int]
             return Dense(name, inputs[0], name, weight, bias)
         return Conv(name, inputs[0], name, weight, bias, module.stride[0], module.padding[0])
     if isinstance(module, nn.MaxPool2d):
-        return MaxPool(name, inputs[0], name, module.kernel_size, module.stride, module.padding)
+        return MaxPool(name, inputs[0], name, module.kernel_size, module.stride, module.padding,
+                       (requant_shifts or {}).get(name, 0))
     if isinstance(module, ChannelConcat):
         return Concat(name, inputs, name)
     if isinstance(module, nn.ReLU):
-        return ReLU(name, inputs[0], name, (relu_shifts or {}).get(name, 0))
+        return ReLU(name, inputs[0], name, (requant_shifts or {}).get(name, 0))
     return Flatten(name, inputs[0], name)
 
 

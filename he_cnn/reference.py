@@ -111,6 +111,7 @@ def _conv(layer: Conv, x: np.ndarray) -> np.ndarray:
 
 
 def _maxpool(layer: MaxPool, x: np.ndarray) -> np.ndarray:
+    x = x // (1 << layer.shift)  # floor, also for negative values
     index = _window_index(x.shape, layer.kernel, layer.stride, layer.padding)
     oh, ow = conv_output_hw(x.shape[1], x.shape[2], layer.kernel, layer.stride, layer.padding)
     return x.ravel()[index].max(axis=1).reshape(x.shape[0], oh, ow)

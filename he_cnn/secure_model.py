@@ -47,7 +47,8 @@ def architecture(model: IntegerModel) -> dict[str, Any]:
         elif isinstance(layer, ReLU):
             entry = {"kind": "relu", "shift": layer.shift}
         elif isinstance(layer, MaxPool):
-            entry = {"kind": "maxpool", "kernel": layer.kernel, "stride": layer.stride, "padding": layer.padding}
+            entry = {"kind": "maxpool", "kernel": layer.kernel, "stride": layer.stride, "padding": layer.padding,
+                     "shift": layer.shift}
         elif isinstance(layer, Concat):
             entry = {"kind": "concat", "inputs": list(layer.inputs)}
         elif isinstance(layer, Flatten):
@@ -123,7 +124,8 @@ def _linear_layers(spec: dict, pk: PublicKey, msg: Message) -> dict[str, Encrypt
             if entry["kind"] not in LAYER_KINDS:
                 raise UnsupportedLayer(f"layer {entry.get('name')!r} of kind {entry['kind']!r} is not supported; "
                                        f"expected one of {', '.join(LAYER_KINDS)}")
-            if entry["kind"] == "relu" and not (type(entry.get("shift", 0)) is int and 0 <= entry.get("shift", 0) <= 4096):
+            if entry["kind"] in ("relu", "maxpool") and not (type(entry.get("shift", 0)) is int
+                                                            and 0 <= entry.get("shift", 0) <= 4096):
                 raise BadRequest(f"layer {entry.get('name')!r}: shift must be an int in [0, 4096], got {entry.get('shift')!r}")
             if entry["kind"] not in ("conv", "dense"):
                 continue
@@ -264,7 +266,7 @@ def secure_inference(ctx: S1Context, model: EncryptedModel, setup: ModelSetup, i
             x = tensors[entry["input"]]
             tensors[entry["output"]] = timed(name, kind, lambda: secure_maxpool(
                 ctx, x, int(entry["kernel"]), int(entry["stride"]), int(entry["padding"]),
-                model.bound_bits(entry["input"])))
+                model.bound_bits(entry["input"]), int(entry.get("shift", 0))))
         elif kind == "concat":
             tensors[entry["output"]] = EncryptedTensor.concatenate([tensors[i] for i in entry["inputs"]], axis=0)
         elif kind == "flatten":

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from he_cnn.errors import BoundExceeded, ShapeError
-from he_cnn.graph import im2col_indices, pool_windows
+from he_cnn.graph import im2col_indices, maxpool_comparisons, pool_windows
 from he_cnn.keys import PrivateKey
 from he_cnn.protocols import comparison, linear, output, smp
 from he_cnn.protocols.common import slot_bits, slots_per_pack
@@ -146,6 +146,17 @@ def test_smap_matches_reference_with_ties(s1, keys1024, shape, k, stride, paddin
     assert list(out.decrypt(keys1024.private).reshape(-1)) == ref
     # separable sparse-table pooling: two levels per axis for 3-wide windows, one for 2-wide; two rounds each
     assert s1.channel.stats.rounds == rounds
+    assert s1.ops["dgk_bit"] == maxpool_comparisons(shape, k, stride, padding) * (6 + 2)  # what quantize plans with
+
+
+@pytest.mark.parametrize("shift", [3, 9])
+def test_smap_with_a_requantising_shift(s1, keys1024, shift):
+    shape = (2, 4, 4)
+    x = ints(32, -2**8, 2**8 - 1, shape)
+    out = comparison.secure_maxpool(s1, enc(s1, x), 3, 2, 1, 8, shift)
+    ref = [max(x.reshape(-1)[i] for i in w) >> shift for w in pool_windows(shape, 3, 2, 1)]
+    assert list(out.decrypt(keys1024.private).reshape(-1)) == ref
+    assert s1.channel.stats.rounds == 2 + 8
 
 
 def test_value_outside_declared_bound_is_a_typed_error(s1):

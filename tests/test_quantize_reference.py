@@ -11,7 +11,7 @@ from torch import nn
 
 from he_cnn.data import quantize_image
 from he_cnn.errors import BadRequest, BoundExceeded, EncodingOverflow, ShapeError, UnsupportedLayer
-from he_cnn.graph import Concat, Conv, Dense, ReLU, infer_shapes_and_bounds
+from he_cnn.graph import Concat, Conv, Dense, MaxPool, ReLU, infer_shapes_and_bounds, pool_windows
 from he_cnn.model import ICNN, WIRING
 from he_cnn.quantize import (
     load_integer_model,
@@ -137,16 +137,25 @@ def test_every_tensor_matches_the_float_model_up_to_its_scale(trained_icnn, test
 
 def test_only_relus_outside_the_branches_requantise(trained_icnn, test_split):
     _, result, model = trained_icnn
-    shifts = {layer.name: layer.shift for layer in model.layers if isinstance(layer, ReLU)}
-    # b_relu has no comparison after it, a_b2_relu and a_b3_relu sit inside block A's branches
-    assert set(model.meta["relu_shifts"]) == {"stem_relu", "mid_relu"} and shifts["a_b2_relu"] == shifts["b_relu"] == 0
+    shifts = {layer.name: layer.shift for layer in model.layers if isinstance(layer, (ReLU, MaxPool))}
+    # b_relu has no comparison after it, a_b2_relu and a_b3_relu sit inside block A's branches;
+    # mid_relu's shift moved to mid_pool (cheaper there), stem_relu's stayed (a 2x2 pool saves less)
+    assert set(model.meta["requantize_shifts"]) == {"stem_relu", "mid_pool"}
+    assert shifts["a_b2_relu"] == shifts["b_relu"] == shifts["mid_relu"] == shifts["stem_pool"] == 0
     for name in ("stem_relu", "mid_relu"):
-        assert shifts[name] > 0 and model.bounds[name].bit_length() <= model.meta["activation_bits"]
+        assert model.bounds[name].bit_length() <= model.meta["activation_bits"]
     plain = quantize_icnn(result.model, activation_bits=None)
-    assert all(layer.shift == 0 for layer in plain.layers if isinstance(layer, ReLU))
+    assert all(layer.shift == 0 for layer in plain.layers if isinstance(layer, (ReLU, MaxPool)))
     assert plain.bounds["mid_pool"].bit_length() > model.bounds["mid_pool"].bit_length()
-    tensors = run_reference(model, test_split[0][0])
-    assert (tensors["mid_relu"] == np.maximum(tensors["mid_pool"], 0) // 2 ** shifts["mid_relu"]).all()
+    # truncating before the pool: the window maxima of a_concat, floor-divided, as relu(max) >> k would be
+    pool = model.layer("mid_pool")
+    for image in test_split[0][:5]:
+        tensors = run_reference(model, image)
+        flat = tensors["a_concat"].reshape(-1)
+        maxima = [max(flat[i] for i in w) for w in pool_windows(model.shapes["a_concat"], pool.kernel, pool.stride, pool.padding)]
+        assert list(tensors["mid_pool"].reshape(-1)) == [m >> pool.shift for m in maxima]
+        assert list(tensors["mid_relu"].reshape(-1)) == [max(m, 0) >> pool.shift for m in maxima]
+        assert (tensors["stem_relu"] == np.maximum(tensors["stem_pool"], 0) // 2 ** shifts["stem_relu"]).all()
 
 
 def test_tensors_are_exact_python_ints_within_their_bounds(trained_icnn, test_split):

@@ -67,7 +67,7 @@ def test_s2_killed_mid_query(tmp_path):
         began = time.monotonic()
         reply = requests.post(f"{pair.s1_url}/v1/models/{model_id}/classify", data=body, timeout=60)
         assert time.monotonic() - began < 10
-        assert len(query_rounds(pair, start)) == 4  # cut in the middle: a query has 9 rounds
+        assert len(query_rounds(pair, start)) == 4  # cut in the middle: a query has 11 rounds
         assert reply.status_code == 503 and reply.headers["Content-Type"] == "application/json"
         error = reply.json()
         assert set(error) == {"error", "message"} and error["error"] == "peer_unavailable"

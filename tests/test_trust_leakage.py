@@ -28,6 +28,7 @@ from scipy import stats
 from he_cnn.data import load_digits_dataset, quantize_image
 from he_cnn.errors import HECNNError
 from he_cnn.keys import generate_keypair, keypair_from_primes
+from he_cnn.protocols.common import slot_bits, slots_per_pack
 from he_cnn.quantize import save_integer_model
 from he_cnn.reference import run_reference
 from he_cnn.secure_model import architecture
@@ -42,8 +43,16 @@ pytestmark = pytest.mark.slow
 #: the family-wise false-alarm rate of the leakage statistics (Bonferroni-split over the tests)
 P_FAMILY = 1e-3
 #: the steps S2 handles in one query of the tiny model, in order, and how many values each reveals
-QUERY_STEPS = [("x", 64), ("d", 128), ("delta", 128), ("d", 64), ("delta", 64), ("d", 32), ("delta", 32),
-               ("x", 32), ("y", 3)]
+# conv (x, then its packed cross terms z), a 2x2 pool (two levels), ReLU, dense (x, z), the result
+QUERY_STEPS = ["x", "z", "d", "delta", "d", "delta", "d", "delta", "x", "z", "y"]
+SIZES = {0: 64, 2: 128, 3: 128, 4: 64, 5: 64, 6: 32, 7: 32, 8: 32, 10: 3}
+#: the z reveals: (output positions P, channels C); each channel's P values fill whole packs
+Z_SHAPES = {1: (64, 2), 9: (1, 3)}
+
+
+def check_z_count(count: int, positions: int, channels: int, bits: int, kappa: int, key_bits: int) -> None:
+    k = slots_per_pack(key_bits, slot_bits(bits, kappa))
+    assert count == channels * -(-positions // k) * k
 
 
 def images() -> dict[str, np.ndarray]:
@@ -98,11 +107,15 @@ def zero_test_bits(records: list[dict]) -> np.ndarray:
 
 
 def test_queries_are_exact_and_s2_sees_only_masked_values(recorded):
-    _, model, setup_records, _, runs = recorded
+    pair, model, setup_records, _, runs = recorded
     assert [r["step"] for r in setup_records] == ["w0", "w1"]  # the set-up: K + B of conv and fc, once
     for pixels, vector, _, records in runs.values():
         assert_exact(model, pixels, vector)
-        assert [(r["step"], len(r["values"])) for r in records] == QUERY_STEPS
+        assert [r["step"] for r in records] == QUERY_STEPS
+        assert {i: len(records[i]["values"]) for i in SIZES} == SIZES
+        for i, (positions, channels) in Z_SHAPES.items():
+            check_z_count(len(records[i]["values"]), positions, channels, records[i]["bits"], records[i]["kappa"],
+                          pair.key_bits)
         for r in records:
             if r["kappa"]:
                 assert r["kappa"] >= 40
@@ -124,7 +137,9 @@ def leakage_p_values(setup_records: list[dict], runs: dict[str, list[dict]]) -> 
 def test_what_s2_sees_does_not_depend_on_the_image(recorded):
     _, _, setup_records, _, runs = recorded
     records = {name: run[3] for name, run in runs.items()}
-    assert all(len(scaled(r)) == 323 and len(zero_test_bits(r)) == 224 for r in records.values())
+    z_values = {name: sum(len(r["values"]) for r in rs if r["step"] == "z") for name, rs in records.items()}
+    assert all(len(scaled(r)) == 323 + z_values[name] and len(zero_test_bits(r)) == 224
+               for name, r in records.items())
     p = leakage_p_values(setup_records, records)
     assert len(p) == 15
     failed = {name: value for name, value in p.items() if value <= P_FAMILY / len(p)}

@@ -39,7 +39,7 @@ from gmpy2 import mpz
 
 from ..dgk import DGKPublicKey
 from ..errors import BoundExceeded, ProtocolError, ShapeError
-from ..graph import conv_output_hw
+from ..graph import conv_output_hw, max_runs, window_ranges
 from ..keys import random_ints
 from ..tensor import EncryptedTensor, object_array
 from ..wire import Message
@@ -192,7 +192,7 @@ def _zero_chunk(p: int, v_p: int, u: int, rows: np.ndarray) -> list[int]:
 
 def s2_compare_bits(cloud: "KeyCloud", msg: Message) -> Message:
     d, l = read_revealed(cloud, msg, "d")
-    k = msg.get("low", int) if "low" in msg.meta else l
+    k = msg.get("low", int)
     dgk = cloud.dgk_public
     if not 1 <= k <= l:
         raise ProtocolError(f"cannot compare the low {k} bits of {l}-bit values")
@@ -265,7 +265,7 @@ def secure_max(ctx: S1Context, a: EncryptedTensor, b: EncryptedTensor, bits: int
 
 
 def secure_maxpool(ctx: S1Context, x: EncryptedTensor, kernel: int, stride: int, padding: int,
-                   bits: int) -> EncryptedTensor:
+                   bits: int, shift: int = 0) -> EncryptedTensor:
     """SMAP: the maximum of every pooling window of a (C, H, W) tensor with |x| < 2^bits.
 
     A k x k window maximum is separable: first the maximum over each row segment, then over each
@@ -273,7 +273,8 @@ def secure_maxpool(ctx: S1Context, x: EncryptedTensor, kernel: int, stride: int,
     shared by overlapping windows). Every level is one batched secure_max over all channels and
     lines (two rounds). A 3x3 stride-1 window costs about 4 comparisons instead of 8, a 2x2 window
     3; padded positions are left out (torch's -inf padding). Ties are exact. Equivalent to the
-    patent's SMP(E(R), E(MR)) with a one-hot MR.
+    patent's SMP(E(R), E(MR)) with a one-hot MR. With ``shift`` the input is first truncated
+    (:func:`secure_truncate`), so every comparison runs on ``bits - shift`` bits.
     """
     if x.data.ndim != 3:
         raise ShapeError(f"max-pooling expects a (C, H, W) tensor, got shape {x.shape}")
@@ -281,8 +282,11 @@ def secure_maxpool(ctx: S1Context, x: EncryptedTensor, kernel: int, stride: int,
     oh, ow = conv_output_hw(h, w, kernel, stride, padding)
     if oh < 1 or ow < 1:
         raise ShapeError(f"a {kernel}x{kernel} window does not fit a {h}x{w} input with padding {padding}")
-    cols = _window_ranges(w, ow, kernel, stride, padding)
-    rows = _window_ranges(h, oh, kernel, stride, padding)
+    if shift:
+        shift = min(shift, bits)  # beyond that, floor(x / 2^shift) is -1 or 0 either way
+        x, bits = secure_truncate(ctx, x, bits, shift), bits - shift
+    cols = window_ranges(w, ow, kernel, stride, padding)
+    rows = window_ranges(h, oh, kernel, stride, padding)
     # pass 1 along W: lines are (channel, row); pass 2 along H: lines are (channel, output column)
     row_max = _line_max(ctx, x.data.reshape(c * h, w), cols, bits).reshape(c, h, ow)
     by_column = row_max.transpose(0, 2, 1).reshape(c * ow, h)
@@ -290,37 +294,18 @@ def secure_maxpool(ctx: S1Context, x: EncryptedTensor, kernel: int, stride: int,
     return EncryptedTensor(ctx.public_key, np.ascontiguousarray(out))
 
 
-def _window_ranges(length: int, count: int, kernel: int, stride: int, padding: int) -> list[tuple[int, int]]:
-    """Inclusive [start, end] of each window along one axis, padding clipped away."""
-    return [(max(0, j * stride - padding), min(length - 1, j * stride - padding + kernel - 1)) for j in range(count)]
-
-
 def _line_max(ctx: S1Context, lines: np.ndarray, ranges: list[tuple[int, int]], bits: int) -> np.ndarray:
     """Maxima of ``ranges`` of every line of a (lines, length) ciphertext array -> (lines, len(ranges)).
 
     Each range is split into aligned-left runs of 2^t neighbours (largest first); a run's maximum is
     computed once and shared by every window that uses it (level by level, one batched secure_max
-    per level), then each window's runs are reduced pairwise (for k <= 3 at most one more level).
+    per level, :func:`~he_cnn.graph.max_runs`), then each window's runs are reduced pairwise (for
+    k <= 3 at most one more level).
     """
-    def runs(a: int, b: int) -> list[tuple[int, int]]:
-        out = []
-        while a <= b:
-            t = (b - a + 1).bit_length() - 1
-            out.append((t, a))
-            a += 1 << t
-        return out
-
-    window_runs = [runs(a, b) for a, b in ranges]
-    needed: set[tuple[int, int]] = set()
-    stack = [r for rs in window_runs for r in rs]
-    while stack:
-        t, i = stack.pop()
-        if t and (t, i) not in needed:
-            needed.add((t, i))
-            stack += [(t - 1, i), (t - 1, i + (1 << (t - 1)))]
+    window_runs, levels = max_runs(ranges)
     table: dict[tuple[int, int], np.ndarray] = {(0, i): lines[:, i] for i in range(lines.shape[1])}
-    for level in range(1, max((t for t, _ in needed), default=0) + 1):
-        items = sorted(i for t, i in needed if t == level)
+    for level in sorted(levels):
+        items = levels[level]
         half = 1 << (level - 1)
         maxima = _batched_max(ctx, [table[(level - 1, i)] for i in items],
                               [table[(level - 1, i + half)] for i in items], bits)
