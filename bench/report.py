@@ -415,20 +415,25 @@ def _why(results: dict) -> list[str]:
     if prim and comparisons:
         per_bit = (prim["dgk_zero_test"] + prim["dgk_blind_exp"] + 4 * prim["mulmod_dgk"]) / cores
         zero_share = bits_compared * prim["dgk_zero_test"] / cores
-        bits16 = sum(r["bound_detail"]["comparisons"] * min(r["bound_detail"]["bits"] + 1, 17) for r in comp_rows)
-        combine = ops.get("s1_combine", 0.0)
+        blind_share = bits_compared * (prim["dgk_blind_exp"] + 3 * prim["mulmod_dgk"]) / cores
         levers = [
-            f"*fewer compared bits*: the values compared carry l = "
-            f"{min(r['bound_detail']['bits'] for r in comp_rows)}..{max(r['bound_detail']['bits'] for r in comp_rows)} "
-            f"bits (worst-case bounds; two ReLUs already requantise to 10 bits); each compared bit costs at least "
-            f"{per_bit * 1e3:.3f} ms here (zero test, blinding exponentiation, DGK multiplications, on {cores} cores). "
-            f"Capping every compared value at 16 bits (requantising inside the Inception branches too, which "
-            f"needs a rescaled concatenation) would cut the {bits_compared:,} compared bits to {bits16:,}, "
-            f"about {(bits_compared - bits16) * per_bit:.1f} s less bound; per-channel bit lengths instead of one "
-            f"per tensor would save a further ~9 % of the bits;",
-            f"*the S1 combination step* (`s1_combine`: carry, t, t*d and x*t with two short exponentiations per "
-            f"compared value) runs in the main process on one core: {combine:.1f} s; spread over the {cores} workers it "
-            f"would take about {combine / cores:.1f} s;",
+            f"*S2's zero tests* take {ops.get('s2_zero', 0):.1f} s for {bits_compared:,} DGK values against "
+            f"{zero_share:.1f} s of pure exponentiation ({prim['dgk_zero_test'] * 1e6:.0f} us each on {cores} cores): "
+            "the rest is shipping the ciphertexts to the worker processes and back as pickled big integers; one "
+            "bytes buffer per chunk (or shared memory) would cut it;",
+            f"*S1's blinding* takes {ops.get('s1_blind', 0):.1f} s against {blind_share:.1f} s of exponentiations and "
+            "multiplications: a Python loop per compared bit with one modular inversion for every bit where "
+            "rho' is 1; columns of numpy object arrays per bit position and batched inversions (Montgomery's "
+            "trick: one inversion per chunk) would bring it near its bound;",
+            f"*packing and glue*: `s1_pack` {ops.get('s1_pack', 0):.1f} s (Horner shifts of every revealed value, "
+            f"in the bound) and `s1_other` {ops.get('s1_other', 0):.1f} s (S1's combination step after each "
+            "comparison with two short exponentiations per element, array reshaping, process-pool dispatch);",
+            f"*fewer compared bits*: each compared bit costs at least {per_bit * 1e3:.3f} ms here (zero test, "
+            f"blinding exponentiation, DGK multiplications, on {cores} cores) and the values compared carry "
+            f"l = {min(r['bound_detail']['bits'] for r in comp_rows)}..{max(r['bound_detail']['bits'] for r in comp_rows)}"
+            " bits (worst-case bounds; the block inputs already requantise to 10 bits). One bit length per "
+            "channel instead of per tensor would save ~9 % of the bits (a tensor's channels differ by up to 5 "
+            "bits); requantising inside the Inception branches needs a rescaled concatenation;",
             "*the documented opt-in multiplicative blinding* for comparisons (leaks the magnitude) removes the DGK "
             f"work, i.e. the zero tests alone ({zero_share:.1f} s of bound) and the blinding;",
             f"*the linear layers* are no longer the problem: their cross terms are SIMD-packed (k positions per "
@@ -449,7 +454,8 @@ def _why(results: dict) -> list[str]:
             para += ("So the target cannot be met by implementation work alone: even a perfect implementation of "
                      "this protocol needs more than 10 s on this machine. The protocol's work must fall:")
         else:
-            para += "The bound is below 10 s, so the gap is implementation overhead; the largest levers:"
+            para += ("The bound is below 10 s, so the rest of the gap is implementation overhead in the comparisons; "
+                     "the levers, largest first:")
         out.append(para)
         out += [f"- {lv}" for lv in levers]
     elif o.get("measured") is not None:

@@ -11,7 +11,7 @@ kind, hypothesis drawing the details):
   negative counts or bit lengths, bit lengths no key can hold), an array one element or row short or
   long, a ciphertext out of range (0, N^2 and above; for DGK n and above), negative, a non-unit k N,
   or under another key;
-- replay and state: a comparison ticket used twice, an unknown ticket, a set-up id or a layer S2 does
+- replay and state: a comparison or linear-layer ticket used twice, an unknown ticket, a set-up id or a layer S2 does
   not hold, an unknown model id, an unknown protocol step;
 - user keys: 0, negative, even, 512 bits, above 8192 bits, the cloud key, two keys;
 - model and set-up: a field of the architecture removed or of the wrong type, an unknown layer kind,
@@ -148,7 +148,7 @@ class World:
     """What the hostile cases need: keys, the tiny model, valid requests, and the two clouds."""
 
     def __init__(self, cloud_pk, dgk_pk, s2_channel: Channel, s1: Callable, s2: Callable, owner_token: str,
-                 cloud_token: str, fresh_ticket: Callable[[bytes], str], s1_limit: int, s2_limit: int):
+                 cloud_token: str, fresh_ticket: Callable[[str, bytes], str], s1_limit: int, s2_limit: int):
         self.pk, self.dgk = cloud_pk, dgk_pk
         self.other = generate_keypair(1024)
         self.user = generate_keypair(1024)
@@ -166,10 +166,12 @@ class World:
         cloud = {"Authorization": f"Bearer {cloud_token}"}
         self.owner_headers = {"Authorization": f"Bearer {owner_token}"}
 
-        def compare_zero() -> bytes:  # the recorded request under a fresh ticket (S2 uses each once)
-            msg = decode(rounds["compare_zero"])
-            msg.meta["ticket"] = fresh_ticket(rounds["compare_bits"])
-            return encode(msg)
+        def second_round(step: str, first: str) -> Callable[[], bytes]:
+            def valid() -> bytes:  # the recorded request under a fresh ticket (S2 uses each once)
+                msg = decode(rounds[step])
+                msg.meta["ticket"] = fresh_ticket(first, rounds[first])
+                return encode(msg)
+            return valid
 
         def fixed(body: bytes) -> Callable[[], bytes]:
             return lambda: body
@@ -182,7 +184,10 @@ class World:
         self.upload_body = encrypted.serialize()
         self.endpoints = {e.name: e for e in [
             round_("smp", {"a", "b"}), round_("linear_setup", {"w0", "w1"}), round_("linear", {"x"}),
-            round_("compare_bits", {"d"}), round_("compare_zero", dgk={"blinded"}, valid=compare_zero), round_("to_user", {"y"}),
+            round_("linear_cross", {"z"}, valid=second_round("linear_cross", "linear")),
+            round_("compare_bits", {"d"}), round_("compare_zero", dgk={"blinded"},
+                                                  valid=second_round("compare_zero", "compare_bits")),
+            round_("to_user", {"y"}),
             round_("no_such_step", valid=fixed(rounds["smp"])),
             Endpoint("S1 upload", "/v1/models", fixed(self.upload_body), self.owner_headers, s1_limit,
                      {"conv.weight", "conv.bias", "fc.weight", "fc.bias"}, foreign={"conv.weight", "fc.weight"}),
@@ -441,7 +446,8 @@ MESSAGE = ["field removed", "field of the wrong type", "field out of range", "ar
            "ciphertext under another key"]
 #: the message kinds each endpoint's valid request offers (checked against message_kinds())
 MESSAGE_KINDS = {
-    "S2 smp": MESSAGE, "S2 linear_setup": MESSAGE, "S2 linear": MESSAGE, "S2 compare_bits": MESSAGE,
+    "S2 smp": MESSAGE, "S2 linear_setup": MESSAGE, "S2 linear": MESSAGE, "S2 linear_cross": MESSAGE,
+    "S2 compare_bits": MESSAGE,
     "S2 to_user": MESSAGE, "S2 no_such_step": [],
     "S2 compare_zero": [k for k in MESSAGE if k not in ("field out of range", "non-unit ciphertext",
                                                         "ciphertext under another key")],
@@ -449,6 +455,7 @@ MESSAGE_KINDS = {
     "S1 classify": [k for k in MESSAGE if not k.startswith("field")],
 }
 STATE_KINDS = {"S2 linear": ["unknown set-up id", "unknown layer"], "S2 compare_zero": ["ticket used twice", "unknown ticket"],
+               "S2 linear_cross": ["ticket used twice", "unknown ticket"],
                "S1 classify": ["unknown model"]}
 
 
@@ -504,8 +511,8 @@ def world(tmp_path_factory):
                                         owner_token=OWNER_TOKEN, cloud_token=CLOUD_TOKEN, max_body_bytes=S1_LIMIT,
                                         peer_timeout=30))
 
-    def fresh_ticket(compare_bits: bytes) -> str:
-        return decode(cloud.handle("compare_bits", compare_bits)).meta["ticket"]
+    def fresh_ticket(step: str, body: bytes) -> str:
+        return decode(cloud.handle(step, body)).meta["ticket"]
 
     w = World(cloud.keys.public, cloud.dgk_public, InProcessChannel(cloud.handle), ClientSender(s1), ClientSender(s2),
               OWNER_TOKEN, CLOUD_TOKEN, fresh_ticket, S1_LIMIT, S2_LIMIT)
@@ -630,8 +637,8 @@ def process_world(tmp_path_factory):
         s2 = HTTPSender(pair.s2_url)
         auth = {"Authorization": f"Bearer {pair.cloud_token}", "Content-Type": WIRE}
 
-        def fresh_ticket(compare_bits: bytes) -> str:
-            return decode(s2("POST", "/v1/rounds/compare_bits", compare_bits, auth).data).meta["ticket"]
+        def fresh_ticket(step: str, body: bytes) -> str:
+            return decode(s2("POST", f"/v1/rounds/{step}", body, auth).data).meta["ticket"]
 
         w = World(key.paillier, key.dgk, HTTPChannel(pair.s2_url, pair.cloud_token), HTTPSender(pair.s1_url), s2,
                   pair.owner_token, pair.cloud_token, fresh_ticket, S1_LIMIT, S2_LIMIT)
