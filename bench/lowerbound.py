@@ -139,7 +139,6 @@ def layer_bound(entry: dict, spec: dict, layer, bits: int, prim: dict[str, float
     operation counts behind them (``counts``: decryptions, encryptions, zero tests, exponentiations by
     exponent size, modular multiplications)."""
     shapes = spec["shapes"]
-    ops = layer.ops
     mm, mmd = prim["mulmod_nsq"], prim["mulmod_dgk"]
     kind = layer.kind
     s1 = s2 = 0.0

@@ -462,16 +462,13 @@ def _why(results: dict) -> list[str]:
         out.append(f"Online latency at 2048 bits: {o['measured']:.1f} s, within the 10 s target.")
     http_online = k.get("http_online_mean")
     if http_online and prim:
-        dgk_inline = bits_compared * prim["fresh_randomizer_dgk"]
-        paillier_inline = sum((r["bound_detail"].get("counts") or {}).get("paillier_encryptions", 0) for r in rows) \
-            * prim["fresh_randomizer_nsq"]
         slower = http_online > 1.1 * online
         wait = k.get("http_offline_wait_mean")
         out.append(
             f"**Over HTTP ({bits} bits) the online latency is {http_online:.1f} s against {online:.1f} s in-process.** "
             + ("" if slower else "(Not slower in this run: with this much timing noise the two are not comparable.) ")
-            + f"Both run the same protocol with the same process-pool size; S2 is the real service (waitress, "
-            f"its own process and pool of workers) and filled its randomness pools before each timed query"
+            + "Both run the same protocol with the same process-pool size; S2 is the real service (waitress, "
+            "its own process and pool of workers) and filled its randomness pools before each timed query"
             + (f" ({wait:.0f} s of idle-time filling, on one core)" if wait else "")
             + f". The difference is the service path: HTTP framing, one request per round, the wire copies, and S2's "
             f"handlers running in a waitress thread; the network itself adds little "
