@@ -19,7 +19,7 @@ What one run measures (everything also goes to ``--json FILE``):
   the online latency, with the decrypted class vector checked against the integer reference;
 * **over HTTP** (``--http``): S2 as the real service (``python -m servers serve s2``) and S1 here
   (same offline phase), and the **full service** as deployed (S1 and S2 services, upload and one
-  classify request as the user sends it; the service does its query-independent work inline);
+  classify request as the user sends it, after both services report their offline phase done);
 * per layer: seconds, rounds, bytes each way, the engine's operation counters, where the seconds go
   (bench-side wrappers, see ``instrument.py``), the protocol's least work priced with primitive costs
   measured here (``lowerbound.py``) and our time / that bound, and the least bytes;
