@@ -147,16 +147,20 @@ def reveal_message(ctx: S1Context, name: str, values: EncryptedTensor, l: int, m
     return msg
 
 
+def pack_plain(values: np.ndarray, slot: int) -> np.ndarray:
+    """(G, k) integers -> (G,) plaintexts sum_j values[g, j] 2^(slot j): slot j of pack g."""
+    shifts = np.array([1 << (slot * j) for j in range(values.shape[1])], dtype=object)
+    return (values * shifts).sum(axis=1)
+
+
 def reveal_packs(ctx: S1Context, name: str, packs: Sequence[mpz], masks: np.ndarray, l: int) -> Message:
     """A message field revealing values S1 already holds packed (k slots of ``slot_bits(l)`` per
     ciphertext, values in [0, 2^l)): ``masks`` (G, k) from sample_masks are added slot by slot and
     every pack is re-randomised. S2 reads it with :func:`read_revealed`, like any reveal."""
     pk = ctx.public_key
-    slot = slot_bits(l, ctx.kappa)
-    shifts = np.array([1 << (slot * j) for j in range(masks.shape[1])], dtype=object)
     msg = Message(meta={f"{name}_count": masks.size, f"{name}_bits": l, "kappa": ctx.kappa})
     msg.arrays[name] = object_array([pk.rerandomize(c * pk.plain_term(int(m)) % pk.nsq)
-                                     for c, m in zip(packs, (masks * shifts).sum(axis=1))], len(packs))
+                                     for c, m in zip(packs, pack_plain(masks, slot_bits(l, ctx.kappa)))], len(packs))
     msg.widths[name] = pk.ciphertext_bytes
     ctx.count("rerandomize", len(packs))
     return msg

@@ -43,8 +43,8 @@ from ..errors import ProtocolError, ShapeError
 from ..graph import conv_output_hw, im2col_indices
 from ..tensor import EncryptedTensor, as_int_array
 from ..wire import Message
-from .common import (S1Context, encrypted_reply, read_ciphertexts, read_revealed, reveal_message, reveal_packs,
-                     sample_masks, slot_bits, slots_per_pack)
+from .common import (S1Context, encrypted_reply, pack_plain, read_ciphertexts, read_revealed, reveal_message,
+                     reveal_packs, sample_masks, slot_bits, slots_per_pack)
 
 if TYPE_CHECKING:
     from ..s2 import KeyCloud
@@ -199,8 +199,8 @@ def _pack_rows(values: np.ndarray, k: int, slot: int) -> np.ndarray:
     groups = -(-p_count // k)
     padded = np.zeros((groups * k, f_count), dtype=object)
     padded[:p_count] = values
-    shifts = np.array([1 << (slot * j) for j in range(k)], dtype=object).reshape(1, k, 1)
-    return (padded.reshape(groups, k, f_count) * shifts).sum(axis=1)
+    by_pack = padded.reshape(groups, k, f_count).transpose(0, 2, 1).reshape(groups * f_count, k)
+    return pack_plain(by_pack, slot).reshape(groups, f_count)
 
 
 def secure_linear(ctx: S1Context, setup_id: str, layer: EncryptedLinear, setup: LinearSetup,
@@ -244,8 +244,7 @@ def secure_linear(ctx: S1Context, setup_id: str, layer: EncryptedLinear, setup: 
     reply2 = ctx.channel.request(CROSS_STEP, msg2)
     out = read_ciphertexts(pk, reply2, "y", (p_count, c_count)).sub(pre.a_term)
     m = z_masks[:, :p_count].T  # (P, C)
-    b_sums = np.array([sum(int(v) for v in setup.masks[:, c]) for c in range(c_count)], dtype=object)
-    out = out.add(m + offset * b_sums)
+    out = out.add(m + offset * setup.masks.sum(axis=0))
     out = out.add(EncryptedTensor(pk, np.broadcast_to(layer.bias.data, out.shape).copy()))
     # (P, C) -> channel-first output
     return EncryptedTensor(pk, out.data.T.copy()).reshape(layer.out_shape)
