@@ -125,6 +125,14 @@ def test_requantising_relu_matches_the_reference(s1, keys1024, bits, shift):
     assert s1.channel.stats.rounds == (0 if shift >= bits else 4)
 
 
+def test_relu_of_a_tensor_bounded_by_zero(s1, keys1024):
+    """A zero bound (all-zero weights, say) still compares one bit."""
+    x = np.zeros(4, dtype=object)
+    assert list(comparison.secure_relu(s1, enc(s1, x), 0).decrypt(keys1024.private)) == [0, 0, 0, 0]
+    assert list(comparison.secure_maxpool(s1, enc(s1, x.reshape(1, 2, 2)), 2, 1, 0, 0).decrypt(
+        keys1024.private).reshape(-1)) == [0]
+
+
 def test_compare_only(s1, keys1024):
     x = edge_values(12).reshape(2, -1)
     t = comparison.secure_compare(s1, enc(s1, x), 12)

@@ -61,7 +61,7 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool, lo
     """
     l = bits
     k = l if low is None else low
-    if not 1 <= k <= l or (product and k != l):
+    if not 0 <= k <= l or (product and k != l):
         raise ProtocolError(f"cannot split {l}-bit values at bit {k}{' with the product' if product else ''}")
     if k + 1 > ctx.dgk_key.max_bits:
         raise BoundExceeded(f"comparison of {k}-bit values exceeds the DGK key's limit of {ctx.dgk_key.max_bits} bits")
@@ -194,7 +194,7 @@ def s2_compare_bits(cloud: "KeyCloud", msg: Message) -> Message:
     d, l = read_revealed(cloud, msg, "d")
     k = msg.get("low", int)
     dgk = cloud.dgk_public
-    if not 1 <= k <= l:
+    if not 0 <= k <= l:
         raise ProtocolError(f"cannot compare the low {k} bits of {l}-bit values")
     if k + 1 > dgk.max_bits:
         raise BoundExceeded(f"comparison of {k}-bit values exceeds the DGK key's limit of {dgk.max_bits} bits")
