@@ -59,7 +59,7 @@ class ReLU:
 
 @dataclass(frozen=True)
 class MaxPool:
-    """Window maxima of ``x >> shift`` (the shift requantises first, exactly: an ReLU's shift moves
+    """Window maxima of ``x >> shift`` (the shift requantises first, exactly: a ReLU's shift moves
     here when truncating before the pool is cheaper, since relu(max(x)) >> k = relu(max(x >> k)))."""
 
     name: str
