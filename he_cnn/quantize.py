@@ -44,8 +44,9 @@ def quantize_icnn(model: ICNN, input_max: int = 15, weight_bits: int = 6,
 
     With ``activation_bits``, every ReLU that is not inside an Inception branch (its output reaches
     every branch of each later concatenation, so its scale cannot misalign one) also requantises:
-    it shifts right until its worst-case output fits ``activation_bits`` bits. None keeps every
-    scale (the activations then grow along the network).
+    it shifts right until its worst-case output fits ``activation_bits`` bits, and the shift moves
+    to the max-pool before it where that costs fewer compared bits (the same integers either way).
+    None keeps every scale (the activations then grow along the network).
     """
     if type(input_max) is not int or input_max < 1:
         raise BadRequest(f"input_max must be a positive int, got {input_max!r}")
@@ -80,9 +81,8 @@ def quantize_icnn(model: ICNN, input_max: int = 15, weight_bits: int = 6,
         pool = next(inputs[0] for name, _, inputs in steps if name == relu)
         if _cheaper_before_pool(steps, relu, pool, k, shapes, bounds):
             requant_shifts[pool] = requant_shifts.pop(relu)
+    layers, shapes, bounds = build(requant_shifts)
     exponents = _scale_exponents(steps, shifts, requant_shifts)
-    layers = tuple(_integer_layer(step, shifts, exponents, input_max, requant_shifts) for step in steps)
-    shapes, bounds = infer_shapes_and_bounds(layers, INPUT, model.input_shape, input_max)
     output = steps[-1][0]
     meta = {
         "source": type(model).__name__,
