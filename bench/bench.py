@@ -541,20 +541,13 @@ def run_http(bits: int, im, ds, indices: list[int], acct: dict, args) -> dict:
 
 
 def wait_offline(urls: list[str], timeout: float, prepared: bool = False) -> float:
-    """Seconds until every service reports full randomness pools (and, with ``prepared``, S1 a prepared
-    query): the offline phase a deployed service runs between requests. Health checks do not count as
-    activity, so polling does not hold the pool fillers back."""
-    import requests
+    """Seconds until the services at ``urls`` report their offline phase done (``servers.launch``)."""
+    from servers.launch import wait_offline as wait
 
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        states = [requests.get(f"{u}/v1/health", timeout=30).json() for u in urls]
-        if all((st.get("pools") or {"full": True})["full"] and (not prepared or st.get("prepared", 1) >= 1)
-               for st in states):
-            return time.perf_counter() - t0
-        time.sleep(1.0)
-    log(f"offline phase not finished after {timeout:.0f} s; timing anyway")
-    return time.perf_counter() - t0
+    waited, done = wait(urls, timeout, prepared)
+    if not done:
+        log(f"offline phase not finished after {timeout:.0f} s; timing anyway")
+    return waited
 
 
 def run_service(bits, im, ds, indices, em, pk, uk, s2, s2_url, token, owner_token, tmp, forward, procs,

@@ -102,3 +102,19 @@ class CloudProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_offline(urls: Sequence[str], timeout: float, prepared: bool = False) -> tuple[float, bool]:
+    """Wait until every cloud at ``urls`` reports full randomness pools (and, with ``prepared``, S1 a
+    prepared query): the offline phase a running service does between requests. Returns the seconds
+    waited and whether it finished within ``timeout``. Health checks are GETs, which the pool fillers
+    do not count as activity, so polling does not hold them back."""
+    started = time.monotonic()
+    while True:
+        states = [requests.get(f"{u.rstrip('/')}/v1/health", timeout=30).json() for u in urls]
+        done = all((st.get("pools") or {"full": True})["full"] and (not prepared or st.get("prepared", 1) >= 1)
+                   for st in states)
+        waited = time.monotonic() - started
+        if done or waited >= timeout:
+            return waited, done
+        time.sleep(0.5)
