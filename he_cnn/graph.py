@@ -264,23 +264,14 @@ def maxpool_comparisons(shape: tuple[int, ...], kernel: int, stride: int, paddin
 def pool_windows(shape: tuple[int, int, int], kernel: int, stride: int, padding: int) -> list[list[int]]:
     """Flat indices (into a C-order (C,H,W) tensor) of every pooling window, padding left out.
 
-    Windows are listed in output order (c, i, j). Shared by the reference and the secure SMAP so the
-    two agree on which elements each window holds.
+    Windows are listed in output order (c, i, j). Built from :func:`window_ranges`, the ranges the
+    secure SMAP uses, so the reference and SMAP agree on which elements each window holds.
     """
     c, h, w = shape
     oh, ow = conv_output_hw(h, w, kernel, stride, padding)
-    windows = []
-    for ch in range(c):
-        for i in range(oh):
-            for j in range(ow):
-                idx = []
-                for u in range(kernel):
-                    for v in range(kernel):
-                        y, x = i * stride - padding + u, j * stride - padding + v
-                        if 0 <= y < h and 0 <= x < w:
-                            idx.append((ch * h + y) * w + x)
-                windows.append(idx)
-    return windows
+    rows, cols = window_ranges(h, oh, kernel, stride, padding), window_ranges(w, ow, kernel, stride, padding)
+    return [[(ch * h + y) * w + x for y in range(r0, r1 + 1) for x in range(c0, c1 + 1)]
+            for ch in range(c) for r0, r1 in rows for c0, c1 in cols]
 
 
 def im2col_indices(shape: tuple[int, int, int], kernel: int, stride: int, padding: int) -> np.ndarray:
