@@ -167,24 +167,19 @@ def baseline_relu(keys, dgk_public, dgk_private, enc_model, layer_name: str, x_c
             c = gmpy2.powmod(g, s - rb, nd) * cb % nd
             c = c * gmpy2.powmod(xor_acc, 3, nd) % nd
             xor_acc = xor_acc * (cb if rb == 0 else g * gmpy2.invert(cb, nd) % nd) % nd
-            e = 1 + secrets.randbelow(u - 1)
-            row.append(gmpy2.powmod(c, e, nd) * gmpy2.powmod(h, secrets.randbits(rbits), nd) % nd)
+            exp = 1 + secrets.randbelow(u - 1)
+            row.append(gmpy2.powmod(c, exp, nd) * gmpy2.powmod(h, secrets.randbits(rbits), nd) % nd)
         order = list(range(width))
         secrets.SystemRandom().shuffle(order)
         row = [row[k] for k in order]
         t3 = time.perf_counter()
         delta = int(sum(gmpy2.powmod(c, v_p, p) == 1 for c in row) > 0)  # S2: all zero tests, fresh encryptions
-        alpha = d >> l
-        e_delta, e_alpha = pub.encrypt(delta), pub.encrypt(alpha)
-        e_delta_d, e_alpha_d = pub.encrypt(delta * d), pub.encrypt(alpha * d)
+        e = (d >> l) & 1 ^ delta
+        e_neg, e_d = pub.encrypt(-e), pub.encrypt(e * d)
         t4 = time.perf_counter()
-        r_high = (m >> l) - 1  # S1: t = alpha - floor(r / 2^l) - carry; x t = t d - M t
-        carry = e_delta if s == 1 else e_delta * -1 + 1
-        t = e_alpha - r_high - carry
-        d_ct = ex + m
-        carry_d = e_delta_d if s == 1 else d_ct - e_delta_d
-        t_d = e_alpha_d - d_ct * r_high - carry_d
-        results[i] = t_d - t * m
+        f = ((m >> l) - 1) & 1 ^ (s == -1)  # S1: t = e xor f; x t = e d - e M (f = 0) or x - e d + e M
+        w = e_d + e_neg * m
+        results[i] = ex - w if f else w
         t5 = time.perf_counter()
         for key, dt in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
             timings[key] += dt

@@ -46,8 +46,8 @@ from he_cnn.protocols.common import slot_bits, slots_per_pack
 
 #: window of the shared-base exponentiation assumed by the bound (the engine's Straus window)
 WINDOW = 4
-#: S1 multiplications per compared element besides the bits (carry, t, t*d, x*t assembly)
-COMBINE_MULTS = 8
+#: S1 multiplications per compared element besides the bits (t or x*t assembly, batched inversion)
+COMBINE_MULTS = 4
 #: multiplications per compared bit at S1 besides the blinding exponentiation
 BIT_MULTS = 3
 
@@ -185,14 +185,14 @@ def layer_bound(entry: dict, spec: dict, layer, bits: int, prim: dict[str, float
         packs = reveal_mults = 0
         for m, reveal_bits, low in passes:
             r1, r2, p, rm = _reveal(m, reveal_bits, bits, prim, kappa)
-            product = low == reveal_bits  # a truncation pass needs no product, so no short exponentiations
-            exp_bits = (kappa + 1) + (reveal_bits + kappa + 2) if product else 0
+            product = low == reveal_bits  # a truncation pass needs no product, so no exponentiation
+            exp_bits = reveal_bits + kappa + 2 if product else 0  # E(-e)^M
             s1 += r1 + m * (COMBINE_MULTS * mm + exp_bits * prim["exp_per_bit_nsq"])
-            s2 += r2 + m * (4 if product else 2) * 2 * mm
+            s2 += r2 + m * 2 * 2 * mm  # two fresh encryptions: E(-e), E(e d) or E(alpha - delta), E(delta)
             packs, reveal_mults = packs + p, reveal_mults + rm
         s1 += compared_bits * (prim["dgk_blind_exp"] + BIT_MULTS * mmd)
         s2 += compared_bits * (mmd + prim["dgk_zero_test"])
-        replies = sum(m * (4 if low == reveal_bits else 2) for m, reveal_bits, low in passes)
+        replies = sum(2 * m for m, _, _ in passes)
         to_s2 = packs * ct_bytes + compared_bits * dgk_bytes
         to_s1 = compared_bits * dgk_bytes + replies * ct_bytes
         elements = math.prod(shapes[entry["output"]])
@@ -203,7 +203,7 @@ def layer_bound(entry: dict, spec: dict, layer, bits: int, prim: dict[str, float
                   "mulmod_nsq": reveal_mults + sum((COMBINE_MULTS + 8) * m for m, _, _ in passes),
                   "mulmod_dgk": (1 + BIT_MULTS) * compared_bits,
                   "exp_bits_online": {k: v for m, rb, low in passes if low == rb
-                                      for k, v in ((kappa + 1, m), (rb + kappa + 2, m))}}
+                                      for k, v in ((rb + kappa + 2, m),)}}
     elif kind == "to_user":
         n = int(spec["num_classes"])
         l = tensor_bits(spec, spec["output"])

@@ -21,8 +21,9 @@ from gmpy2 import mpz
 from .errors import HECNNError, InvalidCiphertext
 from .keys import FixedBaseTable, RandomnessPool
 
-#: plaintext modulus: must exceed 3 * (l + 2) + 3 for the longest compared bit length l (see max_bits)
-DGK_U = 1031
+#: plaintext modulus, a prime: must exceed 3 (l + 2) + 3 for the longest compared bit length l (see max_bits;
+#: 211 allows 67 bits), and small, because S1 blinds every compared bit by an exponent below it
+DGK_U = 211
 
 
 def subgroup_bits(n_bits: int) -> int:

@@ -20,7 +20,7 @@ import os
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import gmpy2
 import phe
@@ -47,6 +47,23 @@ def random_ints(count: int, bits: int) -> list[int]:
     buf = os.urandom(count * width)
     mask = (1 << bits) - 1
     return [int.from_bytes(buf[i:i + width], "big") & mask for i in range(0, count * width, width)]
+
+
+def batch_invert(values: Sequence[mpz], modulus: mpz) -> list[mpz]:
+    """The inverses of all ``values`` mod ``modulus`` with one inversion and 3 multiplications each
+    (Montgomery's trick). Raises ZeroDivisionError if one of them is not invertible."""
+    if not values:
+        return []
+    prefix = [mpz(values[0])]
+    for v in values[1:]:
+        prefix.append(prefix[-1] * v % modulus)
+    inv = gmpy2.invert(prefix[-1], modulus)
+    out = [mpz(0)] * len(values)
+    for i in range(len(values) - 1, 0, -1):
+        out[i] = inv * prefix[i - 1] % modulus
+        inv = inv * values[i] % modulus
+    out[0] = inv
+    return out
 
 
 class FixedBaseTable:
@@ -208,6 +225,19 @@ class PublicKey:
         if gmpy2.gcd(c, self.n) != 1:
             raise InvalidCiphertext(f"ciphertext is not a unit mod N for key {self.key_id}")
         return c
+
+    def validate_many(self, cts: Iterable[int]) -> list[mpz]:
+        """:meth:`validate` for many ciphertexts: the unit check is one gcd of their product mod N
+        (a product of residues is a unit exactly when each of them is)."""
+        out = [mpz(c) for c in cts]
+        acc = mpz(1)
+        for c in out:
+            if not 0 < c < self.nsq:
+                raise InvalidCiphertext(f"ciphertext out of range: expected 0 < c < N^2 for key {self.key_id}")
+            acc = acc * (c % self.n) % self.n
+        if gmpy2.gcd(acc, self.n) != 1:
+            raise InvalidCiphertext(f"ciphertext is not a unit mod N for key {self.key_id}")
+        return out
 
 
 @dataclass(eq=False)

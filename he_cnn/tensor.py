@@ -63,7 +63,7 @@ class EncryptedTensor:
     @classmethod
     def from_ciphertexts(cls, public_key: PublicKey, ciphertexts: Iterable[int], shape: Sequence[int],
                          validate: bool = True) -> "EncryptedTensor":
-        arr = object_array(public_key.validate(c) if validate else mpz(c) for c in ciphertexts)
+        arr = object_array(public_key.validate_many(ciphertexts) if validate else (mpz(c) for c in ciphertexts))
         if int(np.prod(shape)) != arr.size:
             raise ShapeError(f"{arr.size} ciphertexts cannot take shape {tuple(shape)}")
         return cls(public_key, arr.reshape(tuple(shape)))

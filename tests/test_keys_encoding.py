@@ -1,8 +1,9 @@
+import gmpy2
 import pytest
 from gmpy2 import mpz
 
 from he_cnn.errors import EncodingOverflow, HECNNError, InvalidCiphertext, KeyMismatch
-from he_cnn.keys import FixedBaseTable, PublicKey, generate_keypair, keypair_from_primes
+from he_cnn.keys import FixedBaseTable, PublicKey, batch_invert, generate_keypair, keypair_from_primes
 from he_cnn.tensor import EncryptedTensor
 
 # a tiny fixed key: known ciphertexts for fixed randomness
@@ -66,6 +67,22 @@ def test_validate_rejects_out_of_range_and_non_units(kp):
             pk.validate(bad)
     with pytest.raises(InvalidCiphertext, match="unit"):
         pk.validate(kp.private.p * 3)
+    good = [pk.encrypt(v) for v in (0, 5, -7)]
+    assert pk.validate_many(good) == good  # the batched check: one gcd of the product
+    for bad in (0, pk.nsq, -3):
+        with pytest.raises(InvalidCiphertext, match="range"):
+            pk.validate_many(good + [bad])
+    with pytest.raises(InvalidCiphertext, match="unit"):
+        pk.validate_many(good + [kp.private.q * 11] + good)
+
+
+def test_batch_invert_matches_invert(kp):
+    n = kp.public.n
+    values = [kp.public.encrypt(v) % n for v in range(7)]
+    assert batch_invert(values, n) == [gmpy2.invert(v, n) for v in values]
+    assert batch_invert([], n) == [] and batch_invert([mpz(3)], mpz(7)) == [5]
+    with pytest.raises(ZeroDivisionError):
+        batch_invert(values + [kp.private.p], n)
 
 
 def test_public_key_identity_and_repr(kp):

@@ -1,7 +1,7 @@
 """Secure comparison (DGK/Veugen), and on it SACT (ReLU) and SMAP (max-pooling).
 
-``secure_sign`` turns E(x), |x| < 2^l, into E(t) with t = [x >= 0], and optionally E(x * t) (the
-patent's SACT = SMP(E(x), E(t)), folded into the same two rounds).
+``secure_sign`` turns E(x), |x| < 2^l, into E(t) with t = [x >= 0], or into E(x * t) (the patent's
+SACT = SMP(E(x), E(t)), folded into the same two rounds).
 
 Steps (z = x + 2^l in [0, 2^(l+1)), so t = floor(z / 2^l)):
   1. S1 reveals d = z + r (r uniform in [0, 2^(l+1+kappa)), packed)            -- step ``compare_bits``
@@ -13,21 +13,27 @@ Steps (z = x + 2^l in [0, 2^(l+1)), so t = floor(z / 2^l)):
      blinds each c_j by a random exponent in [1, u-1] and a fresh DGK randomizer, shuffles the
      positions of each element and sends them                                     -- step ``compare_zero``
   4. S2 tests every c_j for zero. delta = [some c_j = 0] equals [beta' < rho'] if s = +1 and
-     [beta' > rho'] if s = -1. S2 returns fresh E(delta), E(alpha) with alpha = floor(d / 2^l) and,
-     for the product, E(delta * d) and E(alpha * d).
-  5. S1: [d mod 2^l < r mod 2^l] = delta if s = +1 else 1 - delta; then
-        t = alpha - floor(r / 2^l) - [d mod 2^l < r mod 2^l],
-        x t = t d - (2^l + r) t   with   t d = alpha d - floor(r / 2^l) d - [..] d.
+     [beta' > rho'] if s = -1. With alpha = floor(d / 2^l), S2 knows e = (alpha mod 2) xor delta and
+     returns fresh E(-e) and, for the product, E(e d).
+  5. S1: the carry [d mod 2^l < r mod 2^l] is delta (s = +1) or 1 - delta (s = -1), and
+        t = alpha - floor(r / 2^l) - carry,  a bit, so  t = e xor f  with  f = (floor(r / 2^l) mod 2) xor [s = -1],
+     which S1 knows and S2 does not (s is uniform). Then t = e or 1 - e, and with M = 2^l + r (d = x + M)
+        x t = e d - e M  (f = 0)   or   x - e d + e M  (f = 1):
+     one exponentiation E(-e)^M, and for f = 1 one inversion (batched over the chunk).
+  Truncation (compare only the low k < l bits): steps 2-4 run on d mod 2^k, S2 returns E(alpha - delta)
+  and E(delta) with alpha = floor(d / 2^k), and S1 forms t = floor(z / 2^k) = alpha - floor(r / 2^k) - carry
+  without an exponentiation.
 
 Cost per element: S2 one decryption per pack, l+1 DGK encryptions, l+1 zero tests (an exponentiation
-by the t-bit v_p mod p, every position tested so timing does not depend on the outcome), 2 or 4
-Paillier encryptions; S1 ~l+kappa squarings (packing), per bit at most one inversion, a few
-multiplications, an exponentiation by a ~10-bit blinding exponent and a DGK randomizer; then, for
-the product, 2 short exponentiations (none without). Two rounds for a whole tensor.
+by the t-bit v_p mod p, every position tested so timing does not depend on the outcome), 1 or 2
+Paillier encryptions; S1 ~l+kappa squarings (packing), per bit a few multiplications, an
+exponentiation by a blinding exponent below u and a DGK randomizer, and for about half the bits a
+share of one batched inversion; then, for the product, one exponentiation by the (l+kappa+2)-bit M.
+Two rounds for a whole tensor.
 S1 learns: nothing (Paillier and DGK ciphertexts only).
 S2 learns: d, statistically independent of x (distance 2^-kappa); whether one blinded c_j is zero,
-which is the bit delta XORed with S1's secret uniform sign, i.e. a uniform bit; the nonzero c_j are
-uniform in Z_u^* and the positions shuffled.
+which is the bit delta XORed with S1's secret uniform sign, i.e. a uniform bit (and so is e); the
+nonzero c_j are uniform in Z_u^* and the positions shuffled.
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ from gmpy2 import mpz
 from ..dgk import DGKPublicKey
 from ..errors import BoundExceeded, ProtocolError, ShapeError
 from ..graph import conv_output_hw, max_runs, window_ranges
-from ..keys import random_ints
+from ..keys import batch_invert, random_ints
 from ..tensor import EncryptedTensor, object_array
 from ..wire import Message
 from .common import S1Context, ciphertext_field, encrypted_reply, read_ciphertexts, masked_reveal, read_revealed
@@ -53,8 +59,8 @@ ZERO_STEP = "compare_zero"
 
 
 def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool, low: int | None = None
-                ) -> tuple[EncryptedTensor, EncryptedTensor | None]:
-    """E([x >= 0]) and, if ``product``, E(x * [x >= 0]), element-wise, for -2^bits <= x < 2^bits.
+                ) -> EncryptedTensor:
+    """E([x >= 0]), or with ``product`` E(x * [x >= 0]), element-wise, for -2^bits <= x < 2^bits.
 
     With ``low`` = k < bits the same two rounds compare only the low k bits and give
     E(floor((x + 2^bits) / 2^k)) instead of E([x >= 0]) (:func:`secure_truncate`; no product).
@@ -79,10 +85,10 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool, lo
     dgk = ctx.dgk_key
     if not all(0 < c < dgk.n for c in enc_bits.reshape(-1)):
         raise ProtocolError("S2 sent a DGK ciphertext out of range")
-    signs = np.array([1 if b else -1 for b in random_ints(n, 1)], dtype=object)
+    signs = [1 if b else -1 for b in random_ints(n, 1)]
     r_low = [(m - (1 << l)) & ((1 << k) - 1) for m in masks]
     randomizers = [dgk.randomizer() for _ in range(n * (k + 1))]
-    calls = [(dgk.to_dict(), enc_bits[r.start:r.stop], r_low[r.start:r.stop], list(signs[r.start:r.stop]),
+    calls = [(dgk.to_dict(), enc_bits[r.start:r.stop], r_low[r.start:r.stop], signs[r.start:r.stop],
               randomizers[r.start * (k + 1):r.stop * (k + 1)]) for r in ctx.workers.chunks(n, minimum=8)]
     blinded = [c for part in ctx.workers.map(_blind_chunk, calls) for c in part]
     ctx.count("dgk_bit", n * (k + 1))
@@ -92,54 +98,53 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool, lo
     reply2 = ctx.channel.request(ZERO_STEP, msg2)
 
     pk = ctx.public_key
-    fields = ["delta", "alpha"] + (["delta_d", "alpha_d"] if product else [])
-    columns = [read_ciphertexts(pk, reply2, f, (n,)).data for f in fields]
-    columns.append(xf.data)
-    calls = [(pk.n, pk.nsq, l, k, [list(c[r.start:r.stop]) for c in columns], masks[r.start:r.stop],
-              list(signs[r.start:r.stop])) for r in ctx.workers.chunks(n, minimum=8)]
-    results = [pair for part in ctx.workers.map(_finish_sign_chunk, calls) for pair in part]
+    columns = [read_ciphertexts(pk, reply2, f, (n,)).data for f in reply_fields(l, k, product)]
     if product:
-        ctx.count("exp_short", 2 * n)
-    t = EncryptedTensor(pk, object_array((p[0] for p in results), n)).reshape(shape)
-    xt = EncryptedTensor(pk, object_array((p[1] for p in results), n)).reshape(shape) if product else None
-    return t, xt
+        columns.append(xf.data)
+    calls = [(pk.n, pk.nsq, l, k, [list(c[r.start:r.stop]) for c in columns], masks[r.start:r.stop],
+              signs[r.start:r.stop]) for r in ctx.workers.chunks(n, minimum=8)]
+    results = [c for part in ctx.workers.map(_finish_chunk, calls) for c in part]
+    if product:
+        ctx.count("exp_short", n)
+    return EncryptedTensor(pk, object_array(results, n)).reshape(shape)
 
 
-def _finish_sign_chunk(n: mpz, nsq: mpz, l: int, k: int, columns: list[list[mpz]], masks: list[int],
-                       signs: list[int]) -> list[tuple[mpz, mpz | None]]:
-    """S1's step 5 for a chunk of elements: E(t) and, with the product columns, E(x t).
+def reply_fields(l: int, k: int, product: bool) -> list[str]:
+    """The Paillier fields S2's ``compare_zero`` reply carries (see the module docstring, step 4)."""
+    if k < l:
+        return ["alpha_minus_delta", "delta"]
+    return ["neg_e", "e_d"] if product else ["neg_e"]
 
-    With carry = [d mod 2^k < r mod 2^k] (delta if s = +1, else 1 - delta), R = floor(r / 2^k) and
-    M = 2^l + r:  t = floor((x + 2^l) / 2^k) = alpha - R - carry (for k = l the sign bit) and
-    x t = alpha d - R d - carry d - M t. Written as one quotient so that an element costs at most two
-    inversions and two short exponentiations.
+
+def _finish_chunk(n: mpz, nsq: mpz, l: int, k: int, columns: list[list[mpz]], masks: list[int],
+                  signs: list[int]) -> list[mpz]:
+    """S1's step 5 for a chunk of elements (columns as :func:`reply_fields`, then E(x) for the product).
+
+    k < l:  t = alpha - R - carry with R = floor(r / 2^k), carry = delta (s = +1) or 1 - delta (s = -1):
+            E(alpha - delta) E(-R), or E(alpha - delta) E(delta)^2 E(-R - 1); no inversion.
+    k = l:  t = e xor f with f = (R mod 2) xor [s = -1] (S1's, uniform); so t = e (f = 0) or 1 - e, and
+            x t = e d - e M  (f = 0)  or  x - e d + e M  (f = 1)
+            from E(-e), E(e d): one exponentiation by M and, for f = 1, one inversion (batched).
     """
-    product = len(columns) == 5
-    out: list[tuple[mpz, mpz | None]] = []
-    enc_minus_one = (1 + (n - 1) * n) % nsq
-    for i, (delta, alpha) in enumerate(zip(columns[0], columns[1])):
-        m, s = masks[i], signs[i]
-        r_high = (m >> k) - (1 << (l - k))
-        # E(-R) as 1 + (-R mod n) n
-        minus_r = (1 + (n - r_high) % n * n) % nsq
-        # s = +1: t = alpha E(-R) / delta;  s = -1: t = alpha E(-R) (1 - delta)^-1 = alpha E(-R) delta E(-1)
-        if s == 1:
-            t = alpha * minus_r % nsq * gmpy2.invert(delta, nsq) % nsq
-        else:
-            t = alpha * minus_r % nsq * delta % nsq * enc_minus_one % nsq
-        if not product:
-            out.append((t, None))
-            continue
-        delta_d, alpha_d, x = columns[2][i], columns[3][i], columns[4][i]
-        d = x * ((1 + m * n) % nsq) % nsq
-        # x t = alpha_d / (d^R carry_d t^M) with carry_d = delta_d (s = +1) or d / delta_d (s = -1)
-        if s == 1:
-            num, den = alpha_d, gmpy2.powmod(d, r_high, nsq) * delta_d % nsq
-        else:
-            num, den = alpha_d * delta_d % nsq, gmpy2.powmod(d, r_high + 1, nsq)
-        den = den * gmpy2.powmod(t, m, nsq) % nsq
-        out.append((t, num * gmpy2.invert(den, nsq) % nsq))
-    return out
+    plain = lambda v: (1 + v % n * n) % nsq  # E(v) with no randomness, as a factor
+    if k < l:
+        out = []
+        for a_d, delta, m, s in zip(columns[0], columns[1], masks, signs):
+            r_high = (m >> k) - (1 << (l - k))
+            if s == 1:
+                out.append(a_d * plain(-r_high) % nsq)
+            else:
+                out.append(a_d * delta % nsq * delta % nsq * plain(-r_high - 1) % nsq)
+        return out
+    flips = [((m >> l) - 1) & 1 ^ (s == -1) for m, s in zip(masks, signs)]
+    if len(columns) == 1:  # t alone: E(e) = E(-e)^-1 or E(1 - e) = E(1) E(-e)
+        neg_e = columns[0]
+        inverted = iter(batch_invert([c for c, f in zip(neg_e, flips) if not f], nsq))
+        return [c * (1 + n) % nsq if f else next(inverted) for c, f in zip(neg_e, flips)]
+    neg_e, e_d, x = columns
+    w = [ed * gmpy2.powmod(ne, m, nsq) % nsq for ne, ed, m in zip(neg_e, e_d, masks)]  # E(e d - e M)
+    inverted = iter(batch_invert([wi for wi, f in zip(w, flips) if f], nsq))
+    return [xi * next(inverted) % nsq if f else wi for wi, xi, f in zip(w, x, flips)]
 
 
 def blind_bit_comparisons(dgk: DGKPublicKey, enc_bits: np.ndarray, r_low: list[int], signs: list[int],
@@ -147,28 +152,31 @@ def blind_bit_comparisons(dgk: DGKPublicKey, enc_bits: np.ndarray, r_low: list[i
     """S1's step 3 for n elements: the blinded, shuffled c_j of every element, row after row.
 
     ``enc_bits`` (n, l+1) are S2's DGK bits of beta' (most significant first); ``r_low`` S1's
-    r mod 2^l; ``randomizers`` n (l+1) fresh DGK randomizers.
+    r mod 2^l; ``randomizers`` n (l+1) fresh DGK randomizers. The bits where rho' is 1 enter as
+    [1 - beta'_j] = [1] [beta'_j]^-1, inverted all at once (:func:`~he_cnn.keys.batch_invert`).
     """
     n, width = enc_bits.shape
     l = width - 1
     nd, u, g = dgk.n, dgk.u, dgk.g
     g_pow = {k: dgk.g_power(k) for k in (-2, -1, 0, 1)}
+    rho = [[((r << 1) >> (l - j)) & 1 for j in range(width)] for r in r_low]  # rho' = 2 (r mod 2^l)
+    try:
+        inverted = iter(batch_invert([enc_bits[i, j] for i in range(n) for j in range(width) if rho[i][j]], nd))
+    except ZeroDivisionError:
+        raise ProtocolError("S2 sent a DGK ciphertext that is not a unit") from None
     exponents = random_ints(n * width, 64)  # blinding exponents in [1, u-1]; bias <= u / 2^64
     keys = random_ints(n * width, 64)  # shuffle keys
     out: list[mpz] = []
     pos = 0
     for i in range(n):
-        rho2 = r_low[i] << 1  # rho' = 2 (r mod 2^l): l+1 bits, lowest 0, so beta' != rho'
-        s = signs[i]
-        xor_acc = mpz(1)
+        s, rho_i, bits_i = signs[i], rho[i], enc_bits[i]
+        xor3 = mpz(1)  # [3 sum of beta'_k xor rho'_k over the more significant k]
         row = []
         for j in range(width):
-            rb = (rho2 >> (l - j)) & 1
-            cb = enc_bits[i, j]
-            c = g_pow[s - rb] * cb % nd
-            if xor_acc != 1:
-                c = c * xor_acc % nd * xor_acc % nd * xor_acc % nd
-            xor_acc = xor_acc * (cb if rb == 0 else g * gmpy2.invert(cb, nd) % nd) % nd
+            rb, cb = rho_i[j], bits_i[j]
+            c = g_pow[s - rb] * cb % nd * xor3 % nd
+            x = g * next(inverted) % nd if rb else cb  # [beta'_j xor rho'_j]
+            xor3 = xor3 * x % nd * x % nd * x % nd
             row.append(gmpy2.powmod(c, 1 + exponents[pos + j] % (u - 1), nd) * randomizers[pos + j] % nd)
         order = sorted(range(width), key=keys[pos:pos + width].__getitem__)
         out.extend(row[k] for k in order)
@@ -226,22 +234,25 @@ def s2_compare_zero(cloud: "KeyCloud", msg: Message) -> Message:
     delta = [v for part in cloud.workers.map(_zero_chunk, calls) for v in part]
     cloud.observe("delta", delta, 1, 0)
     alpha = [di >> k for di in d]
-    fields = {"delta": delta, "alpha": alpha}
-    if product:
-        fields["delta_d"] = [a * b for a, b in zip(delta, d)]
-        fields["alpha_d"] = [a * b for a, b in zip(alpha, d)]
+    if k < l:
+        fields = {"alpha_minus_delta": [a - dl for a, dl in zip(alpha, delta)], "delta": delta}
+    else:
+        e = [(a & 1) ^ dl for a, dl in zip(alpha, delta)]  # t xor S1's secret bit f
+        fields = {"neg_e": [-v for v in e]}
+        if product:
+            fields["e_d"] = [v * di for v, di in zip(e, d)]
     return encrypted_reply(cloud, fields)
 
 
 def secure_compare(ctx: S1Context, x: EncryptedTensor, bits: int) -> EncryptedTensor:
     """E([x >= 0]) element-wise for |x| < 2^bits (two rounds)."""
-    return secure_sign(ctx, x, bits, product=False)[0]
+    return secure_sign(ctx, x, bits, product=False)
 
 
 def secure_truncate(ctx: S1Context, x: EncryptedTensor, bits: int, shift: int) -> EncryptedTensor:
     """E(floor(x / 2^shift)) element-wise, exactly, for -2^bits <= x < 2^bits and 1 <= shift <= bits
     (two rounds; the comparison runs on the low ``shift`` bits only)."""
-    floor_z = secure_sign(ctx, x, bits, product=False, low=shift)[0]  # floor((x + 2^bits) / 2^shift)
+    floor_z = secure_sign(ctx, x, bits, product=False, low=shift)  # floor((x + 2^bits) / 2^shift)
     return floor_z.add(np.full(x.shape, -(1 << (bits - shift)), dtype=object))
 
 
@@ -256,7 +267,7 @@ def secure_relu(ctx: S1Context, x: EncryptedTensor, bits: int, shift: int = 0) -
         return EncryptedTensor(ctx.public_key, np.full(x.shape, mpz(1), dtype=object))
     if shift:
         x, bits = secure_truncate(ctx, x, bits, shift), bits - shift
-    return secure_sign(ctx, x, bits, product=True)[1]
+    return secure_sign(ctx, x, bits, product=True)
 
 
 def secure_max(ctx: S1Context, a: EncryptedTensor, b: EncryptedTensor, bits: int) -> EncryptedTensor:
