@@ -5,9 +5,10 @@ A ciphertext of m in Z_u is ``g^m h^r mod n``, where g has order ``u * v_p * v_q
 secret key (S2) cannot decrypt in general, but it can test a ciphertext for zero cheaply:
 ``c^(v_p) mod p == 1`` exactly when m = 0 mod u. That is all the comparison protocol needs.
 
-Sizes: n has as many bits as the Paillier key; t is twice the security level of that key size
-(160 for 1024-bit, 224 for 2048-bit, 256 for 3072-bit); randomness r has 2.5 t bits and is drawn
-through a fixed-base table of h.
+Sizes: n has as many bits as the Paillier key, its factor p a third of them
+(:func:`zero_test_prime_bits`); t is twice the security level of that key size (160 for 1024-bit,
+224 for 2048-bit, 256 for 3072-bit); randomness r has 2.5 t bits and is drawn through a fixed-base
+table of h.
 """
 from __future__ import annotations
 
@@ -126,6 +127,8 @@ class DGKPrivateKey:
 def _prime_of_form(factor: mpz, bits: int) -> mpz:
     """A prime p = factor * f + 1 of exactly ``bits`` bits (top two bits set), f even random."""
     f_bits = bits - factor.bit_length() + 1
+    if f_bits < 32:
+        raise HECNNError(f"a {bits}-bit prime has no room for a random multiple of a {factor.bit_length()}-bit factor")
     while True:
         f = mpz(secrets.randbits(f_bits))
         f -= f % 2
@@ -147,13 +150,25 @@ def _element_of_order(p: mpz, order_factors: list[mpz]) -> mpz:
             return y
 
 
+def zero_test_prime_bits(n_bits: int) -> int:
+    """Size of p, the prime S2's zero test works modulo: a third of n (q takes the rest).
+
+    The zero test costs an exponentiation mod p, so a smaller p makes it about twice as fast (41 us
+    instead of 87 us at 2048 bits). n keeps its full size against the number field sieve, and its
+    smallest factor stays at n/3 bits: the same as a 3-prime RSA modulus, for which the elliptic
+    curve method is no faster than the sieve at these sizes (docs/threat-model.md §4).
+    """
+    # p = u v_p f + 1 needs room for a random f: small (test) keys keep p >= u v_p + 64 bits
+    return max(n_bits // 3, subgroup_bits(n_bits) + DGK_U.bit_length() + 64)
+
+
 def generate_dgk_keypair(n_bits: int, u: int = DGK_U) -> tuple[DGKPublicKey, DGKPrivateKey]:
     t = subgroup_bits(n_bits)
     u_ = mpz(u)
     v_p = gmpy2.next_prime(mpz(secrets.randbits(t)) | (mpz(1) << (t - 1)))
     v_q = gmpy2.next_prime(mpz(secrets.randbits(t)) | (mpz(1) << (t - 1)))
-    p = _prime_of_form(u_ * v_p, n_bits // 2)
-    q = _prime_of_form(u_ * v_q, n_bits - n_bits // 2)
+    p = _prime_of_form(u_ * v_p, zero_test_prime_bits(n_bits))
+    q = _prime_of_form(u_ * v_q, n_bits - zero_test_prime_bits(n_bits))
     n = p * q
     g_p, g_q = _element_of_order(p, [u_, v_p]), _element_of_order(q, [u_, v_q])
     h_p, h_q = _element_of_order(p, [v_p]), _element_of_order(q, [v_q])

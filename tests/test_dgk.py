@@ -14,6 +14,7 @@ def test_key_shape(dgk):
     pub, priv = dgk
     assert pub.n.bit_length() == 1024 and pub.u == DGK_U and pub.t == subgroup_bits(1024) == 160
     assert priv.v_p.bit_length() == 160 and (priv.p - 1) % (pub.u * priv.v_p) == 0
+    assert priv.p.bit_length() == 341 and pub.n % priv.p == 0  # the zero test's prime: a third of n
     assert gmpy2.powmod(pub.g, pub.u * priv.v_p, priv.p) == 1
     assert pub.max_bits == 67
     assert DGKPublicKey.from_dict(pub.to_dict()).n == pub.n

@@ -47,6 +47,7 @@ from ..dgk import DGKPublicKey
 from ..errors import BoundExceeded, ProtocolError, ShapeError
 from ..graph import conv_output_hw, max_runs, window_ranges
 from ..keys import batch_invert, random_ints
+from ..parallel import from_blob, to_blob
 from ..tensor import EncryptedTensor, object_array
 from ..wire import Message
 from .common import S1Context, ciphertext_field, encrypted_reply, read_ciphertexts, masked_reveal, read_revealed
@@ -88,9 +89,11 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool, lo
     signs = [1 if b else -1 for b in random_ints(n, 1)]
     r_low = [(m - (1 << l)) & ((1 << k) - 1) for m in masks]
     randomizers = [dgk.randomizer() for _ in range(n * (k + 1))]
-    calls = [(dgk.to_dict(), enc_bits[r.start:r.stop], r_low[r.start:r.stop], signs[r.start:r.stop],
-              randomizers[r.start * (k + 1):r.stop * (k + 1)]) for r in ctx.workers.chunks(n, minimum=8)]
-    blinded = [c for part in ctx.workers.map(_blind_chunk, calls) for c in part]
+    width, flat_bits = dgk.ciphertext_bytes, enc_bits.reshape(-1)
+    calls = [(dgk.to_dict(), to_blob(flat_bits[r.start * (k + 1):r.stop * (k + 1)], width), r_low[r.start:r.stop],
+              signs[r.start:r.stop], to_blob(randomizers[r.start * (k + 1):r.stop * (k + 1)], width))
+             for r in ctx.workers.chunks(n, minimum=8)]
+    blinded = [c for part in ctx.workers.map(_blind_chunk, calls) for c in from_blob(part, width)]
     ctx.count("dgk_bit", n * (k + 1))
     msg2 = Message(meta={"ticket": ticket, "product": product})
     ciphertext_field(msg2, "blinded", blinded, dgk.ciphertext_bytes)
@@ -184,18 +187,23 @@ def blind_bit_comparisons(dgk: DGKPublicKey, enc_bits: np.ndarray, r_low: list[i
     return out
 
 
-def _blind_chunk(dgk: dict, enc_bits: np.ndarray, r_low: list[int], signs: list[int], randomizers: list[mpz]) -> list[mpz]:
-    return blind_bit_comparisons(DGKPublicKey.from_dict(dgk), enc_bits, r_low, signs, randomizers)
+def _blind_chunk(dgk: dict, enc_bits: bytes, r_low: list[int], signs: list[int], randomizers: bytes) -> bytes:
+    key = DGKPublicKey.from_dict(dgk)
+    width = key.ciphertext_bytes
+    bits = object_array(from_blob(enc_bits, width)).reshape(len(r_low), -1)
+    return to_blob(blind_bit_comparisons(key, bits, r_low, signs, from_blob(randomizers, width)), width)
 
 
-def _zero_chunk(p: int, v_p: int, u: int, rows: np.ndarray) -> list[int]:
+def _zero_chunk(p: int, v_p: int, width: int, row_length: int, blob: bytes) -> list[int]:
     """delta for each row: 1 if one of its DGK ciphertexts encrypts 0 (c^v_p = 1 mod p).
 
     Every position is tested, also after a zero is found: stopping early would make the round's
     duration depend on the outcomes, which S1 could correlate with its secret signs.
     """
     p, v_p = mpz(p), mpz(v_p)
-    return [int(sum(gmpy2.powmod(c, v_p, p) == 1 for c in row) > 0) for row in rows]
+    cts = from_blob(blob, width)
+    return [int(sum(gmpy2.powmod(c, v_p, p) == 1 for c in cts[i:i + row_length]) > 0)
+            for i in range(0, len(cts), row_length)]
 
 
 def s2_compare_bits(cloud: "KeyCloud", msg: Message) -> Message:
@@ -229,7 +237,8 @@ def s2_compare_zero(cloud: "KeyCloud", msg: Message) -> Message:
     dgk, dgk_priv = cloud.dgk_public, cloud.dgk_private
     if not all(0 < c < dgk.n for c in blinded.reshape(-1)):
         raise ProtocolError("blinded DGK ciphertext out of range: expected 0 < c < n")
-    calls = [(int(dgk_priv.p), int(dgk_priv.v_p), dgk.u, blinded[r.start:r.stop])
+    width = dgk.ciphertext_bytes
+    calls = [(int(dgk_priv.p), int(dgk_priv.v_p), width, k + 1, to_blob(blinded[r.start:r.stop].reshape(-1), width))
              for r in cloud.workers.chunks(len(d), minimum=8)]
     delta = [v for part in cloud.workers.map(_zero_chunk, calls) for v in part]
     cloud.observe("delta", delta, 1, 0)
