@@ -245,7 +245,7 @@ def tables(results: dict) -> list[Table]:
                      mem.get("s1_s2_process"), max(mem.get("workers") or [0])])
     out.append(Table("secure inference per key size (seconds; online = per image with the offline phase done)",
                      ["bits", "online in-process", "exact", "offline prepare", "offline pools", "online HTTP",
-                      "service e2e", "keygen", "model encrypt", "set-up", "rounds", "MB/image", f"+link",
+                      "service e2e", "keygen", "model encrypt", "set-up", "rounds", "MB/image", "+link",
                       "peak MiB", "worker MiB"], rows,
                      f"offline = prepare_query + randomness pools filled to one query's draw; HTTP = S1 here, S2 as "
                      f"the service (its pools filled first); service e2e = S1 and S2 services, one classify request after "
@@ -418,24 +418,25 @@ def _why(results: dict) -> list[str]:
         blind_share = bits_compared * (prim["dgk_blind_exp"] + 3 * prim["mulmod_dgk"]) / cores
         levers = [
             f"*S2's zero tests* take {ops.get('s2_zero', 0):.1f} s for {bits_compared:,} DGK values against "
-            f"{zero_share:.1f} s of pure exponentiation ({prim['dgk_zero_test'] * 1e6:.0f} us each on {cores} cores): "
-            "the rest is shipping the ciphertexts to the worker processes and back as pickled big integers; one "
-            "bytes buffer per chunk (or shared memory) would cut it;",
+            f"{zero_share:.1f} s of pure exponentiation ({prim['dgk_zero_test'] * 1e6:.0f} us each, on {cores} cores; "
+            "the zero-test prime p is a third of n_DGK, which halved this cost): only fewer compared bits reduce it;",
             f"*S1's blinding* takes {ops.get('s1_blind', 0):.1f} s against {blind_share:.1f} s of exponentiations and "
-            "multiplications: a Python loop per compared bit with one modular inversion for every bit where "
-            "rho' is 1; columns of numpy object arrays per bit position and batched inversions (Montgomery's "
-            "trick: one inversion per chunk) would bring it near its bound;",
+            "multiplications (per bit one exponentiation by an exponent below u = 211, a few multiplications and a "
+            "share of one batched inversion); the rest is the Python loop per bit and moving the ciphertexts to "
+            "and from the worker processes (one bytes buffer per chunk);",
             f"*packing and glue*: `s1_pack` {ops.get('s1_pack', 0):.1f} s (Horner shifts of every revealed value, "
-            f"in the bound) and `s1_other` {ops.get('s1_other', 0):.1f} s (S1's combination step after each "
-            "comparison with two short exponentiations per element, array reshaping, process-pool dispatch);",
+            f"in the bound) and `s1_other` {ops.get('s1_other', 0):.1f} s (mostly S1's step after each "
+            "comparison: one exponentiation E(-e)^M by the (l + kappa + 2)-bit mask per ReLU or max element, in the "
+            "bound; then array reshaping and process-pool dispatch). Reveals right after a linear layer could be "
+            "avoided altogether if S2 kept its part of the output as an additive share instead of encrypting it;",
             f"*fewer compared bits*: each compared bit costs at least {per_bit * 1e3:.3f} ms here (zero test, "
             f"blinding exponentiation, DGK multiplications, on {cores} cores) and the values compared carry "
             f"l = {min(r['bound_detail']['bits'] for r in comp_rows)}..{max(r['bound_detail']['bits'] for r in comp_rows)}"
             " bits (worst-case bounds; the block inputs already requantise to 10 bits). One bit length per "
             "channel instead of per tensor would save ~9 % of the bits (a tensor's channels differ by up to 5 "
             "bits); requantising inside the Inception branches needs a rescaled concatenation;",
-            "*the documented opt-in multiplicative blinding* for comparisons (leaks the magnitude) removes the DGK "
-            f"work, i.e. the zero tests alone ({zero_share:.1f} s of bound) and the blinding;",
+            "*an opt-in multiplicative blinding* for comparisons (it would leak magnitudes; not built) would remove "
+            f"the DGK work, i.e. the zero tests alone ({zero_share:.1f} s of bound) and the blinding;",
             f"*the linear layers* are no longer the problem: their cross terms are SIMD-packed (k positions per "
             f"exponentiation), so all 12 take {lin:.1f} s online (bound {lin_bound:.1f} s).",
         ]
@@ -459,7 +460,13 @@ def _why(results: dict) -> list[str]:
         out.append(para)
         out += [f"- {lv}" for lv in levers]
     elif o.get("measured") is not None:
-        out.append(f"Online latency at 2048 bits: {o['measured']:.1f} s, within the 10 s target.")
+        out.append(
+            f"**Online latency at 2048 bits: {o['measured']:.1f} s, within the 10 s target.** Comparisons "
+            f"({comparisons:,} comparisons of {bits_compared:,} bits in all) take {comp:.1f} s ({comp / online:.0%}), "
+            f"the linear layers {lin:.1f} s ({lin / online:.0%}). Largest operation kinds: {top}. The lower bound "
+            f"is {k['bound']:.1f} s ({comp_bound:.1f} s comparisons, {lin_bound:.1f} s linear); ours is "
+            f"{k['bound_ratio']:.2f}x that. Where the rest goes, and what would cut further:")
+        out += [f"- {lv}" for lv in levers]
     http_online = k.get("http_online_mean")
     if http_online and prim:
         slower = http_online > 1.1 * online
@@ -513,8 +520,9 @@ def _why(results: dict) -> list[str]:
                      f"{shifted[0] + 1} more DGK bits per element and two more rounds; the baseline does the "
                      "plain ReLU, so the ratio understates ours.) ")
         if "relu" in layer or "pool" in layer:
-            text += ("The baseline's cost is dominated by fresh randomness (four phe encryptions with a full r^N per "
-                     "element, a fresh DGK h^r per bit), which ours draws from the offline pools; what both must do — "
+            text += ("The baseline's cost is dominated by fresh randomness (three phe encryptions or obfuscations with "
+                     "a full r^N per element, two fresh DGK h^r per bit), which ours draws from the offline pools; "
+                     "what both must do — "
                      "a zero test and a blinding exponentiation per bit — remains, so the ratio grows with the key "
                      "size but stays bounded by the DGK work.")
         else:
@@ -541,9 +549,8 @@ def _why(results: dict) -> list[str]:
                 "Typical causes: fixed per-round costs the bound does not count (process-pool dispatch and pickling "
                 "of ciphertext arrays, wire coding, numpy object-array overhead on tiny layers — `fc` has a single "
                 "position, so its Straus columns are 1-element arrays); the result layer's S2 builds a fixed-base "
-                "table for the user's key on every query (8k multiplications for 10 encryptions); S1's combination "
-                "step runs on one core; and, on a busy machine, timing noise (the primitive costs are measured "
-                "once, the layers later).")
+                "table for the user's key on every query (8k multiplications for 10 encryptions); and, on a busy "
+                "machine, timing noise (the primitive costs are measured once, the layers later).")
     return out
 
 

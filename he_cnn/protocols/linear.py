@@ -126,10 +126,11 @@ class LinearSetup:
 
 @dataclass(frozen=True)
 class LinearPrecomputation:
-    """The query-independent part of one SCVL/SCT call: the input mask A and E(A_cols @ Kt), (P, C)."""
+    """The query-independent part of one SCVL/SCT call: the input mask A and E(-A_cols @ Kt), (P, C)
+    (negated offline, so the online step multiplies instead of inverting)."""
 
     masks: list[int]
-    a_term: EncryptedTensor
+    neg_a_term: EncryptedTensor
 
 
 def precompute_linear(ctx: S1Context, layer: EncryptedLinear, setup: LinearSetup, x_bits: int) -> LinearPrecomputation:
@@ -141,7 +142,7 @@ def precompute_linear(ctx: S1Context, layer: EncryptedLinear, setup: LinearSetup
     # A_cols @ E(Kt) computed as (E(Kt)^T @ A_cols^T)^T
     a_term = EncryptedTensor(ctx.public_key, setup.masked_weight.data.T.copy()).matmul_plain(a_cols.T, ctx.workers)
     ctx.count("exp_offline", idx.shape[0] * idx.shape[1] * layer.weight.shape[1])
-    return LinearPrecomputation(masks, EncryptedTensor(ctx.public_key, a_term.data.T.copy()))
+    return LinearPrecomputation(masks, EncryptedTensor(ctx.public_key, a_term.data.T.copy()).neg())
 
 
 def new_setup_id() -> str:
@@ -242,7 +243,7 @@ def secure_linear(ctx: S1Context, setup_id: str, layer: EncryptedLinear, setup: 
 
     # round 2: S2 returns E(Y - Z - M) per output
     reply2 = ctx.channel.request(CROSS_STEP, msg2)
-    out = read_ciphertexts(pk, reply2, "y", (p_count, c_count)).sub(pre.a_term)
+    out = read_ciphertexts(pk, reply2, "y", (p_count, c_count)).add(pre.neg_a_term)
     m = z_masks[:, :p_count].T  # (P, C)
     out = out.add(m + offset * setup.masks.sum(axis=0))
     out = out.add(EncryptedTensor(pk, np.broadcast_to(layer.bias.data, out.shape).copy()))
