@@ -76,7 +76,7 @@ def pack_masked(ctx: S1Context, values: EncryptedTensor, masks: Sequence[int], l
         raise ProtocolError(f"{len(masks)} masks for {flat.size} values")
     n_packs = -(-flat.size // k)
     calls = [(pk.n, nsq, flat[r.start * k:r.stop * k], list(masks[r.start * k:r.stop * k]), slot, k)
-             for r in ctx.workers.chunks(n_packs, minimum=4)]
+             for r in ctx.workers.chunks(n_packs, minimum=1)]
     packs = [pk.rerandomize(c) for part in ctx.workers.map(_pack_chunk, calls) for c in part]
     ctx.count("pack_values", flat.size)
     ctx.count("rerandomize", len(packs))
@@ -110,7 +110,7 @@ def _decrypt_chunk(p: int, q: int, packs: list[mpz]) -> list[int]:
 def decrypt_many(private_key: PrivateKey, workers: Workers, ciphertexts: Sequence[int]) -> list[int]:
     """Raw plaintexts of validated ciphertexts, spread over ``workers``."""
     p, q = int(private_key.p), int(private_key.q)
-    calls = [(p, q, list(ciphertexts[r.start:r.stop])) for r in workers.chunks(len(ciphertexts), minimum=4)]
+    calls = [(p, q, list(ciphertexts[r.start:r.stop])) for r in workers.chunks(len(ciphertexts), minimum=2)]
     return [m for part in workers.map(_decrypt_chunk, calls) for m in part]
 
 
