@@ -215,11 +215,13 @@ def s2_compare_bits(cloud: "KeyCloud", msg: Message) -> Message:
     if k + 1 > dgk.max_bits:
         raise BoundExceeded(f"comparison of {k}-bit values exceeds the DGK key's limit of {dgk.max_bits} bits")
     ticket = cloud.tickets.put("comparison", (d, l, k))
-    low = (1 << k) - 1
-    cts = []
-    for di in d:
+    low, g, n = (1 << k) - 1, dgk.g, dgk.n
+    cts = [dgk.randomizer() for _ in range(len(d) * (k + 1))]  # [0] = h^r; [1] = g h^r
+    for i, di in enumerate(d):
         beta = ((di & low) << 1) | 1
-        cts.extend(dgk.encrypt((beta >> (k - j)) & 1) for j in range(k + 1))
+        for j in range(k + 1):
+            if (beta >> (k - j)) & 1:
+                cts[i * (k + 1) + j] = g * cts[i * (k + 1) + j] % n
     reply = Message(meta={"ticket": ticket})
     ciphertext_field(reply, "bits", cts, dgk.ciphertext_bytes)
     reply.arrays["bits"] = reply.arrays["bits"].reshape(len(d), k + 1)
