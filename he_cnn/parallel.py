@@ -45,6 +45,7 @@ class Workers:
     def __init__(self, count: int | None = None):
         self.count = default_worker_count() if count is None else max(1, int(count))
         self._pool: Executor | None = None
+        self._closed = False
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -66,6 +67,10 @@ class Workers:
 
     def _executor(self) -> Executor:
         with self._lock:
+            if self._closed:
+                # a background thread outliving the service's shutdown must not start a new pool: one
+                # started during interpreter exit races with concurrent.futures' exit hook (EBADF)
+                raise RuntimeError("the worker pool was shut down")
             if self._pool is None:
                 method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
                 self._pool = ProcessPoolExecutor(self.count, mp_context=multiprocessing.get_context(method),
@@ -73,7 +78,9 @@ class Workers:
             return self._pool
 
     def shutdown(self) -> None:
+        """Stop the worker processes for good: later parallel calls raise RuntimeError."""
         with self._lock:
+            self._closed = True
             if self._pool is not None:
                 self._pool.shutdown(cancel_futures=True)
                 self._pool = None

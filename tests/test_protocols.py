@@ -226,6 +226,19 @@ def test_protocols_exact_with_process_workers(keys1024, key_cloud):
         workers.shutdown()
 
 
+def test_workers_refuse_work_after_shutdown():
+    """A thread that outlives a service's shutdown cannot start a new pool (it would race the
+    interpreter's exit); work that needs no pool still runs inline."""
+    from he_cnn.parallel import Workers
+
+    workers = Workers(2)
+    assert workers.map(pow, [(2, 3), (3, 2)]) == [8, 9]
+    workers.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        workers.map(pow, [(2, 3), (3, 2)])
+    assert workers.map(pow, [(2, 5)]) == [32]
+
+
 def test_workers_die_with_their_parent(tmp_path):
     """A cloud killed with SIGKILL must not leave its worker processes behind."""
     import os
