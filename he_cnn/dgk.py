@@ -89,6 +89,10 @@ class DGKPublicKey:
     def encrypt(self, m: int) -> mpz:
         return self.g_power(m) * self.randomizer() % self.n
 
+    def encrypt_bits(self, bits: list[int]) -> list[mpz]:
+        """:meth:`encrypt` for many 0/1 values: [0] = h^r, [1] = g h^r (no multiplication for a 0)."""
+        return [self.g * r % self.n if b else r for b, r in zip(bits, (self.randomizer() for _ in bits))]
+
     def validate(self, c: int) -> mpz:
         """Range check 0 < c < n. (A non-unit c cannot crash the zero test; it only tests non-zero.)"""
         c = mpz(c)
@@ -167,8 +171,9 @@ def generate_dgk_keypair(n_bits: int, u: int = DGK_U) -> tuple[DGKPublicKey, DGK
     u_ = mpz(u)
     v_p = gmpy2.next_prime(mpz(secrets.randbits(t)) | (mpz(1) << (t - 1)))
     v_q = gmpy2.next_prime(mpz(secrets.randbits(t)) | (mpz(1) << (t - 1)))
-    p = _prime_of_form(u_ * v_p, zero_test_prime_bits(n_bits))
-    q = _prime_of_form(u_ * v_q, n_bits - zero_test_prime_bits(n_bits))
+    p_bits = zero_test_prime_bits(n_bits)
+    p = _prime_of_form(u_ * v_p, p_bits)
+    q = _prime_of_form(u_ * v_q, n_bits - p_bits)
     n = p * q
     g_p, g_q = _element_of_order(p, [u_, v_p]), _element_of_order(q, [u_, v_q])
     h_p, h_q = _element_of_order(p, [v_p]), _element_of_order(q, [v_q])

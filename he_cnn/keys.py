@@ -219,12 +219,7 @@ class PublicKey:
 
     def validate(self, c: int) -> mpz:
         """Check that c is a well-formed ciphertext (0 < c < N^2, gcd(c, N) = 1)."""
-        c = mpz(c)
-        if not 0 < c < self.nsq:
-            raise InvalidCiphertext(f"ciphertext out of range: expected 0 < c < N^2 for key {self.key_id}")
-        if gmpy2.gcd(c, self.n) != 1:
-            raise InvalidCiphertext(f"ciphertext is not a unit mod N for key {self.key_id}")
-        return c
+        return self.validate_many([c])[0]
 
     def validate_many(self, cts: Iterable[int]) -> list[mpz]:
         """:meth:`validate` for many ciphertexts: the unit check is one gcd of their product mod N

@@ -215,13 +215,9 @@ def s2_compare_bits(cloud: "KeyCloud", msg: Message) -> Message:
     if k + 1 > dgk.max_bits:
         raise BoundExceeded(f"comparison of {k}-bit values exceeds the DGK key's limit of {dgk.max_bits} bits")
     ticket = cloud.tickets.put("comparison", (d, l, k))
-    low, g, n = (1 << k) - 1, dgk.g, dgk.n
-    cts = [dgk.randomizer() for _ in range(len(d) * (k + 1))]  # [0] = h^r; [1] = g h^r
-    for i, di in enumerate(d):
-        beta = ((di & low) << 1) | 1
-        for j in range(k + 1):
-            if (beta >> (k - j)) & 1:
-                cts[i * (k + 1) + j] = g * cts[i * (k + 1) + j] % n
+    low = (1 << k) - 1
+    betas = [((di & low) << 1) | 1 for di in d]
+    cts = dgk.encrypt_bits([(beta >> (k - j)) & 1 for beta in betas for j in range(k + 1)])
     reply = Message(meta={"ticket": ticket})
     ciphertext_field(reply, "bits", cts, dgk.ciphertext_bytes)
     reply.arrays["bits"] = reply.arrays["bits"].reshape(len(d), k + 1)
