@@ -168,14 +168,28 @@ class EncryptedTensor:
         return EncryptedTensor(self.public_key, mulmod.reduce(self.data, axis=axis, initial=mpz(1)).astype(object))
 
     def matmul_plain(self, weights: PlainLike, workers: Workers = INLINE) -> "EncryptedTensor":
-        """(P, F) encrypted @ (F, C) signed plaintext -> (P, C) encrypted (output columns spread
-        over ``workers``)."""
+        """(P, F) encrypted @ (F, C) signed plaintext -> (P, C) encrypted, spread over ``workers``.
+
+        The work is split along the rows when there are enough of them (nothing is done twice), else
+        along the shared dimension F: each worker multiplies its part of the bases and the parts'
+        products are multiplied together (only the squaring chains, P x C x bits, are repeated).
+        Splitting the output columns instead would make every worker build every base's table.
+        """
         w = as_int_array(weights)
         if self.data.ndim != 2 or w.ndim != 2 or w.shape[0] != self.shape[1]:
             raise ShapeError(f"matmul of encrypted {self.shape} by plaintext {w.shape}")
         nsq = self.public_key.nsq
-        parts = workers.map(matmul_cipher_plain, [(self.data, w[:, cols], nsq) for cols in workers.chunks(w.shape[1])])
-        return EncryptedTensor(self.public_key, np.concatenate(parts, axis=1))
+        (p_count, f_count), count = self.shape, workers.count
+        if p_count >= count and (p_count % count == 0 or p_count >= 4 * count):
+            parts = workers.map(matmul_cipher_plain, [(self.data[r.start:r.stop], w, nsq)
+                                                      for r in workers.chunks(p_count)])
+            return EncryptedTensor(self.public_key, np.concatenate(parts, axis=0))
+        parts = workers.map(matmul_cipher_plain, [(self.data[:, r.start:r.stop], w[r.start:r.stop], nsq)
+                                                  for r in workers.chunks(f_count, minimum=8)])
+        out = parts[0]
+        for part in parts[1:]:
+            out = out * part % nsq
+        return EncryptedTensor(self.public_key, out)
 
     def rerandomize(self) -> "EncryptedTensor":
         pk = self.public_key
@@ -235,11 +249,11 @@ def matmul_cipher_plain(x: np.ndarray, w: np.ndarray, nsq: mpz) -> np.ndarray:
 def multi_exponentiate(x: np.ndarray, e: np.ndarray, nsq: mpz, window: int = 4) -> np.ndarray:
     """prod_f x[p, f]^e[f, c] for non-negative exponents, by Straus' interleaving.
 
-    The outputs of one column c share their exponents e[:, c], so the work runs on whole columns of
-    P ciphertexts at once (numpy object arithmetic, no per-element Python loop): every base column
-    gets a table of its first 2^window powers (shared by all C outputs), and each output column one
-    chain of squarings over the longest exponent. A multiply-accumulate thus costs about
-    bits/window modular multiplications instead of a full exponentiation.
+    Every base x[p, f] gets a table of its first 2^window powers, shared by the C outputs of its row,
+    and each output one chain of squarings over the longest exponent. A multiply-accumulate thus costs
+    about bits/window modular multiplications instead of a full exponentiation. The loops are plain
+    Python over mpz: the matrices here have few rows (P is a number of packs), where numpy object
+    arithmetic on short columns costs more in dispatch than it saves (about 2x on a 1-row matrix).
     """
     p_count, f_count = x.shape
     c_count = e.shape[1]
@@ -250,24 +264,24 @@ def multi_exponentiate(x: np.ndarray, e: np.ndarray, nsq: mpz, window: int = 4) 
         return out
     n_windows = -(-bits // window)
     mask = (1 << window) - 1
-    tables: list[list[np.ndarray]] = []
-    for f in range(f_count):
-        column = x[:, f]
-        powers = [column, column]
-        for _ in range(2, 1 << window):
-            powers.append(powers[-1] * column % nsq)
-        tables.append(powers)
-    for c in range(c_count):
-        exponents = [int(e[f, c]) for f in range(f_count)]
-        acc = None
-        for k in range(n_windows - 1, -1, -1):
-            if acc is not None:
-                for _ in range(window):
-                    acc = acc * acc % nsq
-            shift = k * window
-            for f, v in enumerate(exponents):
-                d = (v >> shift) & mask
-                if d:
-                    acc = tables[f][d] if acc is None else acc * tables[f][d] % nsq
-        out[:, c] = mpz(1) if acc is None else acc
+    # digits[k][c]: the window-k digit of every exponent of column c, as a list over f
+    e_obj = np.asarray(e, dtype=object)
+    digits = [((e_obj >> (k * window)) & mask).T.tolist() for k in range(n_windows)]
+    for p in range(p_count):
+        tables = []
+        for base in x[p]:
+            powers = [mpz(1), base]
+            for _ in range(2, 1 << window):
+                powers.append(powers[-1] * base % nsq)
+            tables.append(powers)
+        for c in range(c_count):
+            acc = mpz(1)
+            for k in range(n_windows - 1, -1, -1):
+                if k != n_windows - 1:
+                    for _ in range(window):
+                        acc = acc * acc % nsq
+                for table, d in zip(tables, digits[k][c]):
+                    if d:
+                        acc = acc * table[d] % nsq
+            out[p, c] = acc
     return out

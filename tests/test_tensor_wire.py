@@ -107,3 +107,23 @@ def test_wire_refuses_non_json_constants(constant):
     header = ('{"meta":{"k":%s},"arrays":[]}' % constant).encode()
     with pytest.raises(WireFormatError, match="not allowed"):
         decode(struct.pack(">4sHI", b"HECN", 1, len(header)) + header)
+
+
+@pytest.mark.parametrize("shape", [(1, 19, 3), (3, 17, 4), (8, 5, 6), (2, 1, 2)])
+def test_matmul_split_over_workers_matches_plaintext(kp, shape):
+    """matmul_plain splits by rows (P a multiple of the workers, or many rows) or by the shared
+    dimension F (few rows: the parts' products are multiplied); both give the exact product, signed
+    weights and long exponents included."""
+    from he_cnn.parallel import Workers
+
+    p, f, c = shape
+    rng = np.random.default_rng(sum(shape))
+    a = obj([int(v) for v in rng.integers(-1000, 1000, p * f)], (p, f))
+    w = obj([int(v) * (1 << 50) + int(u) for v, u in zip(rng.integers(-9, 9, f * c), rng.integers(0, 1 << 30, f * c))],
+            (f, c))
+    ea = EncryptedTensor.encrypt(kp.public, a)
+    workers = Workers(2)
+    try:
+        assert (ea.matmul_plain(w, workers).decrypt(kp.private) == a.dot(w)).all()
+    finally:
+        workers.shutdown()
