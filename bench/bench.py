@@ -67,11 +67,10 @@ from he_cnn.keys import KAPPA, generate_keypair  # noqa: E402
 from he_cnn.model import ICNN  # noqa: E402
 from he_cnn.parallel import Workers, default_worker_count  # noqa: E402
 from he_cnn.protocols.common import S1Context, slot_bits, slots_per_pack  # noqa: E402
-from he_cnn.protocols.linear import precompute_linear  # noqa: E402
 from he_cnn.quantize import load_integer_model, quantize_icnn, save_integer_model  # noqa: E402
 from he_cnn.reference import classify_reference, integer_accuracy, run_reference  # noqa: E402
 from he_cnn.s2 import KeyCloud  # noqa: E402
-from he_cnn.secure_model import PreparedQuery, encrypt_model, secure_inference, setup_model  # noqa: E402
+from he_cnn.secure_model import PreparedQuery, encrypt_model, prepare_query, secure_inference, setup_model  # noqa: E402
 from he_cnn.tensor import EncryptedTensor  # noqa: E402
 from he_cnn.train import train_icnn  # noqa: E402
 
@@ -272,19 +271,17 @@ def pool_needs(acct: dict, bits: int, http: bool) -> dict[str, int]:
 
 # -- one query ------------------------------------------------------------------------------------
 
-def prepare_timed(ctx: S1Context, em, st) -> tuple[PreparedQuery, dict[str, float]]:
-    """prepare_query, timing each layer."""
-    linear, per_layer, ops = {}, {}, {}
-    start = time.perf_counter()
-    for entry in em.spec["layers"]:
-        if entry["kind"] in ("conv", "dense"):
-            name = entry["name"]
-            before = ctx.ops.get("exp_offline", 0)
-            t0 = time.perf_counter()
-            linear[name] = precompute_linear(ctx, em.linear[name], st.layers[name], em.bound_bits(entry["input"]))
-            per_layer[name] = time.perf_counter() - t0
-            ops[name] = ctx.ops.get("exp_offline", 0) - before
-    return PreparedQuery(linear, time.perf_counter() - start), per_layer, ops
+def prepare_timed(ctx: S1Context, em, st) -> tuple[PreparedQuery, dict[str, float], dict[str, int]]:
+    """prepare_query, timing each layer and counting its exponentiations."""
+    per_layer, ops = {}, {}
+    before = [ctx.ops.get("exp_offline", 0)]
+
+    def layer_done(name: str, seconds: float) -> None:
+        per_layer[name] = seconds
+        ops[name] = ctx.ops.get("exp_offline", 0) - before[0]
+        before[0] = ctx.ops.get("exp_offline", 0)
+
+    return prepare_query(ctx, em, st, layer_done), per_layer, ops
 
 
 def run_query(ctx: S1Context, em, st, pk, dgk, uk, im, x_int: np.ndarray, needs: dict[str, int],

@@ -18,11 +18,12 @@ from the offline pool, and prices them:
   window (w = ``WINDOW``): per packed MAC ceil(b_B / w) multiplications plus, per output pack, b_B
   squarings shared by all F bases; S1 masks and re-randomises the G x C result packs (2 multiplications
   each), S2 decrypts them and encrypts the P x C outputs (2 multiplications each); S1 assembles each
-  output with 3 multiplications;
+  output with 3 multiplications; a layer whose input a sibling layer revealed before has no reveal;
 * comparison of l bits (ReLU, and each max of a max-pool): per bit one DGK encryption at S2 (1 mult
   with a pooled randomizer), at S1 one blinding exponentiation and 3 multiplications (combination,
-  randomizer), at S2 one zero test; per element 4 Paillier encryptions at S2 (2 mults each),
-  ~8 multiplications and two short exponentiations (kappa + 1 and l + kappa + 2 bits) at S1;
+  randomizer), at S2 one zero test; per element 2 Paillier encryptions at S2 (2 mults each), a few
+  multiplications at S1 and, for a ReLU or max (not a truncation), one exponentiation E(-e)^M by the
+  (l + kappa + 2)-bit mask;
 * result for the user: a reveal of the class vector and 2 multiplications per value under each key.
 
 The bound is that work divided by the number of cores (S1 and S2 take turns, so each may use every
@@ -43,6 +44,7 @@ from gmpy2 import mpz
 from he_cnn.graph import im2col_indices, maxpool_comparisons
 from he_cnn.keys import KAPPA
 from he_cnn.protocols.common import slot_bits, slots_per_pack
+from he_cnn.secure_model import linear_siblings
 
 #: window of the shared-base exponentiation assumed by the bound (the engine's Straus window)
 WINDOW = 4
@@ -153,6 +155,8 @@ def layer_bound(entry: dict, spec: dict, layer, bits: int, prim: dict[str, float
         positions, taps, b_mask, lc, k, groups = linear_packing(entry, spec, bits, kappa)
         macs = positions * taps * c_out
         r1, r2, packs, reveal_mults = _reveal(n_in, lx, bits, prim, kappa)
+        if entry["name"] in linear_siblings(spec).get(entry["input"], [entry["name"]])[1:]:
+            r1 = r2 = packs = reveal_mults = 0  # a sibling's reveal of the same input serves this layer
         outputs = positions * c_out
         z_packs = groups * c_out
         s1_mults = (reveal_mults + groups * taps  # unmask the packs S2 sends

@@ -36,29 +36,37 @@ HANDLERS: dict[str, Callable[["KeyCloud", Message], Message]] = {
 
 
 class TicketStore:
-    """State kept between the two rounds of a protocol (comparison, linear layer), dropped after ``ttl`` seconds."""
+    """State kept between the rounds of a protocol (comparison, linear layer), dropped after ``ttl``
+    seconds or after its last use."""
 
     def __init__(self, ttl: float = 600.0):
         self.ttl = ttl
-        self._items: dict[str, tuple[float, Any]] = {}
+        self._items: dict[str, tuple[float, int, Any]] = {}
         self._lock = threading.Lock()
 
-    def put(self, kind: str, value: Any) -> str:
+    def put(self, kind: str, value: Any, uses: int = 1) -> str:
+        """A new ticket for ``value``, good for ``uses`` later steps of kind ``kind``."""
         ticket = secrets.token_hex(16)
         now = time.monotonic()
         with self._lock:
-            for k in [k for k, (t, _) in self._items.items() if now - t > self.ttl]:
+            for k in [k for k, (t, _, _) in self._items.items() if now - t > self.ttl]:
                 del self._items[k]
-            self._items[ticket] = (now, (kind, value))
+            self._items[ticket] = (now, uses, (kind, value))
         return ticket
 
     def pop(self, ticket: str, kind: str) -> Any:
-        """The value a ``kind`` step stored under ``ticket``; a ticket works once, for its own kind."""
+        """The value a ``kind`` step stored under ``ticket``; a ticket works for its own kind only, and
+        as many times as it was issued for."""
         with self._lock:
-            item = self._items.pop(ticket, None)
+            item = self._items.get(ticket)
+            if item is not None and item[2][0] == kind:
+                if item[1] > 1:
+                    self._items[ticket] = (item[0], item[1] - 1, item[2])
+                else:
+                    del self._items[ticket]
         if item is None:
             raise ProtocolError(f"unknown or expired {kind} ticket")
-        stored_kind, value = item[1]
+        stored_kind, value = item[2]
         if stored_kind != kind:
             raise ProtocolError(f"ticket belongs to a {stored_kind} step, not to {kind}")
         return value

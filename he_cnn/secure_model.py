@@ -20,8 +20,8 @@ from .graph import Concat, Conv, Dense, Flatten, IntegerModel, MaxPool, ReLU
 from .keys import PublicKey
 from .protocols.common import S1Context
 from .protocols.comparison import secure_maxpool, secure_relu
-from .protocols.linear import (EncryptedLinear, LinearGeometry, LinearPrecomputation, LinearSetup, new_setup_id,
-                               precompute_linear, secure_linear, setup_linear_layers)
+from .protocols.linear import (EncryptedLinear, LinearGeometry, LinearPrecomputation, LinearSetup, SharedInput,
+                               new_setup_id, precompute_linear, secure_linear, setup_linear_layers)
 from .protocols.output import reencrypt_for_user
 from .tensor import EncryptedTensor
 from .wire import Message, decode, encode
@@ -190,14 +190,34 @@ class PreparedQuery:
     used: bool = False
 
 
-def prepare_query(ctx: S1Context, model: EncryptedModel, setup: ModelSetup) -> PreparedQuery:
-    """Offline phase at S1: everything of a query's linear layers that does not depend on the image."""
+def linear_siblings(spec: dict[str, Any]) -> dict[str, list[str]]:
+    """Input tensor -> the linear layers that read it, in spec order, for every tensor two or more
+    linear layers read (an Inception block's 1x1 reductions): they share one reveal of the input."""
+    readers: dict[str, list[str]] = {}
+    for entry in spec["layers"]:
+        if entry["kind"] in ("conv", "dense"):
+            readers.setdefault(entry["input"], []).append(entry["name"])
+    return {tensor: names for tensor, names in readers.items() if len(names) > 1}
+
+
+def prepare_query(ctx: S1Context, model: EncryptedModel, setup: ModelSetup,
+                  layer_done: Callable[[str, float], None] | None = None) -> PreparedQuery:
+    """Offline phase at S1: everything of a query's linear layers that does not depend on the image
+    (sibling layers get the same input masks: they share one reveal). ``layer_done(name, seconds)``
+    is called after each layer (the benchmark times them)."""
     start = time.perf_counter()
-    linear = {}
+    linear: dict[str, LinearPrecomputation] = {}
+    first: dict[str, list[int]] = {}
     for entry in model.spec["layers"]:
         if entry["kind"] in ("conv", "dense"):
             name = entry["name"]
-            linear[name] = precompute_linear(ctx, model.linear[name], setup.layers[name], model.bound_bits(entry["input"]))
+            t0 = time.perf_counter()
+            pre = precompute_linear(ctx, model.linear[name], setup.layers[name], model.bound_bits(entry["input"]),
+                                    first.get(entry["input"]))
+            first.setdefault(entry["input"], pre.masks)
+            linear[name] = pre
+            if layer_done:
+                layer_done(name, time.perf_counter() - t0)
     return PreparedQuery(linear, time.perf_counter() - start)
 
 
@@ -238,6 +258,8 @@ def secure_inference(ctx: S1Context, model: EncryptedModel, setup: ModelSetup, i
         prepared.used = True
     ctx.public_key.require_same(image.public_key, "image")
     tensors: dict[str, EncryptedTensor] = {model.spec["input_name"]: image}
+    shared = {tensor: SharedInput(len(names) - 1) for tensor, names in linear_siblings(model.spec).items()}
+    first_masks: dict[str, list[int]] = {}  # without ``prepared``: each input's masks, for its siblings
     stats: list[LayerStats] = []
     start = time.perf_counter()
 
@@ -254,10 +276,18 @@ def secure_inference(ctx: S1Context, model: EncryptedModel, setup: ModelSetup, i
     for entry in model.spec["layers"]:
         kind, name = entry["kind"], entry["name"]
         if kind in ("conv", "dense"):
-            x = tensors[entry["input"]]
-            pre = prepared.linear.get(name) if prepared else None
-            tensors[entry["output"]] = timed(name, kind, lambda: secure_linear(
-                ctx, setup.setup_id, model.linear[name], setup.layers[name], x, model.bound_bits(entry["input"]), pre))
+            x, x_bits = tensors[entry["input"]], model.bound_bits(entry["input"])
+
+            def linear_layer() -> EncryptedTensor:
+                pre = prepared.linear.get(name) if prepared else None
+                if pre is None:
+                    pre = precompute_linear(ctx, model.linear[name], setup.layers[name], x_bits,
+                                            first_masks.get(entry["input"]))
+                    first_masks.setdefault(entry["input"], pre.masks)
+                return secure_linear(ctx, setup.setup_id, model.linear[name], setup.layers[name], x, x_bits, pre,
+                                     shared.get(entry["input"]))
+
+            tensors[entry["output"]] = timed(name, kind, linear_layer)
         elif kind == "relu":
             x = tensors[entry["input"]]
             tensors[entry["output"]] = timed(name, kind, lambda: secure_relu(

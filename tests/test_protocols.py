@@ -4,7 +4,7 @@ import random
 import numpy as np
 import pytest
 
-from he_cnn.errors import BoundExceeded, ShapeError
+from he_cnn.errors import BoundExceeded, ProtocolError, ShapeError
 from he_cnn.graph import im2col_indices, maxpool_comparisons, pool_windows
 from he_cnn.keys import PrivateKey
 from he_cnn.protocols import comparison, linear, output, smp
@@ -89,6 +89,55 @@ def test_linear_rejects_wrong_input_shape(s1):
     with pytest.raises(ShapeError, match="expected"):
         linear.EncryptedLinear("fc", linear.LinearGeometry("dense", (4,)), enc(s1, ints(6, 0, 1, (3, 2))),
                                enc(s1, ints(2, 0, 1)), 2)
+
+
+def test_sibling_layers_share_one_reveal_of_their_input(s1, keys1024, key_cloud):
+    """Three layers on one input (1x1, 3x3 and 5x5 convolutions, an Inception block's
+    siblings) with the same input masks: the first reveals X + A, the others send S2's ticket. Every
+    output is exact, S2 decrypts X + A once, and the ticket serves exactly the announced siblings."""
+    shape = (3, 5, 5)
+    x = ints(75, -300, 300, shape)
+    layers, weights = [], []
+    for name, k in (("b1", 1), ("b2", 3), ("b3", 5)):
+        w = ints(2 * 3 * k * k, -31, 31, (2, 3, k, k))
+        b = ints(2, -10**6, 10**6)
+        weights.append((w, b, k))
+        layers.append(linear.EncryptedLinear(name, linear.LinearGeometry("conv", shape, k, 1, k // 2),
+                                             enc(s1, np.ascontiguousarray(w.reshape(2, -1).T)), enc(s1, b), 5))
+    sid = linear.new_setup_id()
+    setups = linear.setup_linear_layers(s1, sid, layers)
+    ex = enc(s1, x)
+    first = linear.precompute_linear(s1, layers[0], setups["b1"], 9)
+    pres = [first] + [linear.precompute_linear(s1, layer, setups[layer.name], 9, first.masks) for layer in layers[1:]]
+    shared = linear.SharedInput(uses=2)
+    key_cloud.observations.clear()
+    for layer, pre, (w, b, k) in zip(layers, pres, weights):
+        out = linear.secure_linear(s1, sid, layer, setups[layer.name], ex, 9, pre, shared)
+        assert (out.decrypt(keys1024.private) == conv_reference(x, w, b, 1, k // 2)).all()
+    assert [o.step for o in key_cloud.observations] == ["x", "z", "z", "z"]
+    assert s1.channel.stats.rounds == 1 + 3 * 2
+    # the ticket was issued for two siblings: a third use is refused
+    with pytest.raises(ProtocolError, match="unknown or expired"):
+        linear.secure_linear(s1, sid, layers[1], setups["b2"], ex, 9, pres[1], shared)
+    # a sibling without the first sibling's masks would compute garbage: refused at S1
+    with pytest.raises(ProtocolError, match="sibling's masks"):
+        linear.secure_linear(s1, sid, layers[1], setups["b2"], ex, 9, None, linear.SharedInput(1, "t"))
+    # S2 keeps an input for a bounded number of siblings
+    with pytest.raises(ProtocolError, match="at most 16 sibling layers"):
+        linear.secure_linear(s1, sid, layers[0], setups["b1"], ex, 9, first, linear.SharedInput(17))
+
+
+def test_ticket_store_counts_uses_and_keeps_kinds_apart():
+    from he_cnn.s2 import TicketStore
+
+    store = TicketStore()
+    t = store.put("linear_input", "v", uses=2)
+    with pytest.raises(ProtocolError, match="belongs to a linear_input step"):
+        store.pop(t, "linear")
+    assert store.pop(t, "linear_input") == "v" and store.pop(t, "linear_input") == "v"
+    with pytest.raises(ProtocolError, match="unknown or expired"):
+        store.pop(t, "linear_input")
+    assert len(store) == 0
 
 
 def edge_values(bits):

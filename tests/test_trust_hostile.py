@@ -11,7 +11,8 @@ kind, hypothesis drawing the details):
   negative counts or bit lengths, bit lengths no key can hold), an array one element or row short or
   long, a ciphertext out of range (0, N^2 and above; for DGK n and above), negative, a non-unit k N,
   or under another key;
-- replay and state: a comparison or linear-layer ticket used twice, an unknown ticket, a set-up id or a layer S2 does
+- replay and state: a comparison or linear-layer ticket used twice, an unknown ticket (also a sibling layer's
+  reference to a kept input), a set-up id or a layer S2 does
   not hold, an unknown model id, an unknown protocol step;
 - user keys: 0, negative, even, 512 bits, above 8192 bits, the cloud key, two keys;
 - model and set-up: a field of the architecture removed or of the wrong type, an unknown layer kind,
@@ -357,6 +358,8 @@ def state_case(kind: str, data, endpoint: Endpoint, world: World) -> Case:
         return Case(f"state: {kind}", body)
     if kind == "unknown ticket":
         msg.meta["ticket"] = data.draw(st.text(max_size=40))
+    elif kind == "unknown input ticket":  # a sibling layer's reference to an input S2 does not keep
+        msg.meta["x_ticket"] = data.draw(st.text(max_size=40))
     elif kind == "unknown set-up id":
         msg.meta["setup_id"] = data.draw(st.text(max_size=40))
     elif kind == "unknown layer":
@@ -454,7 +457,7 @@ MESSAGE_KINDS = {
     "S1 upload": [k for k in MESSAGE if k != "field out of range"],
     "S1 classify": [k for k in MESSAGE if not k.startswith("field")],
 }
-STATE_KINDS = {"S2 linear": ["unknown set-up id", "unknown layer"], "S2 compare_zero": ["ticket used twice", "unknown ticket"],
+STATE_KINDS = {"S2 linear": ["unknown set-up id", "unknown layer", "unknown input ticket"], "S2 compare_zero": ["ticket used twice", "unknown ticket"],
                "S2 linear_cross": ["ticket used twice", "unknown ticket"],
                "S1 classify": ["unknown model"]}
 

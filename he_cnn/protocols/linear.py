@@ -8,7 +8,10 @@ Set-up, once per model (step ``linear_setup``, one round for all layers):
   2. S2 keeps Kt = K + B in the clear under a set-up id; S1 keeps B and E(Kt) = E(K) + B.
 Online, per layer (two rounds):
   1. (step ``linear``) S1 draws a fresh mask A for the input X (|X| < 2^lx) and reveals X + A (the
-     tensor, not im2col). S2 builds Xt_cols from X + A (zero padding), computes Y = Xt_cols @ Kt in
+     tensor, not im2col). Sibling layers (several layers on the same input, as in an Inception block)
+     share one A: the first reveals X + A and asks S2 to keep it for the others (``x_keep``), which
+     send only the ticket S2 returned (``x_ticket``) -- one reveal instead of one per sibling, and S2
+     sees one masked copy of X instead of several. S2 builds Xt_cols from X + A (zero padding), computes Y = Xt_cols @ Kt in
      the clear and keeps it under a ticket. It returns fresh encryptions of Xt_cols *packed along
      the positions*: for each group of k positions and each tap f one ciphertext
      E(sum_j Xt_cols[p_j, f] 2^(s j)), slots of s = lc + kappa + 3 bits, lc the cross-term bound below.
@@ -28,7 +31,7 @@ online (Straus, shared squarings) and one by an (lx + kappa + 2)-bit exponent th
 query-independent. Per input element S1 ~lx + kappa squarings (packing), S2 one decryption per pack;
 per (position group, tap) S2 one encryption; per (position group, channel) S1 one re-randomisation and
 S2 one decryption; per output S2 one encryption, S1 one inversion.
-S1 learns: nothing.  S2 learns: K + B once per model, X + A and Z + M per query, each statistically
+S1 learns: nothing.  S2 learns: K + B once per model, X + A (once per input tensor) and Z + M per query, each statistically
 independent of K, X and Z (distance 2^-kappa per element); the layer geometry and the bit bounds.
 """
 from __future__ import annotations
@@ -41,6 +44,7 @@ import numpy as np
 
 from ..errors import ProtocolError, ShapeError
 from ..graph import conv_output_hw, im2col_indices
+from ..keys import KAPPA
 from ..tensor import EncryptedTensor, as_int_array
 from ..wire import Message
 from .common import (S1Context, encrypted_reply, pack_plain, read_ciphertexts, read_revealed, reveal_message,
@@ -133,9 +137,31 @@ class LinearPrecomputation:
     neg_a_term: EncryptedTensor
 
 
-def precompute_linear(ctx: S1Context, layer: EncryptedLinear, setup: LinearSetup, x_bits: int) -> LinearPrecomputation:
-    """Offline: draw the input mask A for one future query and compute E(A_cols @ (K + B))."""
-    masks = sample_masks(int(np.prod(layer.geometry.in_shape)), x_bits, ctx.kappa)
+@dataclass
+class SharedInput:
+    """One input tensor's reveal X + A, shared by the sibling layers that read it (in order).
+
+    ``uses`` is the number of siblings after the first; the first layer's call sets ``ticket`` (S2
+    keeps X + A under it), the later ones send the ticket instead of revealing X again. All of them
+    must be precomputed with the same masks A (``precompute_linear(..., masks=...)``).
+    """
+
+    uses: int
+    ticket: str | None = None
+
+
+#: the most siblings one reveal may serve (S2 refuses to keep an input for more)
+MAX_SHARED_USES = 16
+
+
+def precompute_linear(ctx: S1Context, layer: EncryptedLinear, setup: LinearSetup, x_bits: int,
+                      masks: list[int] | None = None) -> LinearPrecomputation:
+    """Offline: draw the input mask A for one future query (or take a sibling's) and compute
+    E(A_cols @ (K + B))."""
+    size = int(np.prod(layer.geometry.in_shape))
+    masks = sample_masks(size, x_bits, ctx.kappa) if masks is None else masks
+    if len(masks) != size:
+        raise ShapeError(f"layer {layer.name}: {len(masks)} input masks for {size} inputs")
     idx = layer.geometry.column_indices()
     mask_padded = np.array(masks + [0], dtype=object)
     a_cols = mask_padded[np.where(idx < 0, len(masks), idx)]
@@ -205,17 +231,23 @@ def _pack_rows(values: np.ndarray, k: int, slot: int) -> np.ndarray:
 
 
 def secure_linear(ctx: S1Context, setup_id: str, layer: EncryptedLinear, setup: LinearSetup,
-                  x: EncryptedTensor, x_bits: int, pre: LinearPrecomputation | None = None) -> EncryptedTensor:
+                  x: EncryptedTensor, x_bits: int, pre: LinearPrecomputation | None = None,
+                  shared: SharedInput | None = None) -> EncryptedTensor:
     """SCVL (kind "conv") or SCT (kind "dense"): E(conv(x, K) + b) or E(K^T x + b).
 
     ``pre`` is this call's offline part (:func:`precompute_linear`); computed on the spot if absent.
+    ``shared`` makes the reveal of x serve sibling layers too (see :class:`SharedInput`); ``pre``
+    must then carry the masks of the first sibling.
     """
     geometry = layer.geometry
     if x.shape != geometry.in_shape:
         raise ShapeError(f"layer {layer.name}: input shape {x.shape}, expected {geometry.in_shape}")
     pk = ctx.public_key
     pk.require_same(x.public_key, f"input of layer {layer.name}")
-    pre = pre or precompute_linear(ctx, layer, setup, x_bits)
+    if pre is None:
+        if shared is not None and shared.ticket is not None:
+            raise ProtocolError(f"layer {layer.name} reuses a sibling's input: it needs the sibling's masks (pre)")
+        pre = precompute_linear(ctx, layer, setup, x_bits)
     idx = geometry.column_indices()
     (p_count, f_count), c_count = idx.shape, layer.weight.shape[1]
     lc = cross_bits(x_bits, setup.masks)
@@ -223,11 +255,19 @@ def secure_linear(ctx: S1Context, setup_id: str, layer: EncryptedLinear, setup: 
     k = slots_per_pack(pk.bits, slot)
     groups = -(-p_count // k)
 
-    # round 1: X + A; S2 keeps Y = Xt_cols Kt and returns Xt_cols packed along positions
-    msg = reveal_message(ctx, "x", x, x_bits, pre.masks)
+    # round 1: X + A (or a sibling's ticket for it); S2 keeps Y = Xt_cols Kt and returns Xt_cols packed
+    # along positions
+    if shared is not None and shared.ticket is not None:
+        msg = Message(meta={"x_ticket": shared.ticket, "kappa": ctx.kappa})
+    else:
+        msg = reveal_message(ctx, "x", x, x_bits, pre.masks)
+        if shared is not None and shared.uses:
+            msg.meta["x_keep"] = shared.uses
     msg.meta.update({"setup_id": setup_id, "layer": layer.name, "cross_bits": lc})
     reply = ctx.channel.request(STEP, msg)
     ticket = reply.get("ticket", str)
+    if shared is not None and shared.ticket is None and shared.uses:
+        shared.ticket = reply.get("x_ticket", str)
     cols = read_ciphertexts(pk, reply, "cols", (groups, f_count))
 
     # S1: packs of X_cols + 2^lx, raised to B -> packs of Z, masked
@@ -253,21 +293,30 @@ def secure_linear(ctx: S1Context, setup_id: str, layer: EncryptedLinear, setup: 
 
 def s2_linear(cloud: "KeyCloud", msg: Message) -> Message:
     weights, geometry = cloud.setup_layer(msg.get("setup_id", str), msg.get("layer", str))
-    values, x_bits = read_revealed(cloud, msg, "x")
+    keep = msg.get("x_keep", int) if "x_keep" in msg.meta else 0
+    if not 0 <= keep <= MAX_SHARED_USES:
+        raise ProtocolError(f"an input can be kept for at most {MAX_SHARED_USES} sibling layers, not {keep}")
+    if "x_ticket" in msg.meta:  # a sibling's input, revealed before
+        values, x_bits = cloud.tickets.pop(msg.get("x_ticket", str), "linear_input")
+    else:
+        values, x_bits = read_revealed(cloud, msg, "x")
     expected = int(np.prod(geometry.in_shape))
     if len(values) != expected:
         raise ShapeError(f"layer input has {len(values)} elements, expected {expected} ({geometry.in_shape})")
     lc, kappa = msg.get("cross_bits", int), msg.get("kappa", int)
-    if not x_bits < lc <= cloud.keys.public.bits:
-        raise ProtocolError(f"cross-term bound of {lc} bits out of range for {x_bits}-bit inputs")
+    if not x_bits < lc <= cloud.keys.public.bits or kappa < KAPPA:
+        raise ProtocolError(f"cross-term bound of {lc} bits (kappa {kappa}) out of range for {x_bits}-bit inputs")
+    meta: dict = {}
+    if keep and "x_ticket" not in msg.meta:
+        meta["x_ticket"] = cloud.tickets.put("linear_input", (values, x_bits), uses=keep)
     slot = slot_bits(lc, kappa)
     idx = geometry.column_indices()
     k = slots_per_pack(cloud.keys.public.bits, slot)
     padded = np.array(values + [0], dtype=object)
     x_cols = padded[np.where(idx < 0, len(values), idx)]
-    ticket = cloud.tickets.put("linear", (np.dot(x_cols, weights), slot))
+    meta["ticket"] = cloud.tickets.put("linear", (np.dot(x_cols, weights), slot))
     cols = _pack_rows(x_cols, k, slot)
-    reply = encrypted_reply(cloud, {"cols": cols.reshape(-1)}, {"ticket": ticket})
+    reply = encrypted_reply(cloud, {"cols": cols.reshape(-1)}, meta)
     reply.arrays["cols"] = reply.arrays["cols"].reshape(cols.shape)
     return reply
 
