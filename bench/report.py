@@ -427,18 +427,23 @@ def _why(results: dict) -> list[str]:
             f"*packing and glue*: `s1_pack` {ops.get('s1_pack', 0):.1f} s (Horner shifts of every revealed value, "
             f"in the bound) and `s1_other` {ops.get('s1_other', 0):.1f} s (mostly S1's step after each "
             "comparison: one exponentiation E(-e)^M by the (l + kappa + 2)-bit mask per ReLU or max element, in the "
-            "bound; then array reshaping and process-pool dispatch). Reveals right after a linear layer could be "
-            "avoided altogether if S2 kept its part of the output as an additive share instead of encrypting it;",
+            "bound; then array reshaping and process-pool dispatch). If S2 kept its part of a linear layer's "
+            "output as an additive share, S1 could pack the reveals right after a linear layer offline (the "
+            "ReLU or truncation inputs of a_b2_relu, a_b3_relu, mid_pool and b_relu: 1,920 of the about 8,500 "
+            "values S1 packs per image);",
             f"*fewer compared bits*: each compared bit costs at least {per_bit * 1e3:.3f} ms here (zero test, "
             f"blinding exponentiation, DGK multiplications, on {cores} cores) and the values compared carry "
             f"l = {min(r['bound_detail']['bits'] for r in comp_rows)}..{max(r['bound_detail']['bits'] for r in comp_rows)}"
             " bits (worst-case bounds; the block inputs already requantise to 10 bits). One bit length per "
-            "channel instead of per tensor would save ~9 % of the bits (a tensor's channels differ by up to 5 "
-            "bits); requantising inside the Inception branches needs a rescaled concatenation;",
+            "channel instead of per tensor would save 9.1 % of the bits (73,632 instead of 81,024 per image for "
+            "the seed-0 model: a tensor's channels differ by up to 5 bits); it needs per-element bit lengths in "
+            "the comparison (ragged DGK rows); requantising inside the Inception branches needs a rescaled "
+            "concatenation;",
             "*an opt-in multiplicative blinding* for comparisons (it would leak magnitudes; not built) would remove "
             f"the DGK work, i.e. the zero tests alone ({zero_share:.1f} s of bound) and the blinding;",
             f"*the linear layers* are no longer the problem: their cross terms are SIMD-packed (k positions per "
-            f"exponentiation), so all 12 take {lin:.1f} s online (bound {lin_bound:.1f} s).",
+            f"exponentiation, Straus in plain Python loops split over the workers by rows or by fan-in) and sibling "
+            f"layers share one reveal of their input, so all 12 take {lin:.1f} s online (bound {lin_bound:.1f} s).",
         ]
     else:
         levers = []
@@ -547,10 +552,11 @@ def _why(results: dict) -> list[str]:
             out.append(
                 f"**Lower bound, {b} bits: {len(rs)} of {len(layers)} layers above 3x.** " + "; ".join(desc) + ". "
                 "Typical causes: fixed per-round costs the bound does not count (process-pool dispatch and pickling "
-                "of ciphertext arrays, wire coding, numpy object-array overhead on tiny layers — `fc` has a single "
-                "position, so its Straus columns are 1-element arrays); the result layer's S2 builds a fixed-base "
-                "table for the user's key on every query (8k multiplications for 10 encryptions); and, on a busy "
-                "machine, timing noise (the primitive costs are measured once, the layers later).")
+                "of ciphertext arrays, wire coding, Python loops on tiny layers); the result layer's S2 builds a "
+                "fixed-base table for the user's key at that key's first query (8k multiplications for 10 "
+                "encryptions; the key and its table are kept for the user's later queries, so the mean of the "
+                "images carries one build); and, on a busy machine, timing noise (the primitive costs are measured "
+                "once, the layers later).")
     return out
 
 

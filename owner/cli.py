@@ -8,18 +8,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 import click
 from tqdm import tqdm
 
-from he_cnn.errors import HECNNError
 from he_cnn.quantize import save_integer_model
+from servers.cli import run_step
 
 from .pipeline import (TrainedModel, TrainSettings, count_ciphertexts, encrypt_for_upload, fetch_cloud_key,
                        load_model, train_model, upload)
-
-T = TypeVar("T")
 
 
 def _settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -41,16 +39,6 @@ def _settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _run(what: Callable[[], T]) -> T:
-    """Run a step, turning our errors into one clear line (click prints it, exit status 1)."""
-    try:
-        return what()
-    except HECNNError as e:
-        raise click.ClickException(str(e)) from e
-    except OSError as e:
-        raise click.ClickException(f"{e.strerror or e}: {e.filename or ''}") from e
-
-
 def _note(message: str) -> None:
     click.echo(message, err=True)
 
@@ -58,10 +46,10 @@ def _note(message: str) -> None:
 def _obtain(settings: TrainSettings, model_path: str | None) -> TrainedModel:
     if model_path:
         _note(f"loading the integer model from {model_path}")
-        return _run(lambda: load_model(model_path, settings))
+        return run_step(lambda: load_model(model_path, settings))
     source = settings.images or "the embedded digits"
     _note(f"training the ICNN on {source} ({settings.epochs} epochs) and quantising it")
-    return _run(lambda: train_model(settings))
+    return run_step(lambda: train_model(settings))
 
 
 def _accuracy_report(trained: TrainedModel) -> dict[str, Any]:
@@ -87,7 +75,7 @@ def owner() -> None:
 def train_command(save_path: str, as_json: bool, **settings: Any) -> None:
     """Train and quantise the ICNN and save the integer model (no upload)."""
     trained = _obtain(TrainSettings(**settings), None)
-    _run(lambda: save_integer_model(trained.model, save_path))
+    run_step(lambda: save_integer_model(trained.model, save_path))
     if as_json:
         click.echo(json.dumps({**_accuracy_report(trained), "saved": save_path}))
     else:
@@ -110,7 +98,7 @@ def upload_command(s1_url: str, token: str, model_path: str | None, save_path: s
     """Train (or load) the ICNN, encrypt it under the clouds' key and upload it to S1; prints the model id."""
     trained = _obtain(TrainSettings(**settings), model_path)
     if save_path:
-        _run(lambda: save_integer_model(trained.model, save_path))
+        run_step(lambda: save_integer_model(trained.model, save_path))
     if not as_json:
         _print_accuracy(trained)
     result = upload_model(trained, s1_url, token)
@@ -122,15 +110,15 @@ def upload_command(s1_url: str, token: str, model_path: str | None, save_path: s
 
 def upload_model(trained: TrainedModel, s1_url: str, token: str, show_progress: bool = True) -> dict[str, Any]:
     """Fetch the key from S1, encrypt with a progress bar on stderr, upload; S1's answer plus timings."""
-    key = _run(lambda: fetch_cloud_key(s1_url))
+    key = run_step(lambda: fetch_cloud_key(s1_url))
     _note(f"cloud key {key.key_id} ({key.paillier.bits} bits) from {s1_url}")
     started = time.perf_counter()
     with tqdm(total=count_ciphertexts(trained.model), desc="encrypting weights", unit="ct", file=sys.stderr,
               disable=not show_progress, leave=False) as bar:
-        body = _run(lambda: encrypt_for_upload(trained.model, key, bar.update))
+        body = run_step(lambda: encrypt_for_upload(trained.model, key, bar.update))
     encrypted = time.perf_counter()
     _note(f"encrypted in {encrypted - started:.1f} s ({len(body) / 2**20:.1f} MiB); uploading, S1 and S2 run the set-up")
-    result = _run(lambda: upload(s1_url, token, body))
+    result = run_step(lambda: upload(s1_url, token, body))
     return {**result, "key_bits": key.paillier.bits, "encrypt_seconds": round(encrypted - started, 3),
             "upload_seconds": round(time.perf_counter() - encrypted, 3), "upload_bytes": len(body)}
 

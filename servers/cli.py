@@ -9,12 +9,28 @@ carry.
 from __future__ import annotations
 
 import importlib
+from typing import Callable, TypeVar
 
 import click
+
+from he_cnn.errors import HECNNError
+
+T = TypeVar("T")
 
 #: sub-command name -> "module:attribute" of its click command
 COMMANDS = {"serve": "servers.serve:serve", "owner": "owner.cli:owner", "user": "user.cli:user",
             "demo": "servers.demo:demo"}
+
+
+def run_step(what: Callable[[], T]) -> T:
+    """Run one step of a command, turning our errors and file errors into one clear line (click
+    prints it, exit status 1) instead of a traceback. Used by the owner's and the user's commands."""
+    try:
+        return what()
+    except HECNNError as e:
+        raise click.ClickException(str(e)) from e
+    except OSError as e:
+        raise click.ClickException(f"{e.strerror or e}: {e.filename or ''}") from e
 
 
 class LazyGroup(click.Group):

@@ -34,6 +34,7 @@ from owner.pipeline import TrainedModel, TrainSettings, load_model, train_model
 from user.keys import create_user_key
 from user.query import Session
 
+from .cli import run_step
 from .launch import CloudProcess, wait_offline
 
 #: longest wait for the clouds' offline phase before a query (a 2048-bit query's randomness takes ~30 s)
@@ -186,10 +187,7 @@ def print_report(report: dict[str, Any]) -> None:
 def demo(images: int, key_bits: int, epochs: int, cache: bool, as_json: bool, verbose: bool, warm: bool) -> None:
     """Run S1 and S2 on localhost, upload the owner's model, classify test images as the user, compare
     each answer with the plaintext integer reference, and stop the clouds."""
-    try:
-        report = run_demo(images, key_bits, epochs, cache, verbose, warm)
-    except HECNNError as e:
-        raise click.ClickException(str(e)) from e
+    report = run_step(lambda: run_demo(images, key_bits, epochs, cache, verbose, warm))
     if as_json:
         click.echo(json.dumps(report))
     else:

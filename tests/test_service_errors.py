@@ -61,11 +61,23 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
+def start_server(app):
+    """A waitress server for ``app`` on a free local port, running in a daemon thread."""
+    server = create_server(app, host="127.0.0.1", port=0, threads=2)
+
+    def run() -> None:
+        try:
+            server.run()
+        except (OSError, ValueError):  # close() from the test thread pulled the sockets out of its select
+            pass
+
+    threading.Thread(target=run, daemon=True).start()
+    return server
+
+
 def serve_in_thread(app) -> str:
     """Serve ``app`` over real HTTP with waitress in a daemon thread; its base URL."""
-    server = create_server(app, host="127.0.0.1", port=0, threads=2)
-    threading.Thread(target=server.run, daemon=True).start()
-    return f"http://127.0.0.1:{server.socket.getsockname()[1]}"
+    return f"http://127.0.0.1:{start_server(app).socket.getsockname()[1]}"
 
 
 def error_of(response, status: int, code: str | None = None) -> str:
@@ -113,9 +125,7 @@ def s2_app_(cloud, s2_dir):
 @pytest.fixture(scope="module")
 def s2_url(s2_app_):
     """S2 served over real HTTP by waitress in a thread, for S1 to talk to."""
-    server = create_server(s2_app_, host="127.0.0.1", port=0, threads=2)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    server = start_server(s2_app_)
     yield f"http://127.0.0.1:{server.socket.getsockname()[1]}"
     server.close()
 

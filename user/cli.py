@@ -8,27 +8,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import click
 from tqdm import tqdm
 
-from he_cnn.errors import HECNNError
 from he_cnn.keys import DEFAULT_KEY_BITS, MIN_KEY_BITS
+from servers.cli import run_step
 
 from .keys import create_user_key, is_private_file, load_user_key, public_path
 from .query import Classification, Session
-
-T = TypeVar("T")
-
-
-def _run(what: Callable[[], T]) -> T:
-    try:
-        return what()
-    except HECNNError as e:
-        raise click.ClickException(str(e)) from e
-    except OSError as e:
-        raise click.ClickException(f"{e.strerror or e}: {e.filename or ''}") from e
 
 
 @click.group("user")
@@ -43,7 +32,7 @@ def user() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing key file.")
 def keygen(out: Path, bits: int, force: bool) -> None:
     """Create your own Paillier key pair: only you can decrypt your results."""
-    keys = _run(lambda: create_user_key(out, bits, overwrite=force))
+    keys = run_step(lambda: create_user_key(out, bits, overwrite=force))
     click.echo(f"key {keys.public.key_id} ({bits} bits): secret key {out} (mode 0600), public key {public_path(out)}")
 
 
@@ -69,16 +58,16 @@ def _record(result: Classification) -> dict[str, Any]:
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 def query(s1_url: str, model_id: str, key_path: Path, as_json: bool, progress: bool, images: tuple[str, ...]) -> None:
     """Classify IMAGES (PNG, JPEG or .npy; resized to the model's input) without revealing them."""
-    keys = _run(lambda: load_user_key(key_path))
+    keys = run_step(lambda: load_user_key(key_path))
     if not is_private_file(key_path):
         click.echo(f"warning: {key_path} is readable by other users; run: chmod 600 {key_path}", err=True)
-    session = _run(lambda: Session(s1_url, model_id, keys))
+    session = run_step(lambda: Session(s1_url, model_id, keys))
     results = []
     with tqdm(total=len(images), desc="classifying", unit="image", file=sys.stderr, disable=not progress,
               leave=False) as bar:
         for path in images:
             bar.set_postfix_str(Path(path).name)
-            result = _run(lambda: session.classify(path))
+            result = run_step(lambda: session.classify(path))
             bar.update(1)
             results.append(result)
             if not as_json:
