@@ -10,7 +10,6 @@ from he_cnn.keys import PrivateKey
 from he_cnn.protocols import comparison, linear, output, smp
 from he_cnn.protocols.common import slot_bits, slots_per_pack
 from he_cnn.tensor import EncryptedTensor
-from he_cnn.wire import decode
 
 rnd = random.Random(7)
 
