@@ -164,11 +164,14 @@ def baseline_relu(keys, dgk_public, dgk_private, enc_model, layer_name: str, x_c
         for j in range(width):
             rb = (rho2 >> (l - j)) & 1
             cb = cts[j]
-            c = gmpy2.powmod(g, s - rb, nd) * cb % nd
-            c = c * gmpy2.powmod(xor_acc, 3, nd) % nd
-            xor_acc = xor_acc * (cb if rb == 0 else g * gmpy2.invert(cb, nd) % nd) % nd
             exp = 1 + secrets.randbelow(u - 1)
-            row.append(gmpy2.powmod(c, exp, nd) * gmpy2.powmod(h, secrets.randbits(rbits), nd) % nd)
+            if rb == (1 if s == 1 else 0):  # c_j can be zero here: compute and blind it
+                c = gmpy2.powmod(g, s - rb, nd) * cb % nd
+                c = c * gmpy2.powmod(xor_acc, 3, nd) % nd
+                row.append(gmpy2.powmod(c, exp, nd) * gmpy2.powmod(h, secrets.randbits(rbits), nd) % nd)
+            else:  # never zero: a fresh encryption of a uniform non-zero value
+                row.append(gmpy2.powmod(g, exp, nd) * gmpy2.powmod(h, secrets.randbits(rbits), nd) % nd)
+            xor_acc = xor_acc * (cb if rb == 0 else g * gmpy2.invert(cb, nd) % nd) % nd
         order = list(range(width))
         secrets.SystemRandom().shuffle(order)
         row = [row[k] for k in order]

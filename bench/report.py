@@ -413,16 +413,18 @@ def _why(results: dict) -> list[str]:
     t = s["targets"]
     o = t["online_2048"]
     if prim and comparisons:
-        per_bit = (prim["dgk_zero_test"] + prim["dgk_blind_exp"] + 4 * prim["mulmod_dgk"]) / cores
+        per_bit = (prim["dgk_zero_test"] + 0.6 * prim["dgk_blind_exp"] + 4 * prim["mulmod_dgk"]) / cores
         zero_share = bits_compared * prim["dgk_zero_test"] / cores
-        blind_share = bits_compared * (prim["dgk_blind_exp"] + 3 * prim["mulmod_dgk"]) / cores
+        blind_share = bits_compared * (0.6 * prim["dgk_blind_exp"] + 3 * prim["mulmod_dgk"]) / cores
         levers = [
             f"*S2's zero tests* take {ops.get('s2_zero', 0):.1f} s for {bits_compared:,} DGK values against "
             f"{zero_share:.1f} s of pure exponentiation ({prim['dgk_zero_test'] * 1e6:.0f} us each, on {cores} cores; "
             "the zero-test prime p is a third of n_DGK, which halved this cost): only fewer compared bits reduce it;",
             f"*S1's blinding* takes {ops.get('s1_blind', 0):.1f} s against {blind_share:.1f} s of exponentiations and "
-            "multiplications (per bit one exponentiation by an exponent below u = 211, a few multiplications and a "
-            "share of one batched inversion); the rest is the Python loop per bit and moving the ciphertexts to "
+            "multiplications (per bit a few multiplications and a share of one batched inversion, and for about "
+            "60 % of the bits -- those where c_j can be zero, padded so that the count does not depend on S1's "
+            "secret sign -- one exponentiation by an exponent below u = 211; the others are fresh encryptions of "
+            "non-zero values); the rest is the Python loop per bit and moving the ciphertexts to "
             "and from the worker processes (one bytes buffer per chunk);",
             f"*packing and glue*: `s1_pack` {ops.get('s1_pack', 0):.1f} s (Horner shifts of every revealed value, "
             f"in the bound) and `s1_other` {ops.get('s1_other', 0):.1f} s (mostly S1's step after each "
@@ -432,7 +434,7 @@ def _why(results: dict) -> list[str]:
             "ReLU or truncation inputs of a_b2_relu, a_b3_relu, mid_pool and b_relu: 1,920 of the about 8,500 "
             "values S1 packs per image);",
             f"*fewer compared bits*: each compared bit costs at least {per_bit * 1e3:.3f} ms here (zero test, "
-            f"blinding exponentiation, DGK multiplications, on {cores} cores) and the values compared carry "
+            f"0.6 blinding exponentiations, DGK multiplications, on {cores} cores) and the values compared carry "
             f"l = {min(r['bound_detail']['bits'] for r in comp_rows)}..{max(r['bound_detail']['bits'] for r in comp_rows)}"
             " bits (worst-case bounds; the block inputs already requantise to 10 bits). One bit length per "
             "channel instead of per tensor would save 9.1 % of the bits (73,632 instead of 81,024 per image for "

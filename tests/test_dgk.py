@@ -35,3 +35,63 @@ def test_validate_range(dgk):
     for bad in (0, pub.n, -1):
         with pytest.raises(InvalidCiphertext):
             pub.validate(bad)
+
+
+def test_blinded_rows_carry_the_comparison_and_uniform_non_zero_values(dgk):
+    """S1's blinding (step 3 of the comparison), decrypted as S2 could if it had the full DGK plaintext:
+    each row holds exactly one zero when beta' < rho' (s = +1) or beta' > rho' (s = -1) and none
+    otherwise; every other value -- computed and blinded, or sent as a fresh non-zero encryption where
+    c_j cannot be zero -- is uniform on [1, u-1] (chi-square), so S2 cannot tell the two apart."""
+    import random
+
+    import numpy as np
+    from scipy import stats
+
+    from he_cnn.protocols.comparison import blind_bit_comparisons
+
+    pub, priv = dgk
+    rng = random.Random(11)
+    l, n = 10, 400
+    betas = [rng.randrange(1 << l) for _ in range(n)]
+    r_low = [rng.randrange(1 << l) for _ in range(n)]
+    signs = [rng.choice((1, -1)) for _ in range(n)]
+    enc = np.array(pub.encrypt_bits([(((b << 1) | 1) >> (l - j)) & 1 for b in betas for j in range(l + 1)]),
+                   dtype=object).reshape(n, l + 1)
+    rows = blind_bit_comparisons(pub, enc, r_low, signs, [pub.randomizer() for _ in range(n * (l + 1))])
+    g_vp = gmpy2.powmod(pub.g, priv.v_p, priv.p)
+    log = {gmpy2.powmod(g_vp, m, priv.p): m for m in range(pub.u)}  # discrete log of the plaintext, mod u
+    plain = [log[gmpy2.powmod(c, priv.v_p, priv.p)] for c in rows]
+    non_zero = []
+    for i in range(n):
+        row = plain[i * (l + 1):(i + 1) * (l + 1)]
+        beta, rho = (betas[i] << 1) | 1, r_low[i] << 1
+        expected = beta < rho if signs[i] == 1 else beta > rho
+        assert row.count(0) == int(expected)
+        non_zero += [m for m in row if m]
+    counts = np.bincount(non_zero, minlength=pub.u)[1:]
+    assert stats.chisquare(counts).pvalue > 1e-6  # a broken dummy (constant or zero m) gives ~1e-100
+
+
+def test_blinding_work_does_not_depend_on_the_secret_sign(dgk, monkeypatch):
+    """S1 exponentiates max(p, l + 1 - p) positions per element (p = popcount(rho')) for either sign:
+    the count of exponentiations, and so S1's time, tells S2 nothing about s."""
+    import types
+
+    import numpy as np
+
+    from he_cnn.protocols import comparison
+
+    pub, _ = dgk
+    calls = []
+    fake = types.SimpleNamespace(powmod=lambda *a: calls.append(1) or gmpy2.powmod(*a))
+    monkeypatch.setattr(comparison, "gmpy2", fake)
+    l = 9
+    for r in (0, 1, 0b101, 0b111111111, 0b110110101):
+        counts = []
+        for s in (1, -1):
+            calls.clear()
+            enc = np.array(pub.encrypt_bits([1] * (l + 1)), dtype=object).reshape(1, l + 1)
+            comparison.blind_bit_comparisons(pub, enc, [r], [s], [pub.randomizer() for _ in range(l + 1)])
+            counts.append(len(calls))
+        ones = bin(r).count("1")
+        assert counts == [max(ones, l + 1 - ones)] * 2, (r, counts)

@@ -12,6 +12,9 @@ Steps (z = x + 2^l in [0, 2^(l+1)), so t = floor(z / 2^l)):
         c_j = s + beta'_j - rho'_j + 3 * sum_{k more significant than j} (beta'_k xor rho'_k),
      blinds each c_j by a random exponent in [1, u-1] and a fresh DGK randomizer, shuffles the
      positions of each element and sends them                                     -- step ``compare_zero``
+     (c_j can be zero only where rho'_j = 1 for s = +1, rho'_j = 0 for s = -1; the other positions
+     are sent as fresh encryptions of uniform non-zero values, the same distribution, without the
+     computation: about half the blinding exponentiations)
   4. S2 tests every c_j for zero. delta = [some c_j = 0] equals [beta' < rho'] if s = +1 and
      [beta' > rho'] if s = -1. With alpha = floor(d / 2^l), S2 knows e = (alpha mod 2) xor delta and
      returns fresh E(-e) and, for the product, E(e d).
@@ -26,9 +29,9 @@ Steps (z = x + 2^l in [0, 2^(l+1)), so t = floor(z / 2^l)):
 
 Cost per element: S2 one decryption per pack, l+1 DGK encryptions, l+1 zero tests (an exponentiation
 by the t-bit v_p mod p, every position tested so timing does not depend on the outcome), 1 or 2
-Paillier encryptions; S1 ~l+kappa squarings (packing), per bit a few multiplications, an
-exponentiation by a blinding exponent below u and a DGK randomizer, and for about half the bits a
-share of one batched inversion; then, for the product, one exponentiation by the (l+kappa+2)-bit M.
+Paillier encryptions; S1 ~l+kappa squarings (packing), per bit a few multiplications and a DGK
+randomizer, for about half the bits an exponentiation by a blinding exponent below u, and for about
+half the bits a share of one batched inversion; then, for the product, one exponentiation by the (l+kappa+2)-bit M.
 Two rounds for a whole tensor.
 S1 learns: nothing (Paillier and DGK ciphertexts only).
 S2 learns: d, statistically independent of x (distance 2^-kappa); whether one blinded c_j is zero,
@@ -157,6 +160,19 @@ def blind_bit_comparisons(dgk: DGKPublicKey, enc_bits: np.ndarray, r_low: list[i
     ``enc_bits`` (n, l+1) are S2's DGK bits of beta' (most significant first); ``r_low`` S1's
     r mod 2^l; ``randomizers`` n (l+1) fresh DGK randomizers. The bits where rho' is 1 enter as
     [1 - beta'_j] = [1] [beta'_j]^-1, inverted all at once (:func:`~he_cnn.keys.batch_invert`).
+
+    Only the positions where c_j *can* be zero need computing and blinding: rho'_j = 1 for s = +1
+    (there c_j = 0 needs beta'_j = 0), rho'_j = 0 for s = -1 (beta'_j = 1). Elsewhere c_j is never
+    zero, and its blinded form is a uniform non-zero plaintext under a fresh randomizer -- which S1
+    sends directly: g^m h^r with m uniform in [1, u-1], one multiplication instead of an
+    exponentiation. S2's view is the same distribution either way (uniform non-zero values, fresh
+    randomness, positions shuffled), and S2 cannot tell which positions were computed.
+
+    S1's running time must not tell S2 the secret sign s, though: with p = popcount(rho'), s = +1 needs
+    p exponentiations and s = -1 needs l + 1 - p. So every element does max(p, l + 1 - p) of them,
+    the missing ones at positions that cannot be zero (the same work, on g^m, same result as the
+    table). The work then depends on p alone, as the batched inversions already do; the threat model
+    (section 3) names that dependence.
     """
     n, width = enc_bits.shape
     l = width - 1
@@ -164,23 +180,38 @@ def blind_bit_comparisons(dgk: DGKPublicKey, enc_bits: np.ndarray, r_low: list[i
     g_pow = {k: dgk.g_power(k) for k in (-2, -1, 0, 1)}
     rho = [[((r << 1) >> (l - j)) & 1 for j in range(width)] for r in r_low]  # rho' = 2 (r mod 2^l)
     try:
-        inverted = iter(batch_invert([enc_bits[i, j] for i in range(n) for j in range(width) if rho[i][j]], nd))
+        inverted = iter(batch_invert([enc_bits[i, j] for i in range(n) for j in range(width - 1) if rho[i][j]], nd))
     except ZeroDivisionError:
         raise ProtocolError("S2 sent a DGK ciphertext that is not a unit") from None
-    exponents = random_ints(n * width, 64)  # blinding exponents in [1, u-1]; bias <= u / 2^64
+    g_table = [mpz(1)]  # g^m for m < u: the plaintexts of the positions that cannot be zero
+    for _ in range(1, u):
+        g_table.append(g_table[-1] * g % nd)
+    exponents = random_ints(n * width, 64)  # blinding exponents (or non-zero plaintexts) in [1, u-1]; bias <= u / 2^64
     keys = random_ints(n * width, 64)  # shuffle keys
     out: list[mpz] = []
     pos = 0
     for i in range(n):
         s, rho_i, bits_i = signs[i], rho[i], enc_bits[i]
+        can_be_zero = 1 if s == 1 else 0  # the value of rho'_j where c_j can be 0
+        ones = sum(rho_i)
+        # exponentiations to pad with, so that their count is max(ones, width - ones) whatever s is
+        pad = abs(width - 2 * ones)
+        pad = pad if (ones < width - ones) == (s == 1) else 0
         xor3 = mpz(1)  # [3 sum of beta'_k xor rho'_k over the more significant k]
         row = []
         for j in range(width):
             rb, cb = rho_i[j], bits_i[j]
-            c = g_pow[s - rb] * cb % nd * xor3 % nd
-            x = g * next(inverted) % nd if rb else cb  # [beta'_j xor rho'_j]
-            xor3 = xor3 * x % nd * x % nd * x % nd
-            row.append(gmpy2.powmod(c, 1 + exponents[pos + j] % (u - 1), nd) * randomizers[pos + j] % nd)
+            blind = 1 + exponents[pos + j] % (u - 1)
+            if rb == can_be_zero or pad:
+                c = g_pow[s - rb] * cb % nd * xor3 % nd
+                if rb != can_be_zero:  # padding: the same work, on g instead of c (c is never 0 here)
+                    c, pad = g, pad - 1
+                row.append(gmpy2.powmod(c, blind, nd) * randomizers[pos + j] % nd)
+            else:
+                row.append(g_table[blind] * randomizers[pos + j] % nd)
+            if j < l:  # the last position's [beta'_j xor rho'_j] is never used (its rho'_j is 0)
+                x = g * next(inverted) % nd if rb else cb  # [beta'_j xor rho'_j]
+                xor3 = xor3 * x % nd * x % nd * x % nd
         order = sorted(range(width), key=keys[pos:pos + width].__getitem__)
         out.extend(row[k] for k in order)
         pos += width
