@@ -93,13 +93,13 @@ def test_what_s2_decrypts_does_not_depend_on_the_image(five_images):
     (values_a, bits_a), (values_b, bits_b) = masked_samples(runs[0][1]), masked_samples(runs[1][1])
     assert len(values_a) == len(values_b) > 5_000 and len(bits_a) == len(bits_b) > 1_000
     # the two images' samples are indistinguishable, and each matches the mask distribution (uniform)
-    assert stats.ks_2samp(values_a, values_b).pvalue > P_THRESHOLD
+    assert stats.ks_2samp(values_a, values_b, method="asymp").pvalue > P_THRESHOLD
     for values in (values_a, values_b):
         assert stats.kstest(values, "uniform").pvalue > P_THRESHOLD
     # zero-test outcomes are fair coins, whatever the image
     for bits in (bits_a, bits_b):
         assert stats.binomtest(int(bits.sum()), len(bits), 0.5).pvalue > P_THRESHOLD
-    assert stats.ks_2samp(bits_a, bits_b).pvalue > P_THRESHOLD
+    assert stats.ks_2samp(bits_a, bits_b, method="asymp").pvalue > P_THRESHOLD  # 0/1 ties: no exact method
 
 
 def test_the_independence_test_has_power(five_images):
