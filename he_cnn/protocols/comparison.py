@@ -14,7 +14,7 @@ Steps (z = x + 2^l in [0, 2^(l+1)), so t = floor(z / 2^l)):
      positions of each element and sends them                                     -- step ``compare_zero``
      (c_j can be zero only where rho'_j = 1 for s = +1, rho'_j = 0 for s = -1; the other positions
      are sent as fresh encryptions of uniform non-zero values, the same distribution, without the
-     computation: about half the blinding exponentiations)
+     computation -- padded so that S1's work does not depend on s: ~40 % fewer exponentiations)
   4. S2 tests every c_j for zero. delta = [some c_j = 0] equals [beta' < rho'] if s = +1 and
      [beta' > rho'] if s = -1. With alpha = floor(d / 2^l), S2 knows e = (alpha mod 2) xor delta and
      returns fresh E(-e) and, for the product, E(e d).
@@ -30,8 +30,9 @@ Steps (z = x + 2^l in [0, 2^(l+1)), so t = floor(z / 2^l)):
 Cost per element: S2 one decryption per pack, l+1 DGK encryptions, l+1 zero tests (an exponentiation
 by the t-bit v_p mod p, every position tested so timing does not depend on the outcome), 1 or 2
 Paillier encryptions; S1 ~l+kappa squarings (packing), per bit a few multiplications and a DGK
-randomizer, for about half the bits an exponentiation by a blinding exponent below u, and for about
-half the bits a share of one batched inversion; then, for the product, one exponentiation by the (l+kappa+2)-bit M.
+randomizer, for max(p, l + 1 - p) of the l + 1 bits (p = popcount(rho'), ~60 %) an exponentiation by
+a blinding exponent below u, and for about half the bits a share of one batched inversion; then, for
+the product, one exponentiation by the (l+kappa+2)-bit M.
 Two rounds for a whole tensor.
 S1 learns: nothing (Paillier and DGK ciphertexts only).
 S2 learns: d, statistically independent of x (distance 2^-kappa); whether one blinded c_j is zero,
@@ -172,7 +173,7 @@ def blind_bit_comparisons(dgk: DGKPublicKey, enc_bits: np.ndarray, r_low: list[i
     p exponentiations and s = -1 needs l + 1 - p. So every element does max(p, l + 1 - p) of them,
     the missing ones at positions that cannot be zero (the same work, on g^m, same result as the
     table). The work then depends on p alone, as the batched inversions already do; the threat model
-    (section 3) names that dependence.
+    (section 10) names that dependence.
     """
     n, width = enc_bits.shape
     l = width - 1

@@ -11,9 +11,9 @@ Online, per layer (two rounds):
      tensor, not im2col). Sibling layers (several layers on the same input, as in an Inception block)
      share one A: the first reveals X + A and asks S2 to keep it for the others (``x_keep``), which
      send only the ticket S2 returned (``x_ticket``) -- one reveal instead of one per sibling, and S2
-     sees one masked copy of X instead of several. S2 builds Xt_cols from X + A (zero padding), computes Y = Xt_cols @ Kt in
-     the clear and keeps it under a ticket. It returns fresh encryptions of Xt_cols *packed along
-     the positions*: for each group of k positions and each tap f one ciphertext
+     sees one masked copy of X instead of several. S2 builds Xt_cols from X + A (zero padding),
+     computes Y = Xt_cols @ Kt in the clear and keeps it under a ticket. It returns fresh encryptions
+     of Xt_cols *packed along the positions*: for each group of k positions and each tap f one ciphertext
      E(sum_j Xt_cols[p_j, f] 2^(s j)), slots of s = lc + kappa + 3 bits, lc the cross-term bound below.
   2. S1 turns each pack into E(sum_j (X_cols[p_j, f] + 2^lx) 2^(s j)) by subtracting the packed
      A_cols - 2^lx (one multiplication), and raises the packs to B: one exponentiation now serves k
@@ -30,9 +30,11 @@ Cost per multiply-accumulate: S1 one exponentiation by a (lw + kappa + 2)-bit ex
 online (Straus, shared squarings) and one by an (lx + kappa + 2)-bit exponent that is
 query-independent. Per input element S1 ~lx + kappa squarings (packing), S2 one decryption per pack;
 per (position group, tap) S2 one encryption; per (position group, channel) S1 one re-randomisation and
-S2 one decryption; per output S2 one encryption, S1 one inversion.
-S1 learns: nothing.  S2 learns: K + B once per model, X + A (once per input tensor) and Z + M per query, each statistically
-independent of K, X and Z (distance 2^-kappa per element); the layer geometry and the bit bounds.
+S2 one decryption; per output S2 one encryption and S1 three multiplications (the query-independent
+term is negated offline).
+S1 learns: nothing.  S2 learns: K + B once per model, X + A (once per input tensor) and Z + M per
+query, each statistically independent of K, X and Z (distance 2^-kappa per element); the layer
+geometry and the bit bounds.
 """
 from __future__ import annotations
 
