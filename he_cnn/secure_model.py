@@ -210,15 +210,22 @@ def prepare_query(ctx: S1Context, model: EncryptedModel, setup: ModelSetup,
     first: dict[str, list[int]] = {}
     for entry in model.spec["layers"]:
         if entry["kind"] in ("conv", "dense"):
-            name = entry["name"]
             t0 = time.perf_counter()
-            pre = precompute_linear(ctx, model.linear[name], setup.layers[name], model.bound_bits(entry["input"]),
-                                    first.get(entry["input"]))
-            first.setdefault(entry["input"], pre.masks)
-            linear[name] = pre
+            linear[entry["name"]] = _precompute_layer(ctx, model, setup, entry, first)
             if layer_done:
-                layer_done(name, time.perf_counter() - t0)
+                layer_done(entry["name"], time.perf_counter() - t0)
     return PreparedQuery(linear, time.perf_counter() - start)
+
+
+def _precompute_layer(ctx: S1Context, model: EncryptedModel, setup: ModelSetup, entry: dict,
+                      first_masks: dict[str, list[int]]) -> LinearPrecomputation:
+    """One linear layer's offline part, with the masks of the first layer that read the same input
+    (``first_masks``: input tensor -> masks, filled as layers go by)."""
+    name, source = entry["name"], entry["input"]
+    pre = precompute_linear(ctx, model.linear[name], setup.layers[name], model.bound_bits(source),
+                            first_masks.get(source))
+    first_masks.setdefault(source, pre.masks)
+    return pre
 
 
 @dataclass
@@ -281,9 +288,7 @@ def secure_inference(ctx: S1Context, model: EncryptedModel, setup: ModelSetup, i
             def linear_layer() -> EncryptedTensor:
                 pre = prepared.linear.get(name) if prepared else None
                 if pre is None:
-                    pre = precompute_linear(ctx, model.linear[name], setup.layers[name], x_bits,
-                                            first_masks.get(entry["input"]))
-                    first_masks.setdefault(entry["input"], pre.masks)
+                    pre = _precompute_layer(ctx, model, setup, entry, first_masks)
                 return secure_linear(ctx, setup.setup_id, model.linear[name], setup.layers[name], x, x_bits, pre,
                                      shared.get(entry["input"]))
 

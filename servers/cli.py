@@ -24,7 +24,8 @@ COMMANDS = {"serve": "servers.serve:serve", "owner": "owner.cli:owner", "user": 
 
 def run_step(what: Callable[[], T]) -> T:
     """Run one step of a command, turning our errors and file errors into one clear line (click
-    prints it, exit status 1) instead of a traceback. Used by the owner's and the user's commands."""
+    prints it, exit status 1) instead of a traceback. Used by the owner's, the user's and the demo's
+    commands."""
     try:
         return what()
     except HECNNError as e:

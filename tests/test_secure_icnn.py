@@ -28,7 +28,7 @@ from he_cnn.tensor import EncryptedTensor
 P_THRESHOLD = 1e-3
 
 
-def run_secure(integer_model, images, bits, user_keys, workers=2, record=True):
+def run_secure(integer_model, images, bits, user_keys, workers=2, record=True, prepare=True):
     keys = generate_keypair(bits)
     pool = Workers(workers)
     cloud = KeyCloud.create(keys, record=record, workers=pool)
@@ -40,7 +40,7 @@ def run_secure(integer_model, images, bits, user_keys, workers=2, record=True):
     try:
         for image in images:
             start = len(cloud.observations)
-            prepared = prepare_query(ctx, model, setup)
+            prepared = prepare_query(ctx, model, setup) if prepare else None
             result = secure_inference(ctx, model, setup, EncryptedTensor.encrypt(keys.public, image), user_keys.public,
                                       prepared)
             runs.append((result, cloud.observations[start:]))
@@ -151,3 +151,17 @@ def test_class_vector_equals_integer_reference_2048(trained_icnn, user_keys):
     image = quantize_image(dataset.x_test[7], integer_model.input_max)
     _, _, _, runs = run_secure(integer_model, [image], 2048, user_keys, record=False)
     assert list(runs[0][0].output.decrypt(user_keys.private)) == list(classify_reference(integer_model, image))
+
+
+def test_inline_offline_work_shares_sibling_reveals_and_stays_exact(trained_icnn, user_keys):
+    """Without a prepared query the offline work runs inside the layers; sibling layers still get one
+    set of input masks, so S2 decrypts each linear layer's input tensor once, and the answer is exact."""
+    dataset, _, integer_model = trained_icnn
+    image = quantize_image(dataset.x_test[3], integer_model.input_max)
+    _, model, _, runs = run_secure(integer_model, [image], 1024, user_keys, prepare=False)
+    result, observed = runs[0]
+    assert list(result.output.decrypt(user_keys.private)) == list(classify_reference(integer_model, image))
+    linear_inputs = {e["input"] for e in model.spec["layers"] if e["kind"] in ("conv", "dense")}
+    linear_layers = [e for e in model.spec["layers"] if e["kind"] in ("conv", "dense")]
+    assert len(linear_inputs) < len(linear_layers)  # the ICNN has siblings
+    assert sum(o.step == "x" for o in observed) == len(linear_inputs)
