@@ -63,7 +63,7 @@ import torch  # noqa: E402
 
 from he_cnn.channel import InProcessChannel  # noqa: E402
 from he_cnn.data import load_digits_dataset, quantize_image  # noqa: E402
-from he_cnn.keys import KAPPA, generate_keypair  # noqa: E402
+from he_cnn.keys import KAPPA, RandomnessPool, generate_keypair  # noqa: E402
 from he_cnn.model import ICNN  # noqa: E402
 from he_cnn.parallel import Workers, default_worker_count  # noqa: E402
 from he_cnn.protocols.common import S1Context, slot_bits, slots_per_pack  # noqa: E402
@@ -285,8 +285,11 @@ def prepare_timed(ctx: S1Context, em, st) -> tuple[PreparedQuery, dict[str, floa
 
 
 def run_query(ctx: S1Context, em, st, pk, dgk, uk, im, x_int: np.ndarray, needs: dict[str, int],
-              profile: bool = True) -> dict:
-    """Offline phase (prepare + pools) then the timed online inference of one image, checked."""
+              profile: bool = True, s2_user: RandomnessPool | None = None) -> dict:
+    """Offline phase (prepare + pools) then the timed online inference of one image, checked.
+
+    ``s2_user`` is S2's pool for the user's key (in-process; the service's filler tops it up between
+    queries): filled here with S2's randomizers for the answer, the key's table built on the way."""
     t0 = time.perf_counter()
     ex = EncryptedTensor.encrypt(pk, x_int)
     t_user_encrypt = time.perf_counter() - t0
@@ -295,6 +298,8 @@ def run_query(ctx: S1Context, em, st, pk, dgk, uk, im, x_int: np.ndarray, needs:
     pk.pool.fill(needs["paillier"])
     dgk.pool.fill(needs["dgk"])
     uk.public.pool.fill(needs["user"])
+    if s2_user is not None:
+        s2_user.fill(needs["user"])
     t_fill = time.perf_counter() - t0
     avail = {"paillier": len(pk.pool), "dgk": len(dgk.pool), "user": len(uk.public.pool)}
     taken0 = {"paillier": pk.pool.taken, "dgk": dgk.pool.taken, "user": uk.public.pool.taken}
@@ -370,7 +375,7 @@ def run_inprocess(bits: int, im, ds, indices: list[int], acct: dict, args) -> di
     for n, i in enumerate(indices[:count], 1):
         log(f"{bits}: image {n}/{count} (test #{i}): offline phase, then online")
         x_int = quantize_image(ds.x_test[i], im.input_max)
-        q = run_query(ctx, em, st, pk, dgk, uk, im, x_int, needs)
+        q = run_query(ctx, em, st, pk, dgk, uk, im, x_int, needs, s2_user=cloud.user_key(uk.public.n).pool)
         q["index"] = i
         images.append(q)
         needs = {k: q["pool_taken"][k] for k in needs}  # exact for the next image

@@ -554,11 +554,11 @@ def _why(results: dict) -> list[str]:
             out.append(
                 f"**Lower bound, {b} bits: {len(rs)} of {len(layers)} layers above 3x.** " + "; ".join(desc) + ". "
                 "Typical causes: fixed per-round costs the bound does not count (process-pool dispatch and pickling "
-                "of ciphertext arrays, wire coding, Python loops on tiny layers); the result layer's S2 builds a "
-                "fixed-base table for the user's key at that key's first query (8k multiplications for 10 "
-                "encryptions; the key and its table are kept for the user's later queries, so the mean of the "
-                "images carries one build); and, on a busy machine, timing noise (the primitive costs are measured "
-                "once, the layers later).")
+                "of ciphertext arrays, wire coding, Python loops on tiny layers); over HTTP, a user key's first "
+                "query, where each cloud builds the key's randomizer table (8k multiplications for 10 "
+                "encryptions; in-process the table and the answer's randomizers are offline work, as the "
+                "service's pool fillers do for a key's later queries); and, on a busy machine, timing noise (the "
+                "primitive costs are measured once, the layers later).")
     return out
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -295,3 +296,40 @@ def keypair_from_primes(p: int, q: int) -> KeyPair:
     return KeyPair(public, PrivateKey(public, mpz(p), mpz(q)))
 
 
+
+
+#: user keys a cloud keeps (most recently used), each with its randomizer table and pool
+MAX_USER_KEYS = 64
+
+
+class UserKeys:
+    """The users' public keys a cloud has recently seen, most recently used last (at most ``limit``).
+
+    Each is one :class:`PublicKey` object kept across queries, with its randomizer table (built at the
+    key's first use: more work than the few encryptions of one answer) and its pool, which the
+    cloud's pool filler tops up between queries (:meth:`pools`).
+    """
+
+    def __init__(self, limit: int = MAX_USER_KEYS):
+        self.limit = limit
+        self._keys: dict[int, PublicKey] = {}
+        self._lock = threading.Lock()
+
+    def get(self, n: int) -> PublicKey:
+        """The kept key for modulus n (a new one if not seen lately). Raises HECNNError for a malformed n."""
+        with self._lock:
+            key = self._keys.pop(int(n), None)
+        key = key or PublicKey(mpz(n))  # outside the lock: validating a modulus is not free
+        with self._lock:
+            self._keys[int(n)] = self._keys.pop(int(n), key)
+            while len(self._keys) > self.limit:
+                self._keys.pop(next(iter(self._keys)))
+            return self._keys[int(n)]
+
+    def pools(self, target: int) -> list[tuple[RandomnessPool, int]]:
+        """(randomness pool, target) of every kept key, for a :class:`~servers.pools.PoolFiller`."""
+        with self._lock:
+            return [(key.pool, target) for key in self._keys.values()]
+
+    def __len__(self) -> int:
+        return len(self._keys)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .dgk import DGKPrivateKey, DGKPublicKey, generate_dgk_keypair
 from .errors import BadRequest, ProtocolError
-from .keys import MIN_KEY_BITS, KeyPair, PublicKey
+from .keys import MIN_KEY_BITS, KeyPair, PublicKey, UserKeys
 from .protocols import comparison, linear, output, smp
 from .parallel import INLINE, Workers
 from .protocols.linear import LinearGeometry
@@ -98,7 +98,8 @@ class KeyCloud:
     #: called after a set-up is stored (the service persists it)
     on_setup: Callable[[str, dict], None] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _user_keys: dict[int, PublicKey] = field(default_factory=dict)
+    #: the users' keys seen lately (S2 encrypts each answer under one)
+    user_keys: UserKeys = field(default_factory=UserKeys)
 
     @classmethod
     def create(cls, keys: KeyPair, **kwargs) -> "KeyCloud":
@@ -125,14 +126,9 @@ class KeyCloud:
             self.on_setup(setup_id, layers)
 
     def user_key(self, n: int) -> PublicKey:
-        """The user's public key for modulus n, kept for the user's next query (its randomizer table
-        costs more than the few encryptions of one answer)."""
-        with self._lock:
-            key = self._user_keys.pop(int(n), None) or PublicKey(n)
-            self._user_keys[int(n)] = key  # most recent last
-            while len(self._user_keys) > 64:
-                self._user_keys.pop(next(iter(self._user_keys)))
-        return key
+        """The user's public key for modulus n, kept with its randomizer table and pool for the user's
+        next query (:class:`~he_cnn.keys.UserKeys`; the service's pool filler tops the pools up)."""
+        return self.user_keys.get(n)
 
     def setup_layer(self, setup_id: str, layer: str) -> tuple[np.ndarray, LinearGeometry]:
         try:

@@ -6,13 +6,16 @@ modular multiplications). A :class:`PoolFiller` thread computes them ahead of ti
 It works only while the app has had no POST request for ``quiet_seconds``: S1 and S2 alternate during a
 query, and a filler that ran whenever its own cloud waited would take the other cloud's core.
 The pool size comes from ``HECNN_RANDOMNESS_POOL`` (DGK randomizers; Paillier gets a fifth at S2, a 12th at S1;
-0 turns filling off).
+0 turns filling off). S2 also tops up the pool of every user key it has seen (``USER_KEY_POOL``
+randomizers each): a user's first answer pays for the key's randomizer table, the later ones draw
+precomputed randomizers.
 """
 from __future__ import annotations
 
 import os
 import threading
 import time
+from typing import Callable
 
 from flask import Flask, request
 
@@ -21,7 +24,11 @@ from he_cnn.keys import RandomnessPool
 #: one 2048-bit ICNN query draws ~123,000 DGK randomizers at each cloud, ~25,000 Paillier ones at S2
 #: and ~10,000 at S1
 DEFAULT_DGK_POOL = 130_000
+#: randomizers kept per user key at S2: one per class per answer, for a few answers
+USER_KEY_POOL = 64
 CHUNK = 64
+
+PoolList = list[tuple[RandomnessPool, int]]
 
 
 def pool_target() -> int:
@@ -32,10 +39,13 @@ def pool_target() -> int:
 
 
 class PoolFiller:
-    """A daemon thread topping up (pool, target) pairs while the app is quiet."""
+    """A daemon thread topping up (pool, target) pairs while the app is quiet: ``pools`` always, and
+    those ``more()`` returns at the time (pools that come and go, such as the user keys' at S2)."""
 
-    def __init__(self, app: Flask, pools: list[tuple[RandomnessPool, int]], quiet_seconds: float = 2.0):
+    def __init__(self, app: Flask, pools: PoolList, quiet_seconds: float = 2.0,
+                 more: Callable[[], PoolList] | None = None):
         self.pools = [(p, t) for p, t in pools if t > 0]
+        self.more = more
         self.quiet_seconds = quiet_seconds
         self._last_request = time.monotonic()
         self._active = 0
@@ -44,7 +54,7 @@ class PoolFiller:
         app.before_request(self._request_started)
         app.teardown_request(self._request_finished)
         self._thread = threading.Thread(target=self._run, name="he-cnn-pool-filler", daemon=True)
-        if self.pools:
+        if self.pools or more is not None:
             self._thread.start()
 
     @staticmethod
@@ -78,7 +88,8 @@ class PoolFiller:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            pending = [(p, t) for p, t in self.pools if len(p) < t]
+            extra = self.more() if self.more is not None else []
+            pending = [(p, t) for p, t in self.pools + extra if len(p) < t]
             if not pending or self.busy():
                 self._stop.wait(0.2)
                 continue

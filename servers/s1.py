@@ -26,7 +26,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify
 
 from he_cnn.errors import BadRequest, HECNNError, KeyMismatch, ShapeError
 from he_cnn.http_channel import CloudPublicKey, HTTPChannel, fetch_public_key, parse_public_key
-from he_cnn.keys import MIN_KEY_BITS, PublicKey
+from he_cnn.keys import MIN_KEY_BITS, PublicKey, UserKeys
 from he_cnn.parallel import INLINE, Workers
 from he_cnn.protocols.common import S1Context
 from he_cnn.secure_model import (EncryptedModel, InferenceResult, ModelSetup, PreparedQuery, prepare_query,
@@ -38,7 +38,7 @@ from .config import S1Config
 from .http import new_app, request_body, require_bearer, wire_response, worker_pool
 from .models import ModelStore, StoredModel, check_spec
 from .s2 import UNKNOWN_SETUP
-from .pools import PoolFiller, pool_target
+from .pools import USER_KEY_POOL, PoolFiller, pool_target
 from .storage import DataDirError, atomic_write, ensure_private_dir
 
 CLOUD_KEY_FILE = "cloud-key.hecn"
@@ -242,7 +242,7 @@ def classify(model_id: str) -> Response:
     stored = store.get(model_id)
     body = request_body()
     key, _ = peer.public_key()
-    image, user_key = read_query(decode(body), stored.model, key.paillier)
+    image, user_key = read_query(decode(body), stored.model, key.paillier, current_app.extensions["he_cnn.s1.user_keys"])
     offline = current_app.extensions["he_cnn.s1.offline"]
     taken = offline.take(stored)
     try:
@@ -269,8 +269,9 @@ def read_model(body: bytes, cloud_key: PublicKey) -> EncryptedModel:
     return model
 
 
-def read_query(msg: Message, model: EncryptedModel, cloud_key: PublicKey) -> tuple[EncryptedTensor, PublicKey]:
-    """The user's key and E(image) from a classify request, checked."""
+def read_query(msg: Message, model: EncryptedModel, cloud_key: PublicKey,
+               user_keys: UserKeys) -> tuple[EncryptedTensor, PublicKey]:
+    """The user's key (kept in ``user_keys`` once it is checked) and E(image) from a classify request, checked."""
     user_n = msg.array("user_n").reshape(-1)
     if user_n.size != 1 or user_n[0] <= 0:
         raise BadRequest("user_n must hold exactly one positive integer: the user's Paillier modulus")
@@ -279,6 +280,7 @@ def read_query(msg: Message, model: EncryptedModel, cloud_key: PublicKey) -> tup
         raise BadRequest(f"user key of {user_key.bits} bits: expected {MIN_KEY_BITS} to {MAX_USER_KEY_BITS} bits")
     if user_key == cloud_key:
         raise KeyMismatch("the user key must be the user's own key, not the cloud key")
+    user_key = user_keys.get(user_key.n)  # the same key's table and pool as at its last query
     image = msg.array("image")
     if "image" not in msg.widths:
         raise BadRequest("image must be an array of ciphertexts (unsigned fixed width)")
@@ -343,10 +345,12 @@ def create_app(config: S1Config) -> Flask:
     app.extensions["he_cnn.s1.offline"] = offline = OfflinePhase(peer, config.precompute)
     for stored in store.all():
         offline.refill(stored)
+    app.extensions["he_cnn.s1.user_keys"] = user_keys = UserKeys()
     if peer.pinned is not None:  # S1 draws DGK randomizers for blinding and Paillier ones for re-randomising
-        target = pool_target()
+        target = pool_target()  # (and, per user key, one randomizer per class to re-randomise the answer)
         app.extensions["he_cnn.pools"] = PoolFiller(app, [(peer.pinned.dgk.pool, target),
-                                                           (peer.pinned.paillier.pool, target // 12)])
+                                                           (peer.pinned.paillier.pool, target // 12)],
+                                                    more=(lambda: user_keys.pools(USER_KEY_POOL)) if target else None)
     app.register_blueprint(bp)
     log.info("S1 ready: %d models from %s, S2 at %s", loaded, data_dir, peer.url)
     return app

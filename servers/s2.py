@@ -37,7 +37,7 @@ from he_cnn.wire import Message, decode, encode
 
 from .config import S2Config
 from .http import new_app, request_body, require_bearer, wire_response, worker_pool
-from .pools import PoolFiller, pool_target
+from .pools import USER_KEY_POOL, PoolFiller, pool_target
 from .storage import DataDirError, atomic_write, ensure_private_dir
 
 KEY_FILE = "keys.json"
@@ -257,8 +257,9 @@ def create_app(config: S2Config, key_cloud: KeyCloud | None = None) -> Flask:
     app.extensions["he_cnn.s2.config"] = config
     app.extensions["he_cnn.s2.public_key"] = public_key_message(cloud.keys.public, cloud.dgk_public)
     target = pool_target()
-    app.extensions["he_cnn.pools"] = PoolFiller(app, [(cloud.dgk_public.pool, target),
-                                                       (cloud.keys.public.pool, target // 5)])
+    app.extensions["he_cnn.pools"] = PoolFiller(
+        app, [(cloud.dgk_public.pool, target), (cloud.keys.public.pool, target // 5)],
+        more=(lambda: cloud.user_keys.pools(USER_KEY_POOL)) if target else None)
     app.register_blueprint(bp)
     log.info("S2 ready: key %s (%d bits), %d set-ups from %s", cloud.keys.public.key_id, cloud.keys.public.bits,
              loaded, data_dir)

@@ -100,3 +100,20 @@ def test_phe_interop(kp):
 
     enc = phe.EncryptedNumber(kp.public.to_phe(), int(c))
     assert kp.private.to_phe().raw_decrypt(enc.ciphertext(be_secure=False)) == 5
+
+
+def test_user_keys_keep_the_most_recent_keys_with_their_pools():
+    from he_cnn.keys import UserKeys
+    keys = [generate_keypair(512, allow_small=True).public for _ in range(3)]
+    kept = UserKeys(limit=2)
+    a = kept.get(keys[0].n)
+    assert a == keys[0] and a is not keys[0] and kept.get(keys[0].n) is a  # one object per modulus
+    a.pool.fill(3)
+    kept.get(keys[1].n)
+    kept.get(keys[0].n)  # used again: now the most recent
+    kept.get(keys[2].n)  # evicts keys[1], the least recently used
+    assert len(kept) == 2 and kept.get(keys[0].n) is a and len(a.pool) == 3
+    assert sorted(target for _, target in kept.pools(5)) == [5, 5]
+    assert {id(pool) for pool, _ in kept.pools(5)} == {id(a.pool), id(kept.get(keys[2].n).pool)}
+    with pytest.raises(HECNNError):
+        kept.get(4)  # not a modulus

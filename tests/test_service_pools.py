@@ -3,7 +3,11 @@ import time
 from flask import Flask
 
 from he_cnn.keys import generate_keypair
-from servers.pools import CHUNK, PoolFiller
+from he_cnn.s2 import KeyCloud
+from servers import s2 as s2_app
+from servers.config import S2Config
+from servers.http import shutdown_app
+from servers.pools import CHUNK, USER_KEY_POOL, PoolFiller
 
 
 def wait_for(condition, seconds=10.0):
@@ -66,3 +70,23 @@ def test_gets_do_not_hold_the_filler_back_and_health_reports_the_levels():
         assert statuses[-1] == {"full": True, "levels": [[3 * CHUNK, 3 * CHUNK]]}
     finally:
         filler.shutdown()
+
+
+def test_s2_tops_up_the_pool_of_every_user_key_it_has_answered(tmp_path, monkeypatch):
+    """A user's first answer builds the key's randomizer table; the filler then precomputes the
+    randomizers of the next answers, so that they are drawn, not computed, inside a query."""
+    monkeypatch.setenv("HECNN_RANDOMNESS_POOL", "64")
+    cloud = KeyCloud.create(generate_keypair(512, allow_small=True))
+    app = s2_app.create_app(S2Config(data_dir=tmp_path, cloud_token="pools-cloud-token-" + "c" * 16, key_bits=1024),
+                            key_cloud=cloud)
+    try:
+        filler = app.extensions["he_cnn.pools"]
+        assert wait_for(lambda: filler.status()["full"])
+        user = cloud.user_key(generate_keypair(1024).public.n)  # what S2's to_user step does
+        assert len(user.pool) == 0
+        assert wait_for(lambda: len(user.pool) >= USER_KEY_POOL)
+        assert cloud.user_key(user.n) is user  # kept, with its pool, for the next answer
+        user.encrypt(5)
+        assert user.pool.taken == 1
+    finally:
+        shutdown_app(app)

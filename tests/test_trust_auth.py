@@ -196,3 +196,20 @@ def test_no_one_reads_another_users_result(clouds):
     widths = alice.public.ciphertext_bytes
     assert not any(int(c).to_bytes(widths, "big") in later for c in result)  # no route hands it out again
     assert json.loads(clouds.s1.get("/v1/models").data)["models"][0].keys() >= {"model_id"}
+
+
+def test_both_clouds_keep_a_users_key_for_the_next_query(clouds):
+    """The user's key object (its randomizer table, its pool that the fillers top up) outlives a query
+    at both clouds, so that a second query does not build the table again."""
+    carol = generate_keypair(1024)
+    kept = []
+    for _ in range(2):
+        reply = clouds.s1.post(f"/v1/models/{clouds.model_id}/classify", data=clouds.query(carol, random_image(3)),
+                               headers=WIRE)
+        assert reply.status_code == 200
+        kept.append((clouds.s1_app.extensions["he_cnn.s1.user_keys"].get(carol.public.n),
+                     clouds.cloud.user_keys.get(carol.public.n)))
+    assert kept[0][0] is kept[1][0] and kept[0][1] is kept[1][1]
+    assert kept[0][0] == kept[0][1] == carol.public
+    # both queries drew their randomizers (one per class at each cloud) through the same key object
+    assert kept[0][0].pool.taken == kept[0][1].pool.taken == 2 * 3
