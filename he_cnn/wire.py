@@ -32,17 +32,38 @@ MAX_ELEMENTS = 1 << 24
 
 @dataclass
 class Message:
-    """Metadata plus named integer arrays. ``widths`` fixes the byte width of ciphertext arrays."""
+    """Metadata plus named integer arrays. ``widths`` fixes the byte width of ciphertext arrays.
+
+    Large ciphertext arrays can skip a conversion on each side: ``blobs`` holds arrays to send that
+    are already fixed-width bytes (:meth:`set_blob`), and a decoded message keeps the bytes of each
+    ciphertext array as they arrived (:meth:`payload`) for the process-pool workers.
+    """
 
     meta: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     widths: dict[str, int] = field(default_factory=dict)
+    blobs: dict[str, tuple[bytes, tuple[int, ...]]] = field(default_factory=dict)
+    received: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     def array(self, name: str) -> np.ndarray:
         try:
             return self.arrays[name]
         except KeyError:
             raise WireFormatError(f"message lacks array {name!r}; it has {sorted(self.arrays)}") from None
+
+    def set_blob(self, name: str, blob: bytes, width: int, shape: tuple[int, ...]) -> None:
+        """Send a ciphertext array given as ``width``-byte big-endian integers (as ``to_blob`` makes them)."""
+        if len(blob) != width * int(np.prod(shape)):
+            raise WireFormatError(f"array {name!r}: {len(blob)} bytes do not hold {shape} values of {width} bytes")
+        self.blobs[name] = (blob, tuple(shape))
+        self.widths[name] = width
+
+    def payload(self, name: str) -> bytes:
+        """The fixed-width bytes of a received ciphertext array (also present decoded in ``arrays``)."""
+        try:
+            return self.received[name]
+        except KeyError:
+            raise WireFormatError(f"message lacks ciphertext array {name!r}") from None
 
     def get(self, name: str, kind: type = object) -> Any:
         try:
@@ -80,6 +101,10 @@ def encode(message: Message) -> bytes:
         except OverflowError as e:
             raise WireFormatError(f"array {name!r} holds a value wider than {width} bytes") from e
         specs.append({"name": name, "shape": list(arr.shape), "width": width, "signed": signed})
+    for name, (blob, shape) in message.blobs.items():
+        if name not in message.arrays:
+            blobs.append(blob)
+            specs.append({"name": name, "shape": list(shape), "width": message.widths[name], "signed": False})
     header = json.dumps({"meta": message.meta, "arrays": specs}, separators=(",", ":")).encode()
     return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + b"".join(blobs)
 
@@ -128,6 +153,7 @@ def decode(data: bytes) -> Message:
         msg.arrays[name] = np.fromiter(items, dtype=object, count=count).reshape(shape)
         if not signed:
             msg.widths[name] = width
+            msg.received[name] = data[offset:end]
         offset = end
     if offset != len(data):
         raise WireFormatError(f"{len(data) - offset} trailing bytes after the last array")

@@ -86,6 +86,26 @@ def test_wire_roundtrip_and_fixed_width():
     assert back.arrays["i"].shape == (3, 1) and list(back.arrays["i"].ravel()) == [-5, 2**70, 0]
 
 
+
+def test_wire_blobs_go_out_as_arrays_and_received_bytes_stay_available():
+    """A ciphertext array given as fixed-width bytes is the same message as the array itself, and a
+    decoded message hands the bytes of each ciphertext array back without re-encoding them."""
+    values = [1, 2**100, 3, 2**127 + 5, 7, 9]
+    blob = b"".join(v.to_bytes(16, "big") for v in values)
+    as_blob = Message(meta={"a": 1}, arrays={"i": obj([-5])})
+    as_blob.set_blob("ct", blob, 16, (3, 2))
+    as_array = Message(meta={"a": 1}, arrays={"i": obj([-5]), "ct": obj(values, (3, 2))}, widths={"ct": 16})
+    assert encode(as_blob) == encode(as_array)
+    back = decode(encode(as_blob))
+    assert back.arrays["ct"].shape == (3, 2) and list(back.arrays["ct"].ravel()) == values
+    assert back.payload("ct") == blob and back.received.keys() == {"ct"}  # signed arrays are decoded only
+    with pytest.raises(WireFormatError, match="lacks ciphertext array"):
+        back.payload("i")
+    with pytest.raises(WireFormatError, match="do not hold"):
+        as_blob.set_blob("short", blob[:-1], 16, (3, 2))
+    back.arrays["ct"] = obj([4, 5], (2,))  # received bytes are not sent again: an edited array goes out edited
+    assert list(decode(encode(back)).arrays["ct"]) == [4, 5]
+
 @pytest.mark.parametrize("mutate, match", [
     (lambda d: b"XXXX" + d[4:], "magic"),
     (lambda d: d[:4] + b"\x00\x09" + d[6:], "version"),

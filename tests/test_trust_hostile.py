@@ -280,6 +280,8 @@ def message_kinds(endpoint: Endpoint, msg: Message) -> list[str]:
         kinds.append("field out of range")
     if endpoint.paillier or endpoint.dgk:
         kinds.append("ciphertext out of range")
+    if endpoint.dgk:  # their bytes go to the process pool as they arrived (wire.Message.payload)
+        kinds.append("DGK ciphertexts of the wrong width")
     if endpoint.paillier:
         kinds.append("non-unit ciphertext")
     if endpoint.foreign:
@@ -303,6 +305,11 @@ def message_case(kind: str, data, endpoint: Endpoint, world: World) -> Case:
             msg.meta[key] = data.draw(st.one_of(st.integers(max_value=-1), st.integers(4096, 10**9)))
         else:
             msg.meta[key] = data.draw(st.integers(max_value=-1))
+    elif kind == "DGK ciphertexts of the wrong width":
+        name = data.draw(st.sampled_from(sorted(endpoint.dgk)))
+        msg.widths[name] += data.draw(st.sampled_from([-1, 1, 7]))  # values still in range: only the width is off
+        if msg.widths[name] * 8 < max(int(c) for c in msg.arrays[name].reshape(-1)).bit_length():
+            msg.widths[name] += 2  # narrower than a value: make it wider instead
     elif kind == "array removed":
         del msg.arrays[data.draw(st.sampled_from(sorted(msg.arrays)))]
     elif kind in ("array short", "array long"):
@@ -453,7 +460,8 @@ MESSAGE_KINDS = {
     "S2 compare_bits": MESSAGE,
     "S2 to_user": MESSAGE, "S2 no_such_step": [],
     "S2 compare_zero": [k for k in MESSAGE if k not in ("field out of range", "non-unit ciphertext",
-                                                        "ciphertext under another key")],
+                                                        "ciphertext under another key")]
+    + ["DGK ciphertexts of the wrong width"],
     "S1 upload": [k for k in MESSAGE if k != "field out of range"],
     "S1 classify": [k for k in MESSAGE if not k.startswith("field")],
 }

@@ -54,7 +54,7 @@ from ..keys import batch_invert, random_ints
 from ..parallel import from_blob, to_blob
 from ..tensor import EncryptedTensor, object_array
 from ..wire import Message
-from .common import S1Context, ciphertext_field, encrypted_reply, read_ciphertexts, masked_reveal, read_revealed
+from .common import S1Context, encrypted_reply, read_ciphertexts, masked_reveal, read_revealed
 
 if TYPE_CHECKING:
     from ..s2 import KeyCloud
@@ -90,18 +90,19 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool, lo
     dgk = ctx.dgk_key
     if not all(0 < c < dgk.n for c in enc_bits.reshape(-1)):
         raise ProtocolError("S2 sent a DGK ciphertext out of range")
+    if reply.widths.get("bits") != dgk.ciphertext_bytes:
+        raise ProtocolError(f"S2 sent DGK ciphertexts of {reply.widths.get('bits')} bytes, expected {dgk.ciphertext_bytes}")
     signs = [1 if b else -1 for b in random_ints(n, 1)]
     r_low = [(m - (1 << l)) & ((1 << k) - 1) for m in masks]
     randomizers = [dgk.randomizer() for _ in range(n * (k + 1))]
-    width, flat_bits = dgk.ciphertext_bytes, enc_bits.reshape(-1)
-    calls = [(dgk.to_dict(), to_blob(flat_bits[r.start * (k + 1):r.stop * (k + 1)], width), r_low[r.start:r.stop],
+    width, bits_blob, row = dgk.ciphertext_bytes, reply.payload("bits"), (k + 1) * dgk.ciphertext_bytes
+    calls = [(dgk.to_dict(), bits_blob[r.start * row:r.stop * row], r_low[r.start:r.stop],
               signs[r.start:r.stop], to_blob(randomizers[r.start * (k + 1):r.stop * (k + 1)], width))
              for r in ctx.workers.chunks(n, minimum=8)]
-    blinded = [c for part in ctx.workers.map(_blind_chunk, calls) for c in from_blob(part, width)]
+    blinded = b"".join(ctx.workers.map(_blind_chunk, calls))  # rows in order, as the wire carries them
     ctx.count("dgk_bit", n * (k + 1))
     msg2 = Message(meta={"ticket": ticket, "product": product})
-    ciphertext_field(msg2, "blinded", blinded, dgk.ciphertext_bytes)
-    msg2.arrays["blinded"] = msg2.arrays["blinded"].reshape(n, k + 1)
+    msg2.set_blob("blinded", blinded, width, (n, k + 1))
     reply2 = ctx.channel.request(ZERO_STEP, msg2)
 
     pk = ctx.public_key
@@ -178,13 +179,12 @@ def blind_bit_comparisons(dgk: DGKPublicKey, enc_bits: np.ndarray, r_low: list[i
     n, width = enc_bits.shape
     l = width - 1
     nd, u, g = dgk.n, dgk.u, dgk.g
-    g_pow = {k: dgk.g_power(k) for k in (-2, -1, 0, 1)}
     rho = [[((r << 1) >> (l - j)) & 1 for j in range(width)] for r in r_low]  # rho' = 2 (r mod 2^l)
     try:
         inverted = iter(batch_invert([enc_bits[i, j] for i in range(n) for j in range(width - 1) if rho[i][j]], nd))
     except ZeroDivisionError:
         raise ProtocolError("S2 sent a DGK ciphertext that is not a unit") from None
-    g_table = [mpz(1)]  # g^m for m < u: the plaintexts of the positions that cannot be zero
+    g_table = [mpz(1)]  # g^m for m < u: constants, and the plaintexts of the positions that cannot be zero
     for _ in range(1, u):
         g_table.append(g_table[-1] * g % nd)
     exponents = random_ints(n * width, 64)  # blinding exponents (or non-zero plaintexts) in [1, u-1]; bias <= u / 2^64
@@ -198,21 +198,26 @@ def blind_bit_comparisons(dgk: DGKPublicKey, enc_bits: np.ndarray, r_low: list[i
         # exponentiations to pad with, so that their count is max(ones, width - ones) whatever s is
         pad = abs(width - 2 * ones)
         pad = pad if (ones < width - ones) == (s == 1) else 0
-        xor3 = mpz(1)  # [3 sum of beta'_k xor rho'_k over the more significant k]
+        # [sum of beta'_k xor rho'_k over the more significant k] = g^flips * prefix: a bit with rho'_k = 1
+        # enters as [1 - beta'_k] = g [beta'_k]^-1, its g counted in flips and applied with c_j's constant
+        prefix, flips = mpz(1), 0
         row = []
         for j in range(width):
             rb, cb = rho_i[j], bits_i[j]
             blind = 1 + exponents[pos + j] % (u - 1)
             if rb == can_be_zero or pad:
-                c = g_pow[s - rb] * cb % nd * xor3 % nd
+                cube = prefix * prefix % nd * prefix % nd
+                c = g_table[(s - rb + 3 * flips) % u] * cb % nd * cube % nd  # [c_j]
                 if rb != can_be_zero:  # padding: the same work, on g instead of c (c is never 0 here)
                     c, pad = g, pad - 1
                 row.append(gmpy2.powmod(c, blind, nd) * randomizers[pos + j] % nd)
             else:
                 row.append(g_table[blind] * randomizers[pos + j] % nd)
             if j < l:  # the last position's [beta'_j xor rho'_j] is never used (its rho'_j is 0)
-                x = g * next(inverted) % nd if rb else cb  # [beta'_j xor rho'_j]
-                xor3 = xor3 * x % nd * x % nd * x % nd
+                if rb:
+                    prefix, flips = prefix * next(inverted) % nd, flips + 1
+                else:
+                    prefix = prefix * cb % nd
         order = sorted(range(width), key=keys[pos:pos + width].__getitem__)
         out.extend(row[k] for k in order)
         pos += width
@@ -251,8 +256,7 @@ def s2_compare_bits(cloud: "KeyCloud", msg: Message) -> Message:
     betas = [((di & low) << 1) | 1 for di in d]
     cts = dgk.encrypt_bits([(beta >> (k - j)) & 1 for beta in betas for j in range(k + 1)])
     reply = Message(meta={"ticket": ticket})
-    ciphertext_field(reply, "bits", cts, dgk.ciphertext_bytes)
-    reply.arrays["bits"] = reply.arrays["bits"].reshape(len(d), k + 1)
+    reply.set_blob("bits", to_blob(cts, dgk.ciphertext_bytes), dgk.ciphertext_bytes, (len(d), k + 1))
     return reply
 
 
@@ -267,8 +271,10 @@ def s2_compare_zero(cloud: "KeyCloud", msg: Message) -> Message:
     dgk, dgk_priv = cloud.dgk_public, cloud.dgk_private
     if not all(0 < c < dgk.n for c in blinded.reshape(-1)):
         raise ProtocolError("blinded DGK ciphertext out of range: expected 0 < c < n")
-    width = dgk.ciphertext_bytes
-    calls = [(int(dgk_priv.p), int(dgk_priv.v_p), width, k + 1, to_blob(blinded[r.start:r.stop].reshape(-1), width))
+    if msg.widths.get("blinded") != dgk.ciphertext_bytes:
+        raise ProtocolError(f"blinded DGK ciphertexts of {msg.widths.get('blinded')} bytes: expected {dgk.ciphertext_bytes}")
+    width, blob, row = dgk.ciphertext_bytes, msg.payload("blinded"), (k + 1) * dgk.ciphertext_bytes
+    calls = [(int(dgk_priv.p), int(dgk_priv.v_p), width, k + 1, blob[r.start * row:r.stop * row])
              for r in cloud.workers.chunks(len(d), minimum=8)]
     delta = [v for part in cloud.workers.map(_zero_chunk, calls) for v in part]
     cloud.observe("delta", delta, 1, 0)
