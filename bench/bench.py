@@ -49,7 +49,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -67,6 +67,8 @@ from he_cnn.keys import KAPPA, RandomnessPool, generate_keypair  # noqa: E402
 from he_cnn.model import ICNN  # noqa: E402
 from he_cnn.parallel import Workers, default_worker_count  # noqa: E402
 from he_cnn.protocols.common import S1Context, slot_bits, slots_per_pack  # noqa: E402
+from he_cnn.protocols.comparison import secure_relu  # noqa: E402
+from he_cnn.protocols.linear import precompute_linear, secure_linear  # noqa: E402
 from he_cnn.quantize import load_integer_model, quantize_icnn, save_integer_model  # noqa: E402
 from he_cnn.reference import classify_reference, integer_accuracy, run_reference  # noqa: E402
 from he_cnn.s2 import KeyCloud  # noqa: E402
@@ -395,7 +397,7 @@ def run_inprocess(bits: int, im, ds, indices: list[int], acct: dict, args) -> di
         out["bounds"].append({"name": layer.name, **lb})
     out["ciphertext_bytes"], out["dgk_ciphertext_bytes"] = pk.ciphertext_bytes, dgk.ciphertext_bytes
     if args.baseline:
-        out["baseline"] = run_baseline(bits, kp, cloud, em, im, ds, indices[0], args)
+        out["baseline"] = run_baseline(bits, kp, cloud, em, st, im, ds, indices[0], workers, args)
     if args.batch and bits in args.batch_keys:
         out["batch"] = run_batch(bits, kp, cloud, em, st, uk, im, ds, indices, workers, args)
     workers.shutdown()
@@ -411,22 +413,75 @@ def _mean_layers(images: list[dict]) -> list[_Layer]:
     return [_Layer(row["name"], row["kind"], row["ops"]) for row in images[0]["layers"]] if images else []
 
 
-def run_baseline(bits: int, kp, cloud, em, im, ds, index: int, args) -> dict:
+def run_baseline(bits: int, kp, cloud, em, st, im, ds, index: int, workers: Workers, args) -> dict:
+    """The phe baseline on a subset of the first convolution and of the first plain ReLU, each paired
+    with ours on the whole layer, run alternately ``args.baseline_pairs`` times (speed-up = median phe /
+    median ours of the same stretch of time: this machine's speed drifts by tens of per cent within
+    minutes, more than the gap between the two figures it should compare)."""
     x_int = quantize_image(ds.x_test[index], im.input_max)
     ref = run_reference(im, x_int)
     ex = EncryptedTensor.encrypt(kp.public, x_int)
-    res: dict[str, Any] = {}
-    conv = next(e["name"] for e in em.spec["layers"] if e["kind"] == "conv")
+    conv = next(e for e in em.spec["layers"] if e["kind"] == "conv")
     # the first plain ReLU: a requantising one also truncates, which the per-element baseline does not
-    relu_entry = next((e for e in em.spec["layers"] if e["kind"] == "relu" and not e.get("shift")),
-                      next(e for e in em.spec["layers"] if e["kind"] == "relu"))
-    log(f"{bits}: phe baseline, {conv} (subset)")
-    res["linear"] = baseline.baseline_linear(kp, im, em, conv, ex, ref, block=args.baseline_block)
-    log(f"{bits}: phe baseline, {relu_entry['name']} (subset)")
-    x_relu = EncryptedTensor.encrypt(kp.public, ref[relu_entry["input"]])
-    res["relu"] = baseline.baseline_relu(kp, cloud.dgk_public, cloud.dgk_private, em, relu_entry["name"], x_relu, ref,
-                                         elements=args.baseline_elements)
+    relu = next((e for e in em.spec["layers"] if e["kind"] == "relu" and not e.get("shift")),
+                next(e for e in em.spec["layers"] if e["kind"] == "relu"))
+    x_relu = EncryptedTensor.encrypt(kp.public, ref[relu["input"]])
+    ctx = S1Context(kp.public, cloud.dgk_public, InProcessChannel(cloud.handle), workers=workers)
+    pools = [kp.public.pool, cloud.dgk_public.pool]
+    conv_timer, relu_timer = PooledTimer(pools), PooledTimer(pools)
+
+    def ours_conv() -> float:
+        pre = precompute_linear(ctx, em.linear[conv["name"]], st.layers[conv["name"]], em.bound_bits(conv["input"]))
+        return conv_timer(lambda: secure_linear(ctx, st.setup_id, em.linear[conv["name"]],
+                                                             st.layers[conv["name"]], ex, em.bound_bits(conv["input"]), pre))
+
+    def ours_relu() -> float:
+        return relu_timer(lambda: secure_relu(ctx, x_relu, em.bound_bits(relu["input"]),
+                                                           int(relu.get("shift", 0))))
+
+    def phe_conv() -> dict:
+        return baseline.baseline_linear(kp, im, em, conv["name"], ex, ref, block=args.baseline_block)
+
+    def phe_relu() -> dict:
+        return baseline.baseline_relu(kp, cloud.dgk_public, cloud.dgk_private, em, relu["name"], x_relu, ref,
+                                      elements=args.baseline_elements)
+
+    res: dict[str, Any] = {}
+    for part, layer, phe_run, ours_run in (("linear", conv["name"], phe_conv, ours_conv),
+                                           ("relu", relu["name"], phe_relu, ours_relu)):
+        log(f"{bits}: phe baseline, {layer} (subset), alternating with ours on the whole layer, "
+            f"{args.baseline_pairs} pairs")
+        ours_run()  # warm-up: learns the pool draws, starts the workers
+        phe_runs, ours_seconds = [], []
+        for _ in range(args.baseline_pairs):
+            phe_runs.append(phe_run())
+            ours_seconds.append(ours_run())
+        mid = sorted(phe_runs, key=lambda r: r["seconds"])[len(phe_runs) // 2]
+        res[part] = {**mid, "exact": all(r["exact"] for r in phe_runs),
+                     "paired": {"phe_seconds": [r["seconds"] for r in phe_runs], "ours_seconds": ours_seconds,
+                                "speedup": statistics.median(r["seconds"] for r in phe_runs)
+                                / statistics.median(ours_seconds)}}
     return res
+
+
+class PooledTimer:
+    """Seconds of a call with the randomness pools topped up first (offline, untimed) to what the
+    previous call drew: the same split as the online figures (the first call draws what is there and
+    computes the rest on the spot: a warm-up)."""
+
+    def __init__(self, pools: list[RandomnessPool]):
+        self.pools = pools
+        self.needs = [0] * len(pools)
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        for pool, need in zip(self.pools, self.needs):
+            pool.fill(need)
+        before = [pool.taken for pool in self.pools]
+        t0 = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - t0
+        self.needs = [pool.taken - b for pool, b in zip(self.pools, before)]
+        return seconds
 
 
 def run_batch(bits: int, kp, cloud, em, st, uk, im, ds, indices, workers: Workers, args) -> dict:
@@ -647,6 +702,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-baseline", dest="baseline", action="store_false")
     ap.add_argument("--baseline-block", type=int, default=None, help="side of the block of conv outputs (default 2)")
     ap.add_argument("--baseline-elements", type=int, default=None, help="ReLU elements in the baseline (default 16)")
+    ap.add_argument("--baseline-pairs", type=int, default=None,
+                    help="alternating runs of the baseline and ours per layer (default 3; --quick 1)")
     ap.add_argument("--batch", type=int, default=0, help="throughput run of N images (default 0 = off)")
     ap.add_argument("--batch-threads", type=int, default=2, help="concurrent queries in the throughput run")
     ap.add_argument("--batch-keys", type=int, nargs="+", default=None,
@@ -663,6 +720,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.images = args.images if args.images is not None else (1 if args.quick else 3)
     args.baseline_block = args.baseline_block or (1 if args.quick else 2)
     args.baseline_elements = args.baseline_elements or (4 if args.quick else 16)
+    args.baseline_pairs = args.baseline_pairs or (1 if args.quick else 3)
     args.prim_seconds = 0.1 if args.quick else 0.5
     args.plain_reps = 20 if args.quick else 100
     if args.batch_keys is None:
