@@ -448,17 +448,20 @@ def _why(results: dict) -> list[str]:
             f"in the bound) and `s1_other` {ops.get('s1_other', 0):.1f} s (mostly S1's step after each "
             "comparison: one exponentiation E(-e)^M by the (l + kappa + 2)-bit mask per ReLU or max element, in the "
             "bound; then array reshaping and process-pool dispatch). If S2 kept its part of a linear layer's "
-            "output as an additive share, S1 could pack the reveals right after a linear layer offline (the "
-            "ReLU or truncation inputs of a_b2_relu, a_b3_relu, mid_pool and b_relu: 1,920 of the about 8,500 "
-            "values S1 packs per image);",
+            "output as an additive share, the comparison right after it would need no reveal (the ReLU or "
+            "truncation inputs of a_b2_relu, a_b3_relu, mid_pool and b_relu: 1,920 of the about 8,500 values S1 "
+            "packs per image, ~0.3 s); but S2's share must include A_cols (K + B), a product of S1's input mask and "
+            "S2's masked weights, which S2 could only learn masked from an extra reveal: offline, that is per-query "
+            "state S2 keeps until a user arrives; online, the reveal it saves;",
             f"*fewer compared bits*: each compared bit costs at least {per_bit * 1e3:.3f} ms here (zero test, "
             f"0.6 blinding exponentiations, DGK multiplications, on {cores} cores) and the values compared carry "
             f"l = {min(r['bound_detail']['bits'] for r in comp_rows)}..{max(r['bound_detail']['bits'] for r in comp_rows)}"
             " bits (worst-case bounds; the block inputs already requantise to 10 bits). One bit length per "
             "channel instead of per tensor would save 9.1 % of the bits (73,632 instead of 81,024 per image for "
             "the seed-0 model: a tensor's channels differ by up to 5 bits); it needs per-element bit lengths in "
-            "the comparison (ragged DGK rows); requantising inside the Inception branches needs a rescaled "
-            "concatenation;",
+            "the comparison (ragged DGK rows), and it would tell both clouds each channel's bit length, a "
+            "function of the weights (today only one per tensor is public); requantising inside the Inception "
+            "branches needs a rescaled concatenation;",
             "*an opt-in multiplicative blinding* for comparisons (it would leak magnitudes; not built) would remove "
             f"the DGK work, i.e. the zero tests alone ({zero_share:.1f} s of bound) and the blinding;",
             f"*the linear layers* are no longer the problem: their cross terms are SIMD-packed (k positions per "
