@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import gmpy2
 from gmpy2 import mpz
@@ -92,6 +93,17 @@ class DGKPublicKey:
     def encrypt_bits(self, bits: list[int]) -> list[mpz]:
         """:meth:`encrypt` for many 0/1 values: [0] = h^r, [1] = g h^r (no multiplication for a 0)."""
         return [self.g * r % self.n if b else r for b, r in zip(bits, (self.randomizer() for _ in bits))]
+
+    def encrypt_bits_blob(self, bits: Iterable[int]) -> bytes:
+        """:meth:`encrypt_bits` as one buffer of ``ciphertext_bytes``-wide big-endian integers (the wire's
+        and the worker processes' form, without a list in between)."""
+        g, n, width, take = self.g, self.n, self.ciphertext_bytes, self.randomizer
+        return b"".join((g * take() % n if b else take()).to_bytes(width, "big") for b in bits)
+
+    def randomizer_blob(self, count: int) -> bytes:
+        """``count`` randomizers (:meth:`randomizer`) as one buffer, as :meth:`encrypt_bits_blob`."""
+        width, take = self.ciphertext_bytes, self.randomizer
+        return b"".join(take().to_bytes(width, "big") for _ in range(count))
 
     def validate(self, c: int) -> mpz:
         """Range check 0 < c < n. (A non-unit c cannot crash the zero test; it only tests non-zero.)"""

@@ -3,6 +3,7 @@ import pytest
 
 from he_cnn.dgk import DGK_U, DGKPublicKey, generate_dgk_keypair, subgroup_bits
 from he_cnn.errors import InvalidCiphertext
+from he_cnn.parallel import from_blob
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,19 @@ def test_zero_test_and_homomorphism(dgk):
     assert not priv.is_zero(gmpy2.powmod(pub.encrypt(3), 7, pub.n))  # blinding keeps non-zero non-zero
     assert priv.is_zero(gmpy2.powmod(pub.encrypt(0), 7, pub.n) * pub.randomizer() % pub.n)
 
+
+def test_bits_and_randomizers_as_one_buffer(dgk):
+    """The forms the comparison hands to the wire and the workers: fixed-width bytes, drawn from the pool."""
+    pub, priv = dgk
+    bits = [1, 0, 0, 1, 1, 0, 1]
+    pub.pool.fill(len(bits) + 3)
+    taken = pub.pool.taken
+    cts = from_blob(pub.encrypt_bits_blob(iter(bits)), pub.ciphertext_bytes)
+    assert [0 if priv.is_zero(c) else 1 for c in cts] == bits
+    assert len(set(cts)) == len(bits)  # fresh randomness each
+    randomizers = from_blob(pub.randomizer_blob(3), pub.ciphertext_bytes)
+    assert len(randomizers) == 3 and all(priv.is_zero(r) for r in randomizers)
+    assert pub.pool.taken == taken + len(bits) + 3 and len(pub.pool) == 0
 
 def test_validate_range(dgk):
     pub, _ = dgk

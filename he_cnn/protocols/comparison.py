@@ -94,10 +94,10 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool, lo
         raise ProtocolError(f"S2 sent DGK ciphertexts of {reply.widths.get('bits')} bytes, expected {dgk.ciphertext_bytes}")
     signs = [1 if b else -1 for b in random_ints(n, 1)]
     r_low = [(m - (1 << l)) & ((1 << k) - 1) for m in masks]
-    randomizers = [dgk.randomizer() for _ in range(n * (k + 1))]
+    randomizers = dgk.randomizer_blob(n * (k + 1))
     width, bits_blob, row = dgk.ciphertext_bytes, reply.payload("bits"), (k + 1) * dgk.ciphertext_bytes
     calls = [(dgk.to_dict(), bits_blob[r.start * row:r.stop * row], r_low[r.start:r.stop],
-              signs[r.start:r.stop], to_blob(randomizers[r.start * (k + 1):r.stop * (k + 1)], width))
+              signs[r.start:r.stop], randomizers[r.start * row:r.stop * row])
              for r in ctx.workers.chunks(n, minimum=8)]
     blinded = b"".join(ctx.workers.map(_blind_chunk, calls))  # rows in order, as the wire carries them
     ctx.count("dgk_bit", n * (k + 1))
@@ -254,9 +254,9 @@ def s2_compare_bits(cloud: "KeyCloud", msg: Message) -> Message:
     ticket = cloud.tickets.put("comparison", (d, l, k))
     low = (1 << k) - 1
     betas = [((di & low) << 1) | 1 for di in d]
-    cts = dgk.encrypt_bits([(beta >> (k - j)) & 1 for beta in betas for j in range(k + 1)])
+    cts = dgk.encrypt_bits_blob((beta >> (k - j)) & 1 for beta in betas for j in range(k + 1))
     reply = Message(meta={"ticket": ticket})
-    reply.set_blob("bits", to_blob(cts, dgk.ciphertext_bytes), dgk.ciphertext_bytes, (len(d), k + 1))
+    reply.set_blob("bits", cts, dgk.ciphertext_bytes, (len(d), k + 1))
     return reply
 
 
