@@ -19,7 +19,7 @@ import hashlib
 import os
 import secrets
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -134,6 +134,8 @@ class PublicKey:
     """A Paillier public key (g = N + 1) with gmpy2 fields and a short id for messages and logs."""
 
     n: mpz
+    #: window of the randomizer table (8: 8,192 entries, 32 multiplications per randomizer)
+    randomizer_window: int = field(default=8, repr=False, kw_only=True)
     nsq: mpz = field(init=False)
     _randomizer: FixedBaseTable | None = field(default=None, init=False, repr=False)
     pool: RandomnessPool = field(init=False, repr=False)
@@ -205,7 +207,7 @@ class PublicKey:
         if self._randomizer is None:
             r0 = random_below(self.n - 2) + 2
             h = gmpy2.powmod(r0, self.n, self.nsq)
-            self._randomizer = FixedBaseTable(h, self.nsq, RANDOMIZER_EXPONENT_BITS)
+            self._randomizer = FixedBaseTable(h, self.nsq, RANDOMIZER_EXPONENT_BITS, self.randomizer_window)
         return self._randomizer.power(secrets.randbits(RANDOMIZER_EXPONENT_BITS))
 
     def plain_term(self, v: int) -> mpz:
@@ -300,31 +302,53 @@ def keypair_from_primes(p: int, q: int) -> KeyPair:
 
 #: user keys a cloud keeps (most recently used), each with its randomizer table and pool
 MAX_USER_KEYS = 64
+#: largest user key a cloud accepts (its tables and ciphertexts grow with it)
+MAX_USER_KEY_BITS = 8192
+#: window of a user key's randomizer table: 1,024 entries (0.5 MB at 2048 bits) built in ~1,000
+#: multiplications, 64 per randomizer -- a user's answer needs a few, not thousands
+USER_KEY_WINDOW = 4
+#: memory the kept user keys' tables may take together (least recently used keys go first)
+USER_KEYS_TABLE_BYTES = 64 << 20
 
 
 class UserKeys:
-    """The users' public keys a cloud has recently seen, most recently used last (at most ``limit``).
+    """The users' public keys a cloud has recently seen, most recently used last: at most ``limit``
+    keys and ``max_bytes`` of randomizer tables.
 
-    Each is one :class:`PublicKey` object kept across queries, with its randomizer table (built at the
-    key's first use: more work than the few encryptions of one answer) and its pool, which the
-    cloud's pool filler tops up between queries (:meth:`pools`).
+    Each is one :class:`PublicKey` object kept across queries, with its randomizer table (window
+    ``USER_KEY_WINDOW``, built at the key's first use) and its pool, which the cloud's pool filler tops
+    up between queries (:meth:`pools`).
     """
 
-    def __init__(self, limit: int = MAX_USER_KEYS):
+    def __init__(self, limit: int = MAX_USER_KEYS, max_bytes: int = USER_KEYS_TABLE_BYTES):
         self.limit = limit
-        self._keys: dict[int, PublicKey] = {}
+        self.max_bytes = max_bytes
+        self._keys: OrderedDict[int, PublicKey] = OrderedDict()
         self._lock = threading.Lock()
+
+    @staticmethod
+    def table_bytes(key: PublicKey) -> int:
+        """Memory of the key's randomizer table (entries x ciphertext width)."""
+        rows = -(-RANDOMIZER_EXPONENT_BITS // USER_KEY_WINDOW)
+        return rows * (1 << USER_KEY_WINDOW) * key.ciphertext_bytes
 
     def get(self, n: int) -> PublicKey:
         """The kept key for modulus n (a new one if not seen lately). Raises HECNNError for a malformed n."""
+        n = int(n)
         with self._lock:
-            key = self._keys.pop(int(n), None)
-        key = key or PublicKey(mpz(n))  # outside the lock: validating a modulus is not free
+            key = self._keys.get(n)
+            if key is not None:
+                self._keys.move_to_end(n)
+                return key
+        new = PublicKey(mpz(n), randomizer_window=USER_KEY_WINDOW)  # outside the lock: checking n is not free
         with self._lock:
-            self._keys[int(n)] = self._keys.pop(int(n), key)
-            while len(self._keys) > self.limit:
-                self._keys.pop(next(iter(self._keys)))
-            return self._keys[int(n)]
+            key = self._keys.setdefault(n, new)  # another request may have added it meanwhile
+            self._keys.move_to_end(n)
+            total = sum(self.table_bytes(k) for k in self._keys.values())
+            while len(self._keys) > 1 and (len(self._keys) > self.limit or total > self.max_bytes):
+                _, old = self._keys.popitem(last=False)
+                total -= self.table_bytes(old)
+            return key
 
     def pools(self, target: int) -> list[tuple[RandomnessPool, int]]:
         """(randomness pool, target) of every kept key, for a :class:`~servers.pools.PoolFiller`."""

@@ -43,7 +43,8 @@ class Message:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     widths: dict[str, int] = field(default_factory=dict)
     blobs: dict[str, tuple[bytes, tuple[int, ...]]] = field(default_factory=dict)
-    received: dict[str, bytes] = field(default_factory=dict, repr=False)
+    #: where each received ciphertext array's bytes are (a view of the message, copied only on demand)
+    received: dict[str, memoryview] = field(default_factory=dict, repr=False)
 
     def array(self, name: str) -> np.ndarray:
         try:
@@ -59,9 +60,10 @@ class Message:
         self.widths[name] = width
 
     def payload(self, name: str) -> bytes:
-        """The fixed-width bytes of a received ciphertext array (also present decoded in ``arrays``)."""
+        """The fixed-width bytes of a received ciphertext array (also present decoded in ``arrays``,
+        ``widths[name]`` bytes per value)."""
         try:
-            return self.received[name]
+            return bytes(self.received[name])
         except KeyError:
             raise WireFormatError(f"message lacks ciphertext array {name!r}") from None
 
@@ -132,6 +134,7 @@ def decode(data: bytes) -> Message:
     except (ValueError, KeyError, TypeError) as e:
         raise WireFormatError(f"malformed message header: {e}") from e
     msg = Message(meta=meta)
+    view = memoryview(data)
     offset = _PREFIX.size + header_len
     for spec in specs:
         try:
@@ -140,6 +143,8 @@ def decode(data: bytes) -> Message:
                 raise TypeError("bad name or shape")
         except (KeyError, TypeError, ValueError) as e:
             raise WireFormatError(f"malformed array spec {spec!r}") from e
+        if name in msg.arrays:  # a second array of that name could differ from the first one's checked bytes
+            raise WireFormatError(f"array {name!r} appears twice")
         count = int(np.prod(shape)) if shape else 1
         if count > MAX_ELEMENTS or not 0 < width <= 4096:
             raise WireFormatError(f"array {name!r}: {count} elements of {width} bytes is out of range")
@@ -153,7 +158,7 @@ def decode(data: bytes) -> Message:
         msg.arrays[name] = np.fromiter(items, dtype=object, count=count).reshape(shape)
         if not signed:
             msg.widths[name] = width
-            msg.received[name] = data[offset:end]
+            msg.received[name] = view[offset:end]
         offset = end
     if offset != len(data):
         raise WireFormatError(f"{len(data) - offset} trailing bytes after the last array")

@@ -26,7 +26,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify
 
 from he_cnn.errors import BadRequest, HECNNError, KeyMismatch, ShapeError
 from he_cnn.http_channel import CloudPublicKey, HTTPChannel, fetch_public_key, parse_public_key
-from he_cnn.keys import MIN_KEY_BITS, PublicKey, UserKeys
+from he_cnn.keys import MAX_USER_KEY_BITS, MIN_KEY_BITS, PublicKey, UserKeys
 from he_cnn.parallel import INLINE, Workers
 from he_cnn.protocols.common import S1Context
 from he_cnn.secure_model import (EncryptedModel, InferenceResult, ModelSetup, PreparedQuery, prepare_query,
@@ -45,7 +45,6 @@ CLOUD_KEY_FILE = "cloud-key.hecn"
 HEALTH_TIMEOUT = 3.0
 START_KEY_TIMEOUT = 5.0
 KEY_TIMEOUT = 30.0
-MAX_USER_KEY_BITS = 8192
 
 log = logging.getLogger("he_cnn.servers.s1")
 

@@ -30,16 +30,19 @@ from .http import shutdown_app
 
 #: a protocol round carries up to a few MB each way. waitress's defaults (8 KB socket reads and writes,
 #: bodies above 512 KB and replies above 1 MB spooled to temporary files) made a localhost round of a
-#: 5 MB request and a 2.5 MB reply take 25-29 ms; with these, 11-12 ms. Bodies and replies above 16 MB
-#: still spool to a temporary file (the body limit caps a request either way).
-WAITRESS_BUFFERS = {"recv_bytes": 1 << 18, "send_bytes": 1 << 18, "inbuf_overflow": 16 << 20,
-                    "outbuf_overflow": 16 << 20}
+#: 5 MB request and a 2.5 MB reply take 25-29 ms; with these, 11-12 ms. waitress buffers a body per
+#: *connection* before the app (and its token check) sees it, so the connections are capped too: at most
+#: 32 x 8 MB in memory; larger bodies spool to a temporary file. waitress itself refuses (plain-text 413)
+#: bodies above 4x the app's limit; up to that the app answers, with its JSON 413.
+WAITRESS_BUFFERS = {"recv_bytes": 1 << 18, "send_bytes": 1 << 18, "inbuf_overflow": 8 << 20,
+                    "outbuf_overflow": 8 << 20, "connection_limit": 32}
 
 
 def run_server(app: Flask, role: str, host: str, port: int, threads: int) -> None:
     """Serve ``app`` until SIGTERM/SIGINT; announce the bound address on stderr."""
     server = create_server(app, host=host, port=port, threads=threads, ident=f"he-cnn {role}",
-                           clear_untrusted_proxy_headers=True, **WAITRESS_BUFFERS)
+                           clear_untrusted_proxy_headers=True, **WAITRESS_BUFFERS,
+                           max_request_body_size=max(4 * app.config["MAX_CONTENT_LENGTH"], 1 << 20))
     bound_host, bound_port = server.socket.getsockname()[:2]  # type: ignore[union-attr]
     shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
 

@@ -117,3 +117,9 @@ def test_user_keys_keep_the_most_recent_keys_with_their_pools():
     assert {id(pool) for pool, _ in kept.pools(5)} == {id(a.pool), id(kept.get(keys[2].n).pool)}
     with pytest.raises(HECNNError):
         kept.get(4)  # not a modulus
+    a.fresh_randomizer()
+    assert a._randomizer.window == 4  # a small table: a user's answer needs a few randomizers
+    budget = UserKeys(limit=10, max_bytes=2 * UserKeys.table_bytes(keys[0]))  # room for two tables
+    for key in keys:
+        budget.get(key.n)
+    assert len(budget) == 2 and int(keys[0].n) not in budget._keys

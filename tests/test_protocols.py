@@ -3,10 +3,11 @@ import random
 
 import numpy as np
 import pytest
+from gmpy2 import mpz
 
 from he_cnn.errors import BoundExceeded, ProtocolError, ShapeError
 from he_cnn.graph import im2col_indices, maxpool_comparisons, pool_windows
-from he_cnn.keys import PrivateKey
+from he_cnn.keys import PrivateKey, PublicKey, generate_keypair
 from he_cnn.protocols import comparison, linear, output, smp
 from he_cnn.protocols.common import slot_bits, slots_per_pack
 from he_cnn.tensor import EncryptedTensor
@@ -232,6 +233,16 @@ def test_result_reaches_only_the_user(s1, keys1024, user_keys):
     assert all(keys1024.public.decode(keys1024.private.decrypt_raw(c % keys1024.public.nsq)) != v
                for c, v in zip(out.data, y))
 
+
+def test_s2_keeps_only_user_keys_it_accepts(s1, key_cloud, user_keys):
+    """A refused user key (too small, too large, the cloud's own) is not kept, so no table is built for it."""
+    y = enc(s1, ints(3, -2**20, 2**20))
+    for bad in (generate_keypair(512, allow_small=True).public, PublicKey(mpz(2) ** 8200 + 1), key_cloud.keys.public):
+        with pytest.raises(ProtocolError, match="unacceptable user key"):
+            output.reencrypt_for_user(s1, y, 21, bad, min_user_bits=0)
+        assert int(bad.n) not in key_cloud.user_keys._keys
+    output.reencrypt_for_user(s1, y, 21, user_keys.public)
+    assert int(user_keys.public.n) in key_cloud.user_keys._keys
 
 def test_s1_context_holds_no_secret_key(s1):
     for value in vars(s1).values():

@@ -104,6 +104,9 @@ def test_wire_blobs_go_out_as_arrays_and_received_bytes_stay_available():
     with pytest.raises(WireFormatError, match="do not hold"):
         as_blob.set_blob("short", blob[:-1], 16, (3, 2))
     back.arrays["ct"] = obj([4, 5], (2,))  # received bytes are not sent again: an edited array goes out edited
+    twice = encode(Message(arrays={"ct": obj([1, 2]), "cu": obj([3, 4])}, widths={"ct": 16, "cu": 16}))
+    with pytest.raises(WireFormatError, match="appears twice"):  # one name, two arrays: refused
+        decode(twice.replace(b'"name":"cu"', b'"name":"ct"'))
     assert list(decode(encode(back)).arrays["ct"]) == [4, 5]
 
 @pytest.mark.parametrize("mutate, match", [

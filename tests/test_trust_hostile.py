@@ -14,7 +14,7 @@ kind, hypothesis drawing the details):
 - replay and state: a comparison or linear-layer ticket used twice, an unknown ticket (also a sibling layer's
   reference to a kept input), a set-up id or a layer S2 does
   not hold, an unknown model id, an unknown protocol step;
-- user keys: 0, negative, even, 512 bits, above 8192 bits, the cloud key, two keys;
+- user keys: 0, negative, even, 512 bits, above 8192 bits (S1 and S2), the cloud key, two keys;
 - model and set-up: a field of the architecture removed or of the wrong type, an unknown layer kind,
   the key id of another key, a set-up layer of the wrong shape or geometry;
 - transport: no token or a wrong one where one is required, a body above the cloud's limit, a method
@@ -478,7 +478,7 @@ def all_cases() -> list[tuple[str, str, str]]:
         cases += [(name, "wire", k) for k in WIRE_KINDS] + [(name, "message", k) for k in messages]
         cases += [(name, "transport", k) for k in ["body above the limit", "wrong method", *tokens]]
         cases += [(name, "state", k) for k in STATE_KINDS.get(name, [])]
-    cases += [("S2 to_user", "user key", k) for k in USER_KEYS]
+    cases += [("S2 to_user", "user key", k) for k in USER_KEYS + ["above 8192 bits"]]
     cases += [("S1 classify", "user key", k) for k in USER_KEYS + ["above 8192 bits"]]
     cases += [("S1 upload", "model", k) for k in SPEC_KINDS]
     cases += [("S2 linear_setup", "set-up", k) for k in SETUP_KINDS]

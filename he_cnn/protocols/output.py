@@ -17,7 +17,7 @@ import numpy as np
 from gmpy2 import mpz
 
 from ..errors import ProtocolError
-from ..keys import MIN_KEY_BITS, PublicKey
+from ..keys import MAX_USER_KEY_BITS, MIN_KEY_BITS, PublicKey
 from ..tensor import EncryptedTensor
 from ..wire import Message
 from .common import S1Context, ciphertext_field, read_ciphertexts, masked_reveal, read_revealed
@@ -44,9 +44,10 @@ def s2_to_user(cloud: "KeyCloud", msg: Message) -> Message:
     user_n = msg.array("user_n").reshape(-1)
     if user_n.size != 1:
         raise ProtocolError("expected exactly one user modulus")
-    user_key = cloud.user_key(mpz(user_n[0]))
-    if user_key.bits < cloud.min_user_key_bits or user_key == cloud.keys.public:
+    user_key = PublicKey(mpz(user_n[0]))  # checked before S2 keeps it (and builds its table)
+    if not cloud.min_user_key_bits <= user_key.bits <= MAX_USER_KEY_BITS or user_key == cloud.keys.public:
         raise ProtocolError(f"unacceptable user key ({user_key.bits} bits)")
+    user_key = cloud.user_key(user_key.n)
     reply = Message()
     ciphertext_field(reply, "y_user", [user_key.encrypt(v) for v in values], user_key.ciphertext_bytes)
     return reply
