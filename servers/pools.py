@@ -88,8 +88,8 @@ class PoolFiller:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            extra = self.more() if self.more is not None else []
-            pending = [(p, t) for p, t in self.pools + extra if len(p) < t]
+            extra = self.more() if self.more is not None else []  # small pools (a user's next answer) first
+            pending = [(p, t) for p, t in extra + self.pools if len(p) < t]
             if not pending or self.busy():
                 self._stop.wait(0.2)
                 continue
