@@ -298,8 +298,6 @@ def keypair_from_primes(p: int, q: int) -> KeyPair:
     return KeyPair(public, PrivateKey(public, mpz(p), mpz(q)))
 
 
-
-
 #: user keys a cloud keeps (most recently used), each with its randomizer table and pool
 MAX_USER_KEYS = 64
 #: largest user key a cloud accepts (its tables and ciphertexts grow with it)

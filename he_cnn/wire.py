@@ -42,7 +42,7 @@ class Message:
     meta: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     widths: dict[str, int] = field(default_factory=dict)
-    blobs: dict[str, tuple[bytes, tuple[int, ...]]] = field(default_factory=dict)
+    blobs: dict[str, tuple[bytes, tuple[int, ...]]] = field(default_factory=dict, repr=False)
     #: where each received ciphertext array's bytes are (a view of the message, copied only on demand)
     received: dict[str, memoryview] = field(default_factory=dict, repr=False)
 

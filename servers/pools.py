@@ -6,9 +6,9 @@ modular multiplications). A :class:`PoolFiller` thread computes them ahead of ti
 It works only while the app has had no POST request for ``quiet_seconds``: S1 and S2 alternate during a
 query, and a filler that ran whenever its own cloud waited would take the other cloud's core.
 The pool size comes from ``HECNN_RANDOMNESS_POOL`` (DGK randomizers; Paillier gets a fifth at S2, a 12th at S1;
-0 turns filling off). S2 also tops up the pool of every user key it has seen (``USER_KEY_POOL``
-randomizers each): a user's first answer pays for the key's randomizer table, the later ones draw
-precomputed randomizers.
+0 turns filling off). Both clouds also top up, first, the pool of every user key they keep
+(``USER_KEY_POOL`` randomizers each): a user's first answer pays for the key's randomizer table, the
+later ones draw precomputed randomizers.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from he_cnn.keys import RandomnessPool
 #: one 2048-bit ICNN query draws ~123,000 DGK randomizers at each cloud, ~25,000 Paillier ones at S2
 #: and ~10,000 at S1
 DEFAULT_DGK_POOL = 130_000
-#: randomizers kept per user key at S2: one per class per answer, for a few answers
+#: randomizers kept per user key (at each cloud): one per class per answer, for a few answers
 USER_KEY_POOL = 64
 CHUNK = 64
 
@@ -40,7 +40,7 @@ def pool_target() -> int:
 
 class PoolFiller:
     """A daemon thread topping up (pool, target) pairs while the app is quiet: ``pools`` always, and
-    those ``more()`` returns at the time (pools that come and go, such as the user keys' at S2)."""
+    those ``more()`` returns at the time (pools that come and go, such as the user keys'), those first."""
 
     def __init__(self, app: Flask, pools: PoolList, quiet_seconds: float = 2.0,
                  more: Callable[[], PoolList] | None = None):

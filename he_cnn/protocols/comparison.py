@@ -91,7 +91,8 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool, lo
     if not all(0 < c < dgk.n for c in enc_bits.reshape(-1)):
         raise ProtocolError("S2 sent a DGK ciphertext out of range")
     if reply.widths.get("bits") != dgk.ciphertext_bytes:
-        raise ProtocolError(f"S2 sent DGK ciphertexts of {reply.widths.get('bits')} bytes, expected {dgk.ciphertext_bytes}")
+        raise ProtocolError(f"S2 sent DGK ciphertexts of {reply.widths.get('bits')} bytes, "
+                            f"expected {dgk.ciphertext_bytes}")
     signs = [1 if b else -1 for b in random_ints(n, 1)]
     r_low = [(m - (1 << l)) & ((1 << k) - 1) for m in masks]
     randomizers = dgk.randomizer_blob(n * (k + 1))
@@ -276,7 +277,8 @@ def s2_compare_zero(cloud: "KeyCloud", msg: Message) -> Message:
     if not all(0 < c < dgk.n for c in blinded.reshape(-1)):
         raise ProtocolError("blinded DGK ciphertext out of range: expected 0 < c < n")
     if msg.widths.get("blinded") != dgk.ciphertext_bytes:
-        raise ProtocolError(f"blinded DGK ciphertexts of {msg.widths.get('blinded')} bytes: expected {dgk.ciphertext_bytes}")
+        raise ProtocolError(f"blinded DGK ciphertexts of {msg.widths.get('blinded')} bytes: "
+                            f"expected {dgk.ciphertext_bytes}")
     width, blob, row = dgk.ciphertext_bytes, msg.payload("blinded"), (k + 1) * dgk.ciphertext_bytes
     calls = [(int(dgk_priv.p), int(dgk_priv.v_p), width, k + 1, blob[r.start * row:r.stop * row])
              for r in cloud.workers.chunks(len(d), minimum=8)]
