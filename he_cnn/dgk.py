@@ -90,13 +90,10 @@ class DGKPublicKey:
     def encrypt(self, m: int) -> mpz:
         return self.g_power(m) * self.randomizer() % self.n
 
-    def encrypt_bits(self, bits: list[int]) -> list[mpz]:
-        """:meth:`encrypt` for many 0/1 values: [0] = h^r, [1] = g h^r (no multiplication for a 0)."""
-        return [self.g * r % self.n if b else r for b, r in zip(bits, (self.randomizer() for _ in bits))]
-
     def encrypt_bits_blob(self, bits: Iterable[int]) -> bytes:
-        """:meth:`encrypt_bits` as one buffer of ``ciphertext_bytes``-wide big-endian integers (the wire's
-        and the worker processes' form, without a list in between)."""
+        """:meth:`encrypt` for many 0/1 values ([0] = h^r, [1] = g h^r: no multiplication for a 0), as one
+        buffer of ``ciphertext_bytes``-wide big-endian integers (the wire's and the worker processes'
+        form, without a list in between)."""
         g, n, width, take = self.g, self.n, self.ciphertext_bytes, self.randomizer
         return b"".join((g * take() % n if b else take()).to_bytes(width, "big") for b in bits)
 

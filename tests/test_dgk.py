@@ -1,4 +1,5 @@
 import gmpy2
+import numpy as np
 import pytest
 
 from he_cnn.dgk import DGK_U, DGKPublicKey, generate_dgk_keypair, subgroup_bits
@@ -10,6 +11,10 @@ from he_cnn.parallel import from_blob
 def dgk():
     return generate_dgk_keypair(1024)
 
+
+def encrypted_bits(pub, bits):
+    """DGK encryptions of 0/1 values as an object array (what S1 decodes from S2's compare_bits reply)."""
+    return np.array(from_blob(pub.encrypt_bits_blob(bits), pub.ciphertext_bytes), dtype=object)
 
 def test_key_shape(dgk):
     pub, priv = dgk
@@ -58,7 +63,6 @@ def test_blinded_rows_carry_the_comparison_and_uniform_non_zero_values(dgk):
     c_j cannot be zero -- is uniform on [1, u-1] (chi-square), so S2 cannot tell the two apart."""
     import random
 
-    import numpy as np
     from scipy import stats
 
     from he_cnn.protocols.comparison import blind_bit_comparisons
@@ -69,8 +73,7 @@ def test_blinded_rows_carry_the_comparison_and_uniform_non_zero_values(dgk):
     betas = [rng.randrange(1 << l) for _ in range(n)]
     r_low = [rng.randrange(1 << l) for _ in range(n)]
     signs = [rng.choice((1, -1)) for _ in range(n)]
-    enc = np.array(pub.encrypt_bits([(((b << 1) | 1) >> (l - j)) & 1 for b in betas for j in range(l + 1)]),
-                   dtype=object).reshape(n, l + 1)
+    enc = encrypted_bits(pub, [(((b << 1) | 1) >> (l - j)) & 1 for b in betas for j in range(l + 1)]).reshape(n, l + 1)
     rows = blind_bit_comparisons(pub, enc, r_low, signs, [pub.randomizer() for _ in range(n * (l + 1))])
     g_vp = gmpy2.powmod(pub.g, priv.v_p, priv.p)
     log = {gmpy2.powmod(g_vp, m, priv.p): m for m in range(pub.u)}  # discrete log of the plaintext, mod u
@@ -91,8 +94,6 @@ def test_blinding_work_does_not_depend_on_the_secret_sign(dgk, monkeypatch):
     the count of exponentiations, and so S1's time, tells S2 nothing about s."""
     import types
 
-    import numpy as np
-
     from he_cnn.protocols import comparison
 
     pub, _ = dgk
@@ -104,7 +105,7 @@ def test_blinding_work_does_not_depend_on_the_secret_sign(dgk, monkeypatch):
         counts = []
         for s in (1, -1):
             calls.clear()
-            enc = np.array(pub.encrypt_bits([1] * (l + 1)), dtype=object).reshape(1, l + 1)
+            enc = encrypted_bits(pub, [1] * (l + 1)).reshape(1, l + 1)
             comparison.blind_bit_comparisons(pub, enc, [r], [s], [pub.randomizer() for _ in range(l + 1)])
             counts.append(len(calls))
         ones = bin(r).count("1")
