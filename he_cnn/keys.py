@@ -21,7 +21,7 @@ import secrets
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import gmpy2
 import phe
@@ -105,15 +105,16 @@ class RandomnessPool:
 
     ``take`` falls back to computing one on the spot when the pool is empty, so the pool only ever
     changes speed, never results. Each value is used once: deque.popleft is atomic across threads.
+    A value is whatever ``make`` returns (an integer for Paillier, bytes for DGK: ``DGKPublicKey._pool_entry``).
     """
 
-    def __init__(self, make: Callable[[], mpz]):
+    def __init__(self, make: Callable[[], Any]):
         self._make = make
-        self._ready: deque[mpz] = deque()
+        self._ready: deque[Any] = deque()
         #: how many values were handed out (pooled or not): tells how large a pool a query needs
         self.taken = 0
 
-    def take(self) -> mpz:
+    def take(self) -> Any:
         self.taken += 1
         try:
             return self._ready.popleft()

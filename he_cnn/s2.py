@@ -101,6 +101,9 @@ class KeyCloud:
     #: the users' keys seen lately (S2 encrypts each answer under one)
     user_keys: UserKeys = field(default_factory=UserKeys)
 
+    def __post_init__(self) -> None:
+        self.dgk_public.pool_pairs = True  # S2 encrypts bits: its pool keeps g h^r beside h^r
+
     @classmethod
     def create(cls, keys: KeyPair, **kwargs) -> "KeyCloud":
         dgk_pub, dgk_priv = generate_dgk_keypair(keys.public.bits)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,27 +29,59 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_ELEMENTS = 1 << 24
 
 
-@dataclass
 class Message:
     """Metadata plus named integer arrays. ``widths`` fixes the byte width of ciphertext arrays.
 
     Large ciphertext arrays can skip a conversion on each side: ``blobs`` holds arrays to send that
     are already fixed-width bytes (:meth:`set_blob`), and a decoded message keeps the bytes of each
-    ciphertext array as they arrived (:meth:`payload`) for the process-pool workers.
+    ciphertext array as they arrived (:meth:`payload`) and turns them into integers only when they are
+    asked for (:meth:`array`, or any use of ``arrays``). Protocol code that hands the bytes to the
+    process-pool workers, which check and convert them there, never pays for a decode in between.
     """
 
-    meta: dict[str, Any] = field(default_factory=dict)
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
-    widths: dict[str, int] = field(default_factory=dict)
-    blobs: dict[str, tuple[bytes, tuple[int, ...]]] = field(default_factory=dict, repr=False)
-    #: where each received ciphertext array's bytes are (a view of the message, copied only on demand)
-    received: dict[str, memoryview] = field(default_factory=dict, repr=False)
+    def __init__(self, meta: dict[str, Any] | None = None, arrays: dict[str, np.ndarray] | None = None,
+                 widths: dict[str, int] | None = None):
+        self.meta: dict[str, Any] = {} if meta is None else meta
+        self._arrays: dict[str, np.ndarray] = {} if arrays is None else arrays
+        self.widths: dict[str, int] = {} if widths is None else widths
+        self.blobs: dict[str, tuple[bytes, tuple[int, ...]]] = {}
+        #: where each received ciphertext array's bytes are (a view of the message, copied only on demand)
+        self.received: dict[str, memoryview] = {}
+        #: received ciphertext arrays not decoded yet: name -> (shape, width as received)
+        self._pending: dict[str, tuple[tuple[int, ...], int]] = {}
+
+    def __repr__(self) -> str:
+        shapes = {name: tuple(a.shape) for name, a in self._arrays.items()}
+        shapes.update({name: shape for name, (shape, _) in self._pending.items()})
+        shapes.update({name: shape for name, (_, shape) in self.blobs.items()})
+        return f"Message(meta={self.meta!r}, arrays={shapes!r}, widths={self.widths!r})"
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array by name, as integers (received ciphertext arrays are decoded here if not yet)."""
+        for name in list(self._pending):
+            self._decode(name)
+        return self._arrays
 
     def array(self, name: str) -> np.ndarray:
+        if name in self._pending:
+            self._decode(name)
         try:
-            return self.arrays[name]
+            return self._arrays[name]
         except KeyError:
-            raise WireFormatError(f"message lacks array {name!r}; it has {sorted(self.arrays)}") from None
+            raise WireFormatError(f"message lacks array {name!r}; it has {sorted(self._arrays)}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """An array's shape, without decoding a received one."""
+        if name in self._pending:
+            return self._pending[name][0]
+        return tuple(self.array(name).shape)
+
+    def _decode(self, name: str) -> None:
+        shape, width = self._pending.pop(name)
+        data = self.received[name]
+        items = (mpz.from_bytes(data[i:i + width], "big") for i in range(0, len(data), width))
+        self._arrays[name] = np.fromiter(items, dtype=object, count=len(data) // width).reshape(shape)
 
     def set_blob(self, name: str, blob: bytes, width: int, shape: tuple[int, ...]) -> None:
         """Send a ciphertext array given as ``width``-byte big-endian integers (as ``to_blob`` makes them)."""
@@ -60,8 +91,8 @@ class Message:
         self.widths[name] = width
 
     def payload(self, name: str) -> bytes:
-        """The fixed-width bytes of a received ciphertext array (also present decoded in ``arrays``,
-        ``widths[name]`` bytes per value)."""
+        """The fixed-width bytes of a received ciphertext array (``widths[name]`` bytes per value, each
+        checked by nobody yet: whoever uses them range-checks them)."""
         try:
             return bytes(self.received[name])
         except KeyError:
@@ -143,7 +174,7 @@ def decode(data: bytes) -> Message:
                 raise TypeError("bad name or shape")
         except (KeyError, TypeError, ValueError) as e:
             raise WireFormatError(f"malformed array spec {spec!r}") from e
-        if name in msg.arrays:  # a second array of that name could differ from the first one's checked bytes
+        if name in msg._arrays or name in msg._pending:  # a second array of that name could differ from the first one's checked bytes
             raise WireFormatError(f"array {name!r} appears twice")
         count = int(np.prod(shape)) if shape else 1
         if count > MAX_ELEMENTS or not 0 < width <= 4096:
@@ -153,12 +184,11 @@ def decode(data: bytes) -> Message:
             raise WireFormatError(f"array {name!r} needs {count * width} bytes, message has {len(data) - offset} left")
         if signed:
             items = (mpz(int.from_bytes(data[i:i + width], "big", signed=True)) for i in range(offset, end, width))
-        else:
-            items = (mpz.from_bytes(data[i:i + width], "big") for i in range(offset, end, width))
-        msg.arrays[name] = np.fromiter(items, dtype=object, count=count).reshape(shape)
-        if not signed:
+            msg._arrays[name] = np.fromiter(items, dtype=object, count=count).reshape(shape)
+        else:  # decoded when asked for (Message.array)
             msg.widths[name] = width
             msg.received[name] = view[offset:end]
+            msg._pending[name] = (shape, width)
         offset = end
     if offset != len(data):
         raise WireFormatError(f"{len(data) - offset} trailing bytes after the last array")

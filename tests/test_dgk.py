@@ -49,6 +49,29 @@ def test_bits_and_randomizers_as_one_buffer(dgk):
     assert len(randomizers) == 3 and all(priv.is_zero(r) for r in randomizers)
     assert pub.pool.taken == taken + len(bits) + 3 and len(pub.pool) == 0
 
+def test_pool_entries_are_ready_bytes(dgk, keys1024):
+    """The pool holds h^r as bytes, and with ``pool_pairs`` (S2's key) g h^r beside it: a bit's
+    encryption is then a slice. Entries of either form encrypt correctly, also mixed in one pool."""
+    from he_cnn.s2 import KeyCloud
+
+    pub, priv = dgk
+    key = DGKPublicKey.from_dict(pub.to_dict())
+    width = key.ciphertext_bytes
+    key.pool.fill(2)
+    assert [len(e) for e in key.pool._ready] == [width] * 2
+    key.pool_pairs = True
+    key.pool.fill(4)
+    assert [len(e) for e in key.pool._ready] == [width] * 2 + [2 * width] * 2
+    r, gr = from_blob(key.pool._ready[2], width)
+    assert gr == key.g * r % key.n and priv.is_zero(r)
+    bits = [1, 0, 1, 1, 0, 1]  # two plain entries, two pairs, then two computed on the spot
+    cts = from_blob(key.encrypt_bits_blob(bits), width)
+    assert [0 if priv.is_zero(c) else 1 for c in cts] == bits and len(set(cts)) == len(bits)
+    key.pool.fill(1)
+    assert priv.is_zero(key.randomizer()) and isinstance(key.randomizer(), gmpy2.mpz)
+    assert KeyCloud(keys1024, key, priv).dgk_public.pool_pairs  # S2 keeps pairs
+
+
 def test_validate_range(dgk):
     pub, _ = dgk
     for bad in (0, pub.n, -1):

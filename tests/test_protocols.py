@@ -285,6 +285,55 @@ def test_protocols_exact_with_process_workers(keys1024, key_cloud):
         workers.shutdown()
 
 
+def test_dgk_ciphertexts_are_range_checked_in_the_workers(keys1024, key_cloud, monkeypatch):
+    """The comparison's DGK arrays reach the process pool as bytes, unchecked (wire.Message.payload):
+    the workers check 0 < c < n, and their ProtocolError arrives as such at both clouds."""
+    from he_cnn import s2 as s2_mod
+    from he_cnn.channel import InProcessChannel
+    from he_cnn.parallel import Workers
+    from he_cnn.protocols.common import S1Context
+
+    workers = Workers(2)
+    key_cloud.workers = workers
+    n_dgk = int(key_cloud.dgk_public.n)
+    width = key_cloud.dgk_public.ciphertext_bytes
+    try:
+        ctx = S1Context(keys1024.public, key_cloud.dgk_public, InProcessChannel(key_cloud.handle), workers=workers)
+        values = edge_values(20)
+        x = enc(ctx, values)
+        real_bits = comparison.s2_compare_bits
+
+        def bad_bits(cloud, msg):  # S2 (hostile) puts n itself among the bits
+            reply = real_bits(cloud, msg)
+            blob, shape = reply.blobs["bits"]
+            reply.set_blob("bits", blob[:-width] + n_dgk.to_bytes(width, "big"), width, shape)
+            return reply
+
+        monkeypatch.setitem(s2_mod.HANDLERS, comparison.BITS_STEP, bad_bits)
+        with pytest.raises(ProtocolError, match="S2 sent a DGK ciphertext out of range"):
+            comparison.secure_relu(ctx, x, 20)
+        monkeypatch.setitem(s2_mod.HANDLERS, comparison.BITS_STEP, real_bits)
+        real_blind = comparison._blind_chunk
+        monkeypatch.setattr(comparison, "_blind_chunk", _zero_first)  # S1 (hostile) sends a 0
+        with pytest.raises(ProtocolError, match="blinded DGK ciphertext out of range"):
+            comparison.secure_relu(ctx, x, 20)
+        monkeypatch.setattr(comparison, "_blind_chunk", real_blind)
+        assert list(comparison.secure_relu(ctx, x, 20).decrypt(keys1024.private)) == [max(v, 0) for v in values]
+    finally:
+        key_cloud.workers = Workers(1)
+        workers.shutdown()
+
+
+def _zero_first(dgk: dict, *args) -> bytes:
+    """_blind_chunk with its first ciphertext replaced by 0 (top level: the workers unpickle it by name)."""
+    out = _real_blind_chunk(dgk, *args)
+    width = (int(dgk["n"]).bit_length() + 7) // 8
+    return bytes(width) + out[width:]
+
+
+_real_blind_chunk = comparison._blind_chunk
+
+
 def test_workers_refuse_work_after_shutdown():
     """A thread that outlives a service's shutdown cannot start a new pool (it would race the
     interpreter's exit); work that needs no pool still runs inline."""

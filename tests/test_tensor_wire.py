@@ -109,6 +109,22 @@ def test_wire_blobs_go_out_as_arrays_and_received_bytes_stay_available():
         decode(twice.replace(b'"name":"cu"', b'"name":"ct"'))
     assert list(decode(encode(back)).arrays["ct"]) == [4, 5]
 
+def test_wire_decodes_ciphertext_arrays_only_when_asked():
+    """A received ciphertext array stays bytes until someone asks for its integers (the comparison's
+    DGK arrays go to the workers as bytes and are never decoded in the main process); its shape is
+    known without decoding, and a decode uses the width the array arrived with."""
+    values = [5, 2**100, 3, 2**127 + 5]
+    back = decode(encode(Message(arrays={"ct": obj(values, (2, 2)), "i": obj([-5])}, widths={"ct": 16})))
+    assert back._pending.keys() == {"ct"} and back.shape("ct") == (2, 2) and back._pending.keys() == {"ct"}
+    assert "(2, 2)" in repr(back) and back.shape("i") == (1,)
+    back.widths["ct"] = 8  # a later edit of the width (as a hostile test makes) does not change what arrived
+    assert list(back.array("ct").ravel()) == values and not back._pending
+    again = decode(encode(Message(arrays={"ct": obj(values)}, widths={"ct": 16})))
+    assert sorted(again.arrays) == ["ct"] and list(again.arrays["ct"]) == values  # .arrays decodes everything
+    with pytest.raises(WireFormatError, match="lacks array"):
+        again.shape("missing")
+
+
 @pytest.mark.parametrize("mutate, match", [
     (lambda d: b"XXXX" + d[4:], "magic"),
     (lambda d: d[:4] + b"\x00\x09" + d[6:], "version"),

@@ -84,16 +84,18 @@ def pack_masked(ctx: S1Context, values: EncryptedTensor, masks: Sequence[int], l
 
 
 def _pack_chunk(n: mpz, nsq: mpz, values: np.ndarray, masks: list[int], slot: int, k: int) -> list[mpz]:
-    """Horner packing of consecutive groups of k masked values (not yet re-randomised)."""
+    """Horner packing of consecutive groups of k masked values (not yet re-randomised): the ciphertexts
+    shifted and multiplied, the masks packed in the clear and added once per pack."""
     shift = mpz(1) << slot
     packs = []
     for start in range(0, len(values), k):
-        acc = mpz(1)
+        acc, mask = mpz(1), 0
         for i in range(min(start + k, len(values)) - 1, start - 1, -1):
             if acc != 1:
                 acc = gmpy2.powmod(acc, shift, nsq)
-            acc = acc * values[i] % nsq * (1 + masks[i] * n) % nsq
-        packs.append(acc)
+            acc = acc * values[i] % nsq
+            mask = (mask << slot) + masks[i]
+        packs.append(acc * (1 + mask % n * n) % nsq)
     return packs
 
 

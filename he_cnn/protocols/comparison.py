@@ -8,13 +8,14 @@ Steps (z = x + 2^l in [0, 2^(l+1)), so t = floor(z / 2^l)):
   2. S2 decrypts d, keeps it under a ticket, and returns DGK encryptions of the l+1 bits of
      beta' = 2 (d mod 2^l) + 1, most significant first.
   3. S1, knowing rho' = 2 (r mod 2^l) (lowest bit 0, so beta' != rho' always), picks a secret sign
-     s in {+1, -1} per element and forms for every bit position j
-        c_j = s + beta'_j - rho'_j + 3 * sum_{k more significant than j} (beta'_k xor rho'_k),
-     blinds each c_j by a random exponent in [1, u-1] and a fresh DGK randomizer, shuffles the
-     positions of each element and sends them                                     -- step ``compare_zero``
-     (c_j can be zero only where rho'_j = 1 for s = +1, rho'_j = 0 for s = -1; the other positions
-     are sent as fresh encryptions of uniform non-zero values, the same distribution, without the
-     computation -- padded so that S1's work does not depend on s: ~40 % fewer exponentiations)
+     s in {+1, -1} per element. A zero can only come from the first bit where beta' and rho' differ,
+     and only at a *candidate* position j: rho'_j = 1 for s = +1, rho'_j = 0 for s = -1. There S1 forms
+        c_j = s + beta'_j - rho'_j + 2 * sum_{k more significant than j} (beta'_k xor rho'_k)
+     (s + beta'_j - rho'_j is beta'_j or beta'_j - 1 there, so c_j = 0 iff that is 0 and the sum is 0),
+     blinds it by a random exponent in [1, u-1] and a fresh DGK randomizer; every other position is
+     sent as a fresh encryption of a uniform non-zero value (the distribution a blinded non-zero c_j
+     has), without the computation -- padded so that S1's work does not depend on s: ~40 % fewer
+     exponentiations. S1 shuffles the positions of each element and sends them   -- step ``compare_zero``
   4. S2 tests every c_j for zero. delta = [some c_j = 0] equals [beta' < rho'] if s = +1 and
      [beta' > rho'] if s = -1. With alpha = floor(d / 2^l), S2 knows e = (alpha mod 2) xor delta and
      returns fresh E(-e) and, for the product, E(e d).
@@ -83,13 +84,10 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool, lo
     msg.meta["low"] = k
     reply = ctx.channel.request(BITS_STEP, msg)
     ticket = reply.get("ticket", str)
-    enc_bits = reply.array("bits")
-    if enc_bits.shape != (n, k + 1):
-        raise ProtocolError(f"expected {n} x {k + 1} DGK bit ciphertexts, got shape {enc_bits.shape}")
+    if reply.shape("bits") != (n, k + 1):
+        raise ProtocolError(f"expected {n} x {k + 1} DGK bit ciphertexts, got shape {reply.shape('bits')}")
 
     dgk = ctx.dgk_key
-    if not all(0 < c < dgk.n for c in enc_bits.reshape(-1)):
-        raise ProtocolError("S2 sent a DGK ciphertext out of range")
     if reply.widths.get("bits") != dgk.ciphertext_bytes:
         raise ProtocolError(f"S2 sent DGK ciphertexts of {reply.widths.get('bits')} bytes, "
                             f"expected {dgk.ciphertext_bytes}")
@@ -100,7 +98,7 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool, lo
     calls = [(dgk.to_dict(), bits_blob[r.start * row:r.stop * row], r_low[r.start:r.stop],
               signs[r.start:r.stop], randomizers[r.start * row:r.stop * row])
              for r in ctx.workers.chunks(n, minimum=8)]
-    blinded = b"".join(ctx.workers.map(_blind_chunk, calls))  # rows in order, as the wire carries them
+    blinded = b"".join(ctx.workers.map(_blind_chunk, calls))  # rows in order; the workers range-check the bits
     ctx.count("dgk_bit", n * (k + 1))
     msg2 = Message(meta={"ticket": ticket, "product": product})
     msg2.set_blob("blinded", blinded, width, (n, k + 1))
@@ -164,12 +162,15 @@ def blind_bit_comparisons(dgk: DGKPublicKey, enc_bits: np.ndarray, r_low: list[i
     r mod 2^l; ``randomizers`` n (l+1) fresh DGK randomizers. The bits where rho' is 1 enter as
     [1 - beta'_j] = [1] [beta'_j]^-1, inverted all at once (:func:`~he_cnn.keys.batch_invert`).
 
-    Only the positions where c_j *can* be zero need computing and blinding: rho'_j = 1 for s = +1
-    (there c_j = 0 needs beta'_j = 0), rho'_j = 0 for s = -1 (beta'_j = 1). Elsewhere c_j is never
-    zero, and its blinded form is a uniform non-zero plaintext under a fresh randomizer -- which S1
-    sends directly: g^m h^r with m uniform in [1, u-1], one multiplication instead of an
-    exponentiation. S2's view is the same distribution either way (uniform non-zero values, fresh
-    randomness, positions shuffled), and S2 cannot tell which positions were computed.
+    Only the candidate positions, where the first difference makes the comparison's zero, need
+    computing and blinding: rho'_j = 1 for s = +1 (there c_j = 0 needs beta'_j = 0), rho'_j = 0 for
+    s = -1 (beta'_j = 1). There s + beta'_j - rho'_j is in {-1, 0, 1}, so a weight of 2 on the prefix
+    sum keeps every c_j with a differing bit above it non-zero (the square of the running product, one
+    multiplication less than the textbook weight 3, which the other positions would need). Elsewhere S1
+    sends what a blinded non-zero value looks like: g^m h^r with m uniform in [1, u-1], one
+    multiplication instead of an exponentiation. S2's view is the same distribution either way
+    (uniform non-zero values, fresh randomness, positions shuffled), and S2 cannot tell which positions
+    were computed.
 
     S1's running time must not tell S2 the secret sign s, though: with p = popcount(rho'), s = +1 needs
     p exponentiations and s = -1 needs l + 1 - p. So every element does max(p, l + 1 - p) of them,
@@ -211,8 +212,7 @@ def blind_bit_comparisons(dgk: DGKPublicKey, enc_bits: np.ndarray, r_low: list[i
             rb, cb = rho_i[j], bits_i[j]
             blind = 1 + exponents[pos + j] % (u - 1)
             if rb == can_be_zero or pad:
-                cube = prefix * prefix % nd * prefix % nd
-                c = g_table[(s - rb + 3 * flips) % u] * cb % nd * cube % nd  # [c_j]
+                c = g_table[(s - rb + 2 * flips) % u] * cb % nd * (prefix * prefix % nd) % nd  # [c_j]
                 if rb != can_be_zero:  # padding: the same work, on g instead of c (c is never 0 here)
                     c, pad = g, pad - 1
                 row.append(gmpy2.powmod(c, blind, nd) * randomizers[pos + j] % nd)
@@ -232,18 +232,24 @@ def blind_bit_comparisons(dgk: DGKPublicKey, enc_bits: np.ndarray, r_low: list[i
 def _blind_chunk(dgk: dict, enc_bits: bytes, r_low: list[int], signs: list[int], randomizers: bytes) -> bytes:
     key = DGKPublicKey.from_dict(dgk)
     width = key.ciphertext_bytes
-    bits = object_array(from_blob(enc_bits, width)).reshape(len(r_low), -1)
+    values = from_blob(enc_bits, width)
+    if not all(0 < c < key.n for c in values):
+        raise ProtocolError("S2 sent a DGK ciphertext out of range")
+    bits = object_array(values).reshape(len(r_low), -1)
     return to_blob(blind_bit_comparisons(key, bits, r_low, signs, from_blob(randomizers, width)), width)
 
 
-def _zero_chunk(p: int, v_p: int, width: int, row_length: int, blob: bytes) -> list[int]:
-    """delta for each row: 1 if one of its DGK ciphertexts encrypts 0 (c^v_p = 1 mod p).
+def _zero_chunk(n: int, p: int, v_p: int, width: int, row_length: int, blob: bytes) -> list[int]:
+    """delta for each row: 1 if one of its DGK ciphertexts encrypts 0 (c^v_p = 1 mod p); each checked
+    first to be in (0, n).
 
     Every position is tested, also after a zero is found: stopping early would make the round's
     duration depend on the outcomes, which S1 could correlate with its secret signs.
     """
-    p, v_p = mpz(p), mpz(v_p)
+    n, p, v_p = mpz(n), mpz(p), mpz(v_p)
     cts = from_blob(blob, width)
+    if not all(0 < c < n for c in cts):
+        raise ProtocolError("blinded DGK ciphertext out of range: expected 0 < c < n")
     return [int(sum(gmpy2.powmod(c, v_p, p) == 1 for c in cts[i:i + row_length]) > 0)
             for i in range(0, len(cts), row_length)]
 
@@ -270,17 +276,14 @@ def s2_compare_zero(cloud: "KeyCloud", msg: Message) -> Message:
     product = msg.get("product", bool)
     if product and k != l:
         raise ProtocolError("the product needs the comparison of all bits")
-    blinded = msg.array("blinded")
-    if blinded.shape != (len(d), k + 1):
-        raise ShapeError(f"expected {len(d)} x {k + 1} blinded ciphertexts, got {blinded.shape}")
+    if msg.shape("blinded") != (len(d), k + 1):
+        raise ShapeError(f"expected {len(d)} x {k + 1} blinded ciphertexts, got {msg.shape('blinded')}")
     dgk, dgk_priv = cloud.dgk_public, cloud.dgk_private
-    if not all(0 < c < dgk.n for c in blinded.reshape(-1)):
-        raise ProtocolError("blinded DGK ciphertext out of range: expected 0 < c < n")
     if msg.widths.get("blinded") != dgk.ciphertext_bytes:
         raise ProtocolError(f"blinded DGK ciphertexts of {msg.widths.get('blinded')} bytes: "
                             f"expected {dgk.ciphertext_bytes}")
     width, blob, row = dgk.ciphertext_bytes, msg.payload("blinded"), (k + 1) * dgk.ciphertext_bytes
-    calls = [(int(dgk_priv.p), int(dgk_priv.v_p), width, k + 1, blob[r.start * row:r.stop * row])
+    calls = [(int(dgk.n), int(dgk_priv.p), int(dgk_priv.v_p), width, k + 1, blob[r.start * row:r.stop * row])
              for r in cloud.workers.chunks(len(d), minimum=8)]
     delta = [v for part in cloud.workers.map(_zero_chunk, calls) for v in part]
     cloud.observe("delta", delta, 1, 0)
