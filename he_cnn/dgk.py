@@ -23,8 +23,9 @@ from gmpy2 import mpz
 from .errors import HECNNError, InvalidCiphertext
 from .keys import FixedBaseTable, RandomnessPool
 
-#: plaintext modulus, a prime: must exceed 3 (l + 2) + 3 for the longest compared bit length l (see max_bits;
-#: 211 allows 67 bits), and small, because S1 blinds every compared bit by an exponent below it
+#: plaintext modulus, a prime: must exceed every c_j of the comparison (at most 2 l + 1; max_bits keeps the
+#: older, stricter 3 (l + 2) + 3: 211 allows 67 bits), and small, because S1 blinds every compared bit by an
+#: exponent below it
 DGK_U = 211
 
 
