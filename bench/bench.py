@@ -366,10 +366,7 @@ def run_inprocess(bits: int, im, ds, indices: list[int], acct: dict, args) -> di
     stats = channel.stats
     out["setup_rounds"], out["setup_bytes_to_s2"], out["setup_bytes_to_s1"] = stats.rounds, stats.bytes_to_s2, stats.bytes_to_s1
     log(f"{bits}: measuring primitive costs")
-    prims = lowerbound.measure_primitives(pk, kp.private, dgk, cloud.dgk_private, args.prim_seconds)
-    prims["user_mulmod"] = lowerbound.per_call(
-        lambda a=uk.public.nsq - 3, b=uk.public.nsq - 5, m=uk.public.nsq: a * b % m, args.prim_seconds / 3, 200)
-    out["primitives"] = prims
+    prims = measure_primitives(kp, cloud, uk, args)
     needs = pool_needs(acct, bits, http=False)
     out["pool_needs_first"] = needs
     images = []
@@ -387,6 +384,12 @@ def run_inprocess(bits: int, im, ds, indices: list[int], acct: dict, args) -> di
     out["memory_mib"] = {"s1_s2_process": mib(vm_hwm_kb()),
                          "workers": [mib(vm_hwm_kb(p)) for p in worker_pids(workers)],
                          "ru_maxrss_lifetime": mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)}
+    if args.baseline:
+        out["baseline"] = run_baseline(bits, kp, cloud, em, st, im, ds, indices[0], workers, args)
+    log(f"{bits}: measuring primitive costs again (the bound takes the cheaper of the two)")
+    again = measure_primitives(kp, cloud, uk, args)
+    out["primitive_runs"] = [prims, again]
+    prims = out["primitives"] = {k: min(v, again[k]) for k, v in prims.items()}
     spec = em.spec
     entries = {e["name"]: e for e in spec["layers"]}
     out["bounds"] = []
@@ -396,12 +399,19 @@ def run_inprocess(bits: int, im, ds, indices: list[int], acct: dict, args) -> di
                                     dgk.ciphertext_bytes, uk.public.ciphertext_bytes, prims["user_mulmod"])
         out["bounds"].append({"name": layer.name, **lb})
     out["ciphertext_bytes"], out["dgk_ciphertext_bytes"] = pk.ciphertext_bytes, dgk.ciphertext_bytes
-    if args.baseline:
-        out["baseline"] = run_baseline(bits, kp, cloud, em, st, im, ds, indices[0], workers, args)
     if args.batch and bits in args.batch_keys:
         out["batch"] = run_batch(bits, kp, cloud, em, st, uk, im, ds, indices, workers, args)
     workers.shutdown()
     return out
+
+
+def measure_primitives(kp, cloud, uk, args) -> dict[str, float]:
+    """Single-core seconds per primitive operation (lowerbound.measure_primitives), and a multiplication
+    under the user's key."""
+    prims = lowerbound.measure_primitives(kp.public, kp.private, cloud.dgk_public, cloud.dgk_private, args.prim_seconds)
+    prims["user_mulmod"] = lowerbound.per_call(
+        lambda a=uk.public.nsq - 3, b=uk.public.nsq - 5, m=uk.public.nsq: a * b % m, args.prim_seconds / 3, 200)
+    return prims
 
 
 class _Layer:
