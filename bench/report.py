@@ -583,8 +583,8 @@ def _why(results: dict) -> list[str]:
                 "query, where each cloud builds the key's randomizer table (~1,000 multiplications for 10 "
                 "encryptions; in-process the table and the answer's randomizers are offline work, as the "
                 "service's pool fillers do for a key's later queries); and, on a busy machine, timing noise (the "
-                "primitive costs are measured twice, before the images and after the phe baseline, and the cheaper "
-                "of the two is used; the layers run in between).")
+                "primitive costs are measured twice, before the images and after the phe baseline (or right after "
+                "the images without one), and the cheaper of the two is used; the layers run in between).")
     return out
 
 
@@ -646,7 +646,8 @@ def markdown_report(results: dict) -> str:
         " in the benchmark process; the engine is unchanged. Kinds are exclusive; `s1_other` is the rest.",
         "- **Lower bound** (`bench/lowerbound.py`): the protocol's least operation count per layer, priced with"
         " primitive costs measured in the same run, divided by the number of cores. The primitives are measured"
-        " twice per key size, before the images and after the phe baseline, and the bound takes the cheaper of"
+        " twice per key size, before the images and after the phe baseline (or right after the images without"
+        " one), and the bound takes the cheaper of"
         " the two (this machine's speed drifts within minutes; a bound priced in a slow minute could fall below"
         " the layers' own times).",
         "- **phe baseline** (`bench/baseline.py`): the same protocols per element on `phe.EncryptedNumber`, run on"

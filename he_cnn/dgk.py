@@ -81,10 +81,13 @@ class DGKPublicKey:
         """What the pool holds: h^r as ``ciphertext_bytes`` big-endian bytes, with ``pool_pairs`` followed
         by g h^r. Online, a bit's ciphertext or a blinding randomizer is then a slice of bytes: no
         multiplication, no conversion (4,096 of them took 8 ms in one ReLU layer as integers)."""
-        r, width = self.fresh_randomizer(), self.ciphertext_bytes
-        if self.pool_pairs:
-            return r.to_bytes(width, "big") + (self.g * r % self.n).to_bytes(width, "big")
-        return r.to_bytes(width, "big")
+        entry = self.fresh_randomizer().to_bytes(self.ciphertext_bytes, "big")
+        return self._pair(entry) if self.pool_pairs else entry
+
+    def _pair(self, entry: bytes) -> bytes:
+        """h^r as bytes -> h^r and g h^r as bytes."""
+        gr = self.g * mpz.from_bytes(entry, "big") % self.n
+        return entry + gr.to_bytes(self.ciphertext_bytes, "big")
 
     def fresh_randomizer(self) -> mpz:
         """h^r for a new r of 2.5 t bits (fixed-base table built on first use)."""
@@ -103,15 +106,17 @@ class DGKPublicKey:
         return self.g_power(m) * self.randomizer() % self.n
 
     def encrypt_bits_blob(self, bits: Iterable[int]) -> bytes:
-        """:meth:`encrypt` for many 0/1 values ([0] = h^r, [1] = g h^r: no multiplication for a 0), as one
-        buffer of ``ciphertext_bytes``-wide big-endian integers (the wire's and the worker processes'
-        form, without a list in between)."""
-        g, n, width, take = self.g, self.n, self.ciphertext_bytes, self.pool.take
+        """:meth:`encrypt` for many 0/1 values ([0] = h^r, [1] = g h^r, one half of a pool entry: the same
+        work for either bit, so S2's time does not tell S1 how many 1s it encrypted), as one buffer of
+        ``ciphertext_bytes``-wide big-endian integers (the wire's and the worker processes' form, without
+        a list in between)."""
+        width, take = self.ciphertext_bytes, self.pool.take
 
-        def one(entry: bytes) -> bytes:  # an entry without g h^r (the pool was filled before pool_pairs)
-            return entry[width:] if len(entry) > width else (g * mpz.from_bytes(entry, "big") % n).to_bytes(width, "big")
+        def pair() -> bytes:  # an entry from before pool_pairs was set gets its g h^r now, whatever the bit
+            entry = take()
+            return entry if len(entry) > width else self._pair(entry)
 
-        return b"".join(one(take()) if b else take()[:width] for b in bits)
+        return b"".join(pair()[b * width:(b + 1) * width] for b in bits)
 
     def randomizer_blob(self, count: int) -> bytes:
         """``count`` randomizers (:meth:`randomizer`) as one buffer, as :meth:`encrypt_bits_blob`."""

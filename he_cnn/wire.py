@@ -13,6 +13,7 @@ No decimal strings, no pickle. Decoding checks magic, version, lengths and sizes
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any
 
@@ -91,8 +92,8 @@ class Message:
         self.widths[name] = width
 
     def payload(self, name: str) -> bytes:
-        """The fixed-width bytes of a received ciphertext array (``widths[name]`` bytes per value, each
-        checked by nobody yet: whoever uses them range-checks them)."""
+        """The fixed-width bytes of a received ciphertext array, at the width it arrived with (``widths[name]``
+        unless edited since), each value checked by nobody yet: whoever uses them range-checks them."""
         try:
             return bytes(self.received[name])
         except KeyError:
@@ -170,13 +171,13 @@ def decode(data: bytes) -> Message:
     for spec in specs:
         try:
             name, shape, width, signed = spec["name"], tuple(spec["shape"]), int(spec["width"]), bool(spec["signed"])
-            if not isinstance(name, str) or not all(isinstance(s, int) and s >= 0 for s in shape):
+            if not isinstance(name, str) or not all(type(s) is int and s >= 0 for s in shape):  # not True
                 raise TypeError("bad name or shape")
         except (KeyError, TypeError, ValueError) as e:
             raise WireFormatError(f"malformed array spec {spec!r}") from e
         if name in msg._arrays or name in msg._pending:  # a second array of that name could differ from the first one's checked bytes
             raise WireFormatError(f"array {name!r} appears twice")
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)  # exact: numpy's product of [2**32, 2**32] wraps to 0
         if count > MAX_ELEMENTS or not 0 < width <= 4096:
             raise WireFormatError(f"array {name!r}: {count} elements of {width} bytes is out of range")
         end = offset + count * width

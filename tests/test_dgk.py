@@ -16,6 +16,7 @@ def encrypted_bits(pub, bits):
     """DGK encryptions of 0/1 values as an object array (what S1 decodes from S2's compare_bits reply)."""
     return np.array(from_blob(pub.encrypt_bits_blob(bits), pub.ciphertext_bytes), dtype=object)
 
+
 def test_key_shape(dgk):
     pub, priv = dgk
     assert pub.n.bit_length() == 1024 and pub.u == DGK_U and pub.t == subgroup_bits(1024) == 160
@@ -48,6 +49,7 @@ def test_bits_and_randomizers_as_one_buffer(dgk):
     randomizers = from_blob(pub.randomizer_blob(3), pub.ciphertext_bytes)
     assert len(randomizers) == 3 and all(priv.is_zero(r) for r in randomizers)
     assert pub.pool.taken == taken + len(bits) + 3 and len(pub.pool) == 0
+
 
 def test_pool_entries_are_ready_bytes(dgk, keys1024):
     """The pool holds h^r as bytes, and with ``pool_pairs`` (S2's key) g h^r beside it: a bit's

@@ -310,7 +310,7 @@ def test_dgk_ciphertexts_are_range_checked_in_the_workers(keys1024, key_cloud, m
             return reply
 
         monkeypatch.setitem(s2_mod.HANDLERS, comparison.BITS_STEP, bad_bits)
-        with pytest.raises(ProtocolError, match="S2 sent a DGK ciphertext out of range"):
+        with pytest.raises(ProtocolError, match="S2's bit DGK ciphertext out of range"):
             comparison.secure_relu(ctx, x, 20)
         monkeypatch.setitem(s2_mod.HANDLERS, comparison.BITS_STEP, real_bits)
         real_blind = comparison._blind_chunk

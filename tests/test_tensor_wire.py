@@ -139,6 +139,18 @@ def test_wire_rejects_malformed(mutate, match):
         decode(mutate(data))
 
 
+@pytest.mark.parametrize("shape", [[2**32, 2**32], [True, 1], [-1], [1.5]])
+def test_wire_refuses_hostile_shapes(shape):
+    """A shape whose product overflows a machine integer, or holds a bool, is refused at decode (a
+    received array keeps its shape until it is decoded, and protocol code trusts it)."""
+    import json
+    import struct
+
+    header = json.dumps({"meta": {}, "arrays": [{"name": "a", "shape": shape, "width": 8, "signed": False}]}).encode()
+    with pytest.raises(WireFormatError):
+        decode(struct.pack(">4sHI", b"HECN", 1, len(header)) + header)
+
+
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
 def test_wire_refuses_non_json_constants(constant):
     import struct

@@ -229,13 +229,19 @@ def blind_bit_comparisons(dgk: DGKPublicKey, enc_bits: np.ndarray, r_low: list[i
     return out
 
 
+def _in_range(values: list[mpz], n: mpz, what: str) -> list[mpz]:
+    """``values`` if each is a DGK ciphertext in (0, n), else ProtocolError. The comparison's DGK arrays
+    reach the workers as the bytes that arrived (wire.Message.payload): checked here, where they are
+    decoded anyway, not decoded twice."""
+    if not all(0 < c < n for c in values):
+        raise ProtocolError(f"{what} DGK ciphertext out of range: expected 0 < c < n")
+    return values
+
+
 def _blind_chunk(dgk: dict, enc_bits: bytes, r_low: list[int], signs: list[int], randomizers: bytes) -> bytes:
     key = DGKPublicKey.from_dict(dgk)
     width = key.ciphertext_bytes
-    values = from_blob(enc_bits, width)
-    if not all(0 < c < key.n for c in values):
-        raise ProtocolError("S2 sent a DGK ciphertext out of range")
-    bits = object_array(values).reshape(len(r_low), -1)
+    bits = object_array(_in_range(from_blob(enc_bits, width), key.n, "S2's bit")).reshape(len(r_low), -1)
     return to_blob(blind_bit_comparisons(key, bits, r_low, signs, from_blob(randomizers, width)), width)
 
 
@@ -246,10 +252,8 @@ def _zero_chunk(n: int, p: int, v_p: int, width: int, row_length: int, blob: byt
     Every position is tested, also after a zero is found: stopping early would make the round's
     duration depend on the outcomes, which S1 could correlate with its secret signs.
     """
-    n, p, v_p = mpz(n), mpz(p), mpz(v_p)
-    cts = from_blob(blob, width)
-    if not all(0 < c < n for c in cts):
-        raise ProtocolError("blinded DGK ciphertext out of range: expected 0 < c < n")
+    p, v_p = mpz(p), mpz(v_p)
+    cts = _in_range(from_blob(blob, width), mpz(n), "blinded")
     return [int(sum(gmpy2.powmod(c, v_p, p) == 1 for c in cts[i:i + row_length]) > 0)
             for i in range(0, len(cts), row_length)]
 
