@@ -93,7 +93,7 @@ def to_blob(values, width: int) -> bytes:
     return b"".join(mpz(v).to_bytes(width, "big") for v in values)
 
 
-def from_blob(blob: bytes, width: int) -> list[mpz]:
+def from_blob(blob: bytes | memoryview, width: int) -> list[mpz]:
     """The integers :func:`to_blob` packed."""
     return [mpz.from_bytes(blob[i:i + width], "big") for i in range(0, len(blob), width)]
 

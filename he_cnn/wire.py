@@ -21,6 +21,7 @@ import numpy as np
 from gmpy2 import mpz
 
 from .errors import WireFormatError
+from .parallel import from_blob
 
 MAGIC = b"HECN"
 VERSION = 1
@@ -80,9 +81,8 @@ class Message:
 
     def _decode(self, name: str) -> None:
         shape, width = self._pending.pop(name)
-        data = self.received[name]
-        items = (mpz.from_bytes(data[i:i + width], "big") for i in range(0, len(data), width))
-        self._arrays[name] = np.fromiter(items, dtype=object, count=len(data) // width).reshape(shape)
+        values = from_blob(self.received[name], width)
+        self._arrays[name] = np.fromiter(values, dtype=object, count=len(values)).reshape(shape)
 
     def set_blob(self, name: str, blob: bytes, width: int, shape: tuple[int, ...]) -> None:
         """Send a ciphertext array given as ``width``-byte big-endian integers (as ``to_blob`` makes them)."""

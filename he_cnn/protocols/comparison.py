@@ -213,7 +213,7 @@ def blind_bit_comparisons(dgk: DGKPublicKey, enc_bits: np.ndarray, r_low: list[i
             blind = 1 + exponents[pos + j] % (u - 1)
             if rb == can_be_zero or pad:
                 c = g_table[(s - rb + 2 * flips) % u] * cb % nd * (prefix * prefix % nd) % nd  # [c_j]
-                if rb != can_be_zero:  # padding: the same work, on g instead of c (c is never 0 here)
+                if rb != can_be_zero:  # padding: the same work, on g instead of c (a non-candidate's c is unused)
                     c, pad = g, pad - 1
                 row.append(gmpy2.powmod(c, blind, nd) * randomizers[pos + j] % nd)
             else:
