@@ -28,8 +28,8 @@ import numpy as np
 import phe
 from gmpy2 import mpz
 
-from he_cnn.graph import conv_output_hw, im2col_indices
-from he_cnn.keys import KAPPA
+from he_cnn.graph.integer_model import conv_output_hw, im2col_indices
+from he_cnn.crypto.paillier import KAPPA
 from lowerbound import tensor_bits
 
 

@@ -61,20 +61,20 @@ import gmpy2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from he_cnn.channel import InProcessChannel  # noqa: E402
-from he_cnn.data import load_digits_dataset, quantize_image  # noqa: E402
-from he_cnn.keys import KAPPA, RandomnessPool, generate_keypair  # noqa: E402
-from he_cnn.model import ICNN  # noqa: E402
+from he_cnn.transport.channel import InProcessChannel  # noqa: E402
+from he_cnn.training.data import load_digits_dataset, quantize_image  # noqa: E402
+from he_cnn.crypto.paillier import KAPPA, RandomnessPool, generate_keypair  # noqa: E402
+from he_cnn.training.icnn import ICNN  # noqa: E402
 from he_cnn.parallel import Workers, default_worker_count  # noqa: E402
 from he_cnn.protocols.common import S1Context, slot_bits, slots_per_pack  # noqa: E402
 from he_cnn.protocols.comparison import secure_relu  # noqa: E402
 from he_cnn.protocols.linear import precompute_linear, secure_linear  # noqa: E402
-from he_cnn.quantize import load_integer_model, quantize_icnn, save_integer_model  # noqa: E402
-from he_cnn.reference import classify_reference, integer_accuracy, run_reference  # noqa: E402
-from he_cnn.s2 import KeyCloud  # noqa: E402
-from he_cnn.secure_model import PreparedQuery, encrypt_model, prepare_query, secure_inference, setup_model  # noqa: E402
-from he_cnn.tensor import EncryptedTensor  # noqa: E402
-from he_cnn.train import train_icnn  # noqa: E402
+from he_cnn.training.quantize import load_integer_model, quantize_icnn, save_integer_model  # noqa: E402
+from he_cnn.graph.reference import classify_reference, integer_accuracy, run_reference  # noqa: E402
+from he_cnn.parties.key_cloud import KeyCloud  # noqa: E402
+from he_cnn.parties.compute_cloud import PreparedQuery, encrypt_model, prepare_query, secure_inference, setup_model  # noqa: E402
+from he_cnn.crypto.tensor import EncryptedTensor  # noqa: E402
+from he_cnn.training.train import train_icnn  # noqa: E402
 
 import baseline  # noqa: E402
 import instrument  # noqa: E402
@@ -134,7 +134,8 @@ def cache_dir(explicit: str | None) -> Path:
 
 
 def model_key() -> str:
-    from he_cnn import data, graph, model, quantize, train
+    from he_cnn.graph import integer_model as graph
+    from he_cnn.training import data, icnn as model, quantize, train
 
     digest = hashlib.sha256(json.dumps(TRAIN_SETTINGS, sort_keys=True).encode())
     for module in (data, graph, model, quantize, train):
@@ -540,9 +541,9 @@ def run_batch(bits: int, kp, cloud, em, st, uk, im, ds, indices, workers: Worker
 def run_http(bits: int, im, ds, indices: list[int], acct: dict, args) -> dict:
     """S2 as the real service with S1 here; then the full service (S1 service too) as a user sees it."""
     try:
-        from he_cnn.http_channel import HTTPChannel, fetch_public_key, http_request
-        from he_cnn.wire import Message, decode, encode
-        from servers.launch import CloudProcess
+        from he_cnn.transport.http_channel import HTTPChannel, fetch_public_key, http_request
+        from he_cnn.transport.wire import Message, decode, encode
+        from he_cnn.servers.launch import CloudProcess
     except Exception as e:  # noqa: BLE001 - the service may be mid-construction
         return {"bits": bits, "error": f"TODO: HTTP measurement unavailable ({type(e).__name__}: {e})"}
     out: dict[str, Any] = {"bits": bits}
@@ -608,7 +609,7 @@ def run_http(bits: int, im, ds, indices: list[int], acct: dict, args) -> dict:
 
 def wait_offline(urls: list[str], timeout: float, prepared: bool = False) -> float:
     """Seconds until the services at ``urls`` report their offline phase done (``servers.launch``)."""
-    from servers.launch import wait_offline as wait
+    from he_cnn.servers.launch import wait_offline as wait
 
     waited, done = wait(urls, timeout, prepared)
     if not done:

@@ -18,12 +18,13 @@ import time
 from collections import defaultdict
 from typing import Any, Callable
 
-from he_cnn import channel as channel_mod
-from he_cnn import http_channel, s2 as s2_mod
-from he_cnn.channel import ChannelStats
+from he_cnn.transport import channel as channel_mod
+from he_cnn.parties import key_cloud as s2_mod
+from he_cnn.transport import http_channel
+from he_cnn.transport.channel import ChannelStats
 from he_cnn.parallel import Workers
 from he_cnn.protocols import common, comparison, linear, output, smp
-from he_cnn.tensor import EncryptedTensor
+from he_cnn.crypto.tensor import EncryptedTensor
 
 #: kind -> (party, description); order is the plot's stacking order
 KINDS: dict[str, tuple[str, str]] = {

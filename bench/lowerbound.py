@@ -42,10 +42,10 @@ from typing import Any, Callable
 import gmpy2
 from gmpy2 import mpz
 
-from he_cnn.graph import im2col_indices, maxpool_comparisons
-from he_cnn.keys import KAPPA
+from he_cnn.graph.integer_model import im2col_indices, maxpool_comparisons
+from he_cnn.crypto.paillier import KAPPA
 from he_cnn.protocols.common import slot_bits, slots_per_pack
-from he_cnn.secure_model import linear_siblings
+from he_cnn.parties.compute_cloud import linear_siblings
 
 #: window of the shared-base exponentiation assumed by the bound (the engine's Straus window)
 WINDOW = 4

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from he_cnn.data import Dataset, load_digits_dataset, load_image_folder, quantize_image
-from he_cnn.graph import IntegerModel
-from he_cnn.http_channel import CloudPublicKey, fetch_public_key, http_request
-from he_cnn.quantize import load_integer_model, quantize_icnn
-from he_cnn.reference import integer_accuracy
-from he_cnn.secure_model import encrypt_model
-from he_cnn.train import train_icnn
+from he_cnn.training.data import Dataset, load_digits_dataset, load_image_folder, quantize_image
+from he_cnn.graph.integer_model import IntegerModel
+from he_cnn.transport.http_channel import CloudPublicKey, fetch_public_key, http_request
+from he_cnn.training.quantize import load_integer_model, quantize_icnn
+from he_cnn.graph.reference import integer_accuracy
+from he_cnn.parties.compute_cloud import encrypt_model
+from he_cnn.training.train import train_icnn
 
 UPLOAD_TIMEOUT = 900.0
 KEY_TIMEOUT = 30.0
@@ -40,10 +40,11 @@ class TrainSettings:
 
     def cache_key(self) -> str:
         """A hash of the settings and of the code that trains and quantises (a code change retrains)."""
-        from he_cnn import data, graph, model, quantize, train
+        from he_cnn.graph import integer_model
+        from he_cnn.training import data, icnn, quantize, train
 
         digest = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode())
-        for module in (data, graph, model, quantize, train):
+        for module in (data, integer_model, icnn, quantize, train):
             digest.update(Path(module.__file__ or "").read_bytes())
         return digest.hexdigest()[:24]
 

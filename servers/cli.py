@@ -18,8 +18,8 @@ from he_cnn.errors import HECNNError
 T = TypeVar("T")
 
 #: sub-command name -> "module:attribute" of its click command
-COMMANDS = {"serve": "servers.serve:serve", "owner": "owner.cli:owner", "user": "user.cli:user",
-            "demo": "servers.demo:demo"}
+COMMANDS = {"serve": "he_cnn.servers.serve:serve", "owner": "he_cnn.owner.cli:owner",
+            "user": "he_cnn.user.cli:user", "demo": "he_cnn.servers.demo:demo"}
 
 
 def run_step(what: Callable[[], T]) -> T:

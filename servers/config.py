@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from he_cnn.errors import BadRequest
-from he_cnn.http_channel import DEFAULT_TIMEOUT
-from he_cnn.keys import DEFAULT_KEY_BITS, MIN_KEY_BITS
+from he_cnn.transport.http_channel import DEFAULT_TIMEOUT
+from he_cnn.crypto.paillier import DEFAULT_KEY_BITS, MIN_KEY_BITS
 
 MIB = 1 << 20
 MIN_TOKEN_CHARS = 16

@@ -26,13 +26,13 @@ import click
 import numpy as np
 
 from he_cnn.errors import HECNNError
-from he_cnn.keys import DEFAULT_KEY_BITS, MIN_KEY_BITS
-from he_cnn.quantize import save_integer_model
-from he_cnn.reference import classify_reference
-from owner.cli import upload_model
-from owner.pipeline import TrainedModel, TrainSettings, load_model, train_model
-from user.keys import create_user_key
-from user.query import Session
+from he_cnn.crypto.paillier import DEFAULT_KEY_BITS, MIN_KEY_BITS
+from he_cnn.training.quantize import save_integer_model
+from he_cnn.graph.reference import classify_reference
+from he_cnn.owner.cli import upload_model
+from he_cnn.owner.pipeline import TrainedModel, TrainSettings, load_model, train_model
+from he_cnn.user.keys import create_user_key
+from he_cnn.user.query import Session
 
 from .cli import run_step
 from .launch import CloudProcess, wait_offline

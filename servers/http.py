@@ -16,7 +16,7 @@ from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, Unauthorized
 
 from he_cnn.errors import BadRequest, HECNNError
-from he_cnn.http_channel import WIRE_CONTENT_TYPE
+from he_cnn.transport.http_channel import WIRE_CONTENT_TYPE
 from he_cnn.parallel import Workers
 
 STATUS_BY_CODE: dict[str, int] = {

@@ -42,7 +42,7 @@ class CloudProcess:
         self._listening = threading.Event()
         self._tail: deque[str] = deque(maxlen=20)
         self._on_log = on_log
-        command = [sys.executable, "-m", "servers", "serve", self.role.lower(), "--port", "0", *args]
+        command = [sys.executable, "-m", "he_cnn", "serve", self.role.lower(), "--port", "0", *args]
         self.process = subprocess.Popen(command, env={**os.environ, **env}, cwd=cwd, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1)
         self._reader = threading.Thread(target=self._read_log, name=f"{self.role}-log", daemon=True)

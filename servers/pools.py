@@ -19,7 +19,7 @@ from typing import Callable
 
 from flask import Flask, request
 
-from he_cnn.keys import RandomnessPool
+from he_cnn.crypto.paillier import RandomnessPool
 
 #: one 2048-bit ICNN query draws ~123,000 DGK randomizers at each cloud, ~25,000 Paillier ones at S2
 #: and ~10,000 at S1

@@ -25,18 +25,18 @@ from typing import Any, Iterator
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
 from he_cnn.errors import BadRequest, HECNNError, KeyMismatch, ShapeError
-from he_cnn.http_channel import CloudPublicKey, HTTPChannel, fetch_public_key, parse_public_key
-from he_cnn.keys import MAX_USER_KEY_BITS, MIN_KEY_BITS, PublicKey, UserKeys
+from he_cnn.transport.http_channel import CloudPublicKey, HTTPChannel, fetch_public_key, parse_public_key
+from he_cnn.crypto.paillier import MAX_USER_KEY_BITS, MIN_KEY_BITS, PublicKey, UserKeys
 from he_cnn.parallel import INLINE, Workers
 from he_cnn.protocols.common import S1Context
-from he_cnn.secure_model import (EncryptedModel, InferenceResult, ModelSetup, PreparedQuery, prepare_query,
+from he_cnn.parties.compute_cloud import (EncryptedModel, InferenceResult, ModelSetup, PreparedQuery, prepare_query,
                                  secure_inference, setup_model)
-from he_cnn.tensor import EncryptedTensor
-from he_cnn.wire import Message, decode, encode
+from he_cnn.crypto.tensor import EncryptedTensor
+from he_cnn.transport.wire import Message, decode, encode
 
 from .config import S1Config
 from .http import new_app, request_body, require_bearer, wire_response, worker_pool
-from .models import ModelStore, StoredModel, check_spec
+from .model_store import ModelStore, StoredModel, check_spec
 from .s2 import UNKNOWN_SETUP
 from .pools import USER_KEY_POOL, PoolFiller, pool_target
 from .storage import DataDirError, atomic_write, ensure_private_dir

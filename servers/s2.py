@@ -25,15 +25,15 @@ import numpy as np
 from flask import Blueprint, Flask, Response, current_app, jsonify
 from gmpy2 import mpz
 
-from he_cnn.dgk import DGKPrivateKey, DGKPublicKey
+from he_cnn.crypto.dgk import DGKPrivateKey, DGKPublicKey
 from he_cnn.errors import HECNNError, ProtocolError
-from he_cnn.http_channel import public_key_message
-from he_cnn.keys import generate_keypair, keypair_from_primes
+from he_cnn.transport.http_channel import public_key_message
+from he_cnn.crypto.paillier import generate_keypair, keypair_from_primes
 from he_cnn.protocols import linear
 from he_cnn.protocols.linear import LinearGeometry
-from he_cnn.s2 import KeyCloud
-from he_cnn.tensor import as_int_array
-from he_cnn.wire import Message, decode, encode
+from he_cnn.parties.key_cloud import KeyCloud
+from he_cnn.crypto.tensor import as_int_array
+from he_cnn.transport.wire import Message, decode, encode
 
 from .config import S2Config
 from .http import new_app, request_body, require_bearer, wire_response, worker_pool

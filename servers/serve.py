@@ -19,8 +19,8 @@ from flask import Flask
 from waitress.server import create_server
 
 from he_cnn.errors import HECNNError
-from he_cnn.http_channel import DEFAULT_TIMEOUT
-from he_cnn.keys import DEFAULT_KEY_BITS
+from he_cnn.transport.http_channel import DEFAULT_TIMEOUT
+from he_cnn.crypto.paillier import DEFAULT_KEY_BITS
 from he_cnn.parallel import default_worker_count
 
 from .config import (DEFAULT_S1_MAX_BODY, DEFAULT_S1_PORT, DEFAULT_S2_MAX_BODY, DEFAULT_S2_PORT, DEFAULT_THREADS,

@@ -5,13 +5,13 @@ import sys
 
 import pytest
 
-from he_cnn.channel import InProcessChannel
-from he_cnn.data import load_digits_dataset
-from he_cnn.keys import generate_keypair
+from he_cnn.transport.channel import InProcessChannel
+from he_cnn.training.data import load_digits_dataset
+from he_cnn.crypto.paillier import generate_keypair
 from he_cnn.protocols.common import S1Context
-from he_cnn.quantize import quantize_icnn
-from he_cnn.s2 import KeyCloud
-from he_cnn.train import train_icnn
+from he_cnn.training.quantize import quantize_icnn
+from he_cnn.parties.key_cloud import KeyCloud
+from he_cnn.training.train import train_icnn
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from he_cnn.data import load_digits_dataset, load_image_file, load_image_folder, quantize_image
+from he_cnn.training.data import load_digits_dataset, load_image_file, load_image_folder, quantize_image
 from he_cnn.errors import BadRequest
 
 

@@ -2,7 +2,7 @@ import gmpy2
 import numpy as np
 import pytest
 
-from he_cnn.dgk import DGK_U, DGKPublicKey, generate_dgk_keypair, subgroup_bits
+from he_cnn.crypto.dgk import DGK_U, DGKPublicKey, generate_dgk_keypair, subgroup_bits
 from he_cnn.errors import InvalidCiphertext
 from he_cnn.parallel import from_blob
 
@@ -54,7 +54,7 @@ def test_bits_and_randomizers_as_one_buffer(dgk):
 def test_pool_entries_are_ready_bytes(dgk, keys1024):
     """The pool holds h^r as bytes, and with ``pool_pairs`` (S2's key) g h^r beside it: a bit's
     encryption is then a slice. Entries of either form encrypt correctly, also mixed in one pool."""
-    from he_cnn.s2 import KeyCloud
+    from he_cnn.parties.key_cloud import KeyCloud
 
     pub, priv = dgk
     key = DGKPublicKey.from_dict(pub.to_dict())

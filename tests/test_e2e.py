@@ -1,5 +1,5 @@
 """End to end over real HTTP, exactly as people use the service: S1 and S2 are separate processes started
-with ``python -m servers serve ...`` (the ``he-cnn`` command), the owner uploads with ``he-cnn owner
+with ``python -m he_cnn serve ...`` (the ``he-cnn`` command), the owner uploads with ``he-cnn owner
 upload``, the user queries with ``he-cnn user query``; the decrypted class vector must equal the
 plaintext integer reference exactly. Then S1 restarts and answers again without a new upload.
 One test runs with a 2048-bit cloud key (one image, it takes about two minutes on two cores).
@@ -18,10 +18,10 @@ import pytest
 import requests
 from PIL import Image
 
-from he_cnn.data import load_digits_dataset, load_image_file, quantize_image
-from he_cnn.quantize import load_integer_model
-from he_cnn.reference import classify_reference
-from servers.launch import CloudProcess
+from he_cnn.training.data import load_digits_dataset, load_image_file, quantize_image
+from he_cnn.training.quantize import load_integer_model
+from he_cnn.graph.reference import classify_reference
+from he_cnn.servers.launch import CloudProcess
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def he_cnn(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> str:
-    """Run the ``he-cnn`` command (as ``python -m servers``); its stdout, or fail with its stderr."""
-    done = subprocess.run([sys.executable, "-m", "servers", *args], capture_output=True, text=True, timeout=timeout,
+    """Run the ``he-cnn`` command (as ``python -m he_cnn``); its stdout, or fail with its stderr."""
+    done = subprocess.run([sys.executable, "-m", "he_cnn", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, cwd=ROOT)
     assert done.returncode == 0, f"he-cnn {' '.join(args[:2])} failed:\n{done.stderr[-3000:]}"
     assert "Traceback" not in done.stderr

@@ -3,8 +3,8 @@ import pytest
 from gmpy2 import mpz
 
 from he_cnn.errors import EncodingOverflow, HECNNError, InvalidCiphertext, KeyMismatch
-from he_cnn.keys import FixedBaseTable, PublicKey, batch_invert, generate_keypair, keypair_from_primes
-from he_cnn.tensor import EncryptedTensor
+from he_cnn.crypto.paillier import FixedBaseTable, PublicKey, batch_invert, generate_keypair, keypair_from_primes
+from he_cnn.crypto.tensor import EncryptedTensor
 
 # a tiny fixed key: known ciphertexts for fixed randomness
 P, Q = 1000000007, 998244353
@@ -103,7 +103,7 @@ def test_phe_interop(kp):
 
 
 def test_user_keys_keep_the_most_recent_keys_with_their_pools():
-    from he_cnn.keys import UserKeys
+    from he_cnn.crypto.paillier import UserKeys
     keys = [generate_keypair(512, allow_small=True).public for _ in range(3)]
     kept = UserKeys(limit=2)
     a = kept.get(keys[0].n)

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from he_cnn.data import Dataset
-from he_cnn.model import ICNN, WIRING, format_summary
-from he_cnn.train import random_shift, train_icnn
+from he_cnn.training.data import Dataset
+from he_cnn.training.icnn import ICNN, WIRING, format_summary
+from he_cnn.training.train import random_shift, train_icnn
 
 
 def test_layer_counts_match_the_patent():

@@ -6,11 +6,11 @@ import pytest
 from gmpy2 import mpz
 
 from he_cnn.errors import BoundExceeded, ProtocolError, ShapeError
-from he_cnn.graph import im2col_indices, maxpool_comparisons, pool_windows
-from he_cnn.keys import PrivateKey, PublicKey, generate_keypair
+from he_cnn.graph.integer_model import im2col_indices, maxpool_comparisons, pool_windows
+from he_cnn.crypto.paillier import PrivateKey, PublicKey, generate_keypair
 from he_cnn.protocols import comparison, linear, output, smp
 from he_cnn.protocols.common import slot_bits, slots_per_pack
-from he_cnn.tensor import EncryptedTensor
+from he_cnn.crypto.tensor import EncryptedTensor
 
 rnd = random.Random(7)
 
@@ -128,7 +128,7 @@ def test_sibling_layers_share_one_reveal_of_their_input(s1, keys1024, key_cloud)
 
 
 def test_ticket_store_counts_uses_and_keeps_kinds_apart():
-    from he_cnn.s2 import TicketStore
+    from he_cnn.parties.key_cloud import TicketStore
 
     store = TicketStore()
     t = store.put("linear_input", "v", uses=2)
@@ -261,7 +261,7 @@ def test_unknown_step_and_bad_payload_are_typed(key_cloud):
 
 def test_protocols_exact_with_process_workers(keys1024, key_cloud):
     """The same results when S1 and S2 spread their loops over a process pool."""
-    from he_cnn.channel import InProcessChannel
+    from he_cnn.transport.channel import InProcessChannel
     from he_cnn.parallel import Workers
     from he_cnn.protocols.common import S1Context
 
@@ -288,8 +288,8 @@ def test_protocols_exact_with_process_workers(keys1024, key_cloud):
 def test_dgk_ciphertexts_are_range_checked_in_the_workers(keys1024, key_cloud, monkeypatch):
     """The comparison's DGK arrays reach the process pool as bytes, unchecked (wire.Message.payload):
     the workers check 0 < c < n, and their ProtocolError arrives as such at both clouds."""
-    from he_cnn import s2 as s2_mod
-    from he_cnn.channel import InProcessChannel
+    from he_cnn.parties import key_cloud as s2_mod
+    from he_cnn.transport.channel import InProcessChannel
     from he_cnn.parallel import Workers
     from he_cnn.protocols.common import S1Context
 

@@ -9,25 +9,25 @@ import pytest
 import torch
 from torch import nn
 
-from he_cnn.data import quantize_image
+from he_cnn.training.data import quantize_image
 from he_cnn.errors import BadRequest, BoundExceeded, EncodingOverflow, ShapeError, UnsupportedLayer
-from he_cnn.graph import Concat, Conv, Dense, MaxPool, ReLU, infer_shapes_and_bounds, pool_windows
-from he_cnn.model import ICNN, WIRING
-from he_cnn.quantize import (
+from he_cnn.graph.integer_model import Concat, Conv, Dense, MaxPool, ReLU, infer_shapes_and_bounds, pool_windows
+from he_cnn.training.icnn import ICNN, WIRING
+from he_cnn.training.quantize import (
     load_integer_model,
     quantize_icnn,
     save_integer_model,
     tensor_scale,
     weight_shift,
 )
-from he_cnn.reference import (
+from he_cnn.graph.reference import (
     classify_reference,
     float_agreement,
     integer_accuracy,
     predict_reference,
     run_reference,
 )
-from he_cnn.train import predict_float
+from he_cnn.training.train import predict_float
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from he_cnn.channel import InProcessChannel
-from he_cnn.data import quantize_image
-from he_cnn.dgk import DGKPrivateKey
-from he_cnn.keys import PrivateKey, generate_keypair
+from he_cnn.transport.channel import InProcessChannel
+from he_cnn.training.data import quantize_image
+from he_cnn.crypto.dgk import DGKPrivateKey
+from he_cnn.crypto.paillier import PrivateKey, generate_keypair
 from he_cnn.parallel import Workers
 from he_cnn.protocols.common import S1Context
-from he_cnn.reference import classify_reference, run_reference
-from he_cnn.s2 import KeyCloud
-from he_cnn.secure_model import encrypt_model, prepare_query, secure_inference, setup_model
-from he_cnn.tensor import EncryptedTensor
+from he_cnn.graph.reference import classify_reference, run_reference
+from he_cnn.parties.key_cloud import KeyCloud
+from he_cnn.parties.compute_cloud import encrypt_model, prepare_query, secure_inference, setup_model
+from he_cnn.crypto.tensor import EncryptedTensor
 
 #: a p-value below this fails an independence test (documented in docs/threat-model.md)
 P_THRESHOLD = 1e-3

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from he_cnn.errors import KeyMismatch, ShapeError, UnsupportedLayer
-from he_cnn.graph import ReLU, infer_shapes_and_bounds
-from he_cnn.keys import generate_keypair
-from he_cnn.secure_model import EncryptedModel, architecture, encrypt_model, secure_inference, setup_model
-from he_cnn.tensor import EncryptedTensor
+from he_cnn.graph.integer_model import ReLU, infer_shapes_and_bounds
+from he_cnn.crypto.paillier import generate_keypair
+from he_cnn.parties.compute_cloud import EncryptedModel, architecture, encrypt_model, secure_inference, setup_model
+from he_cnn.crypto.tensor import EncryptedTensor
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_malformed_architecture_is_bad_request(encrypted, keys1024, mutate):
     import copy
 
     from he_cnn.errors import BadRequest
-    from he_cnn.wire import decode, encode
+    from he_cnn.transport.wire import decode, encode
 
     msg = decode(encrypted.serialize())
     msg.meta["spec"] = copy.deepcopy(msg.meta["spec"])

@@ -7,8 +7,8 @@ import stat
 import pytest
 from click.testing import CliRunner
 
-from servers.cli import main
-from user.keys import load_user_key, public_path
+from he_cnn.servers.cli import main
+from he_cnn.user.keys import load_user_key, public_path
 
 COMMANDS = [[], ["serve"], ["serve", "s1"], ["serve", "s2"], ["owner"], ["owner", "train"], ["owner", "upload"],
             ["user"], ["user", "keygen"], ["user", "query"], ["demo"]]

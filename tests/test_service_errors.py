@@ -16,18 +16,18 @@ import pytest
 from waitress.server import create_server
 
 from he_cnn.errors import BadRequest
-from he_cnn.graph import Conv, Dense, Flatten, IntegerModel, MaxPool, ReLU, infer_shapes_and_bounds
-from he_cnn.http_channel import HTTPChannel, parse_public_key, public_key_message
-from he_cnn.keys import generate_keypair
-from he_cnn.reference import classify_reference
-from he_cnn.s2 import KeyCloud
-from he_cnn.secure_model import encrypt_model
-from he_cnn.tensor import EncryptedTensor
-from he_cnn.wire import Message, decode, encode
-from servers import s1 as s1_app
-from servers import s2 as s2_app
-from servers.config import S1Config, S2Config
-from servers.storage import DataDirError
+from he_cnn.graph.integer_model import Conv, Dense, Flatten, IntegerModel, MaxPool, ReLU, infer_shapes_and_bounds
+from he_cnn.transport.http_channel import HTTPChannel, parse_public_key, public_key_message
+from he_cnn.crypto.paillier import generate_keypair
+from he_cnn.graph.reference import classify_reference
+from he_cnn.parties.key_cloud import KeyCloud
+from he_cnn.parties.compute_cloud import encrypt_model
+from he_cnn.crypto.tensor import EncryptedTensor
+from he_cnn.transport.wire import Message, decode, encode
+from he_cnn.servers import s1 as s1_app
+from he_cnn.servers import s2 as s2_app
+from he_cnn.servers.config import S1Config, S2Config
+from he_cnn.servers.storage import DataDirError
 
 CLOUD_TOKEN = "cloud-token-" + "c" * 20
 OWNER_TOKEN = "owner-token-" + "o" * 20

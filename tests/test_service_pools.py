@@ -2,12 +2,12 @@ import time
 
 from flask import Flask
 
-from he_cnn.keys import generate_keypair
-from he_cnn.s2 import KeyCloud
-from servers import s2 as s2_app
-from servers.config import S2Config
-from servers.http import shutdown_app
-from servers.pools import CHUNK, USER_KEY_POOL, PoolFiller
+from he_cnn.crypto.paillier import generate_keypair
+from he_cnn.parties.key_cloud import KeyCloud
+from he_cnn.servers import s2 as s2_app
+from he_cnn.servers.config import S2Config
+from he_cnn.servers.http import shutdown_app
+from he_cnn.servers.pools import CHUNK, USER_KEY_POOL, PoolFiller
 
 
 def wait_for(condition, seconds=10.0):

@@ -14,15 +14,15 @@ import pytest
 import requests
 
 from he_cnn.errors import KeyMismatch
-from he_cnn.keys import generate_keypair
-from he_cnn.s2 import HANDLERS, KeyCloud
-from he_cnn.secure_model import encrypt_model
-from he_cnn.tensor import EncryptedTensor
-from he_cnn.wire import decode
-from servers import s1 as s1_app
-from servers import s2 as s2_app
-from servers.config import S1Config, S2Config
-from servers.http import shutdown_app
+from he_cnn.crypto.paillier import generate_keypair
+from he_cnn.parties.key_cloud import HANDLERS, KeyCloud
+from he_cnn.parties.compute_cloud import encrypt_model
+from he_cnn.crypto.tensor import EncryptedTensor
+from he_cnn.transport.wire import decode
+from he_cnn.servers import s1 as s1_app
+from he_cnn.servers import s2 as s2_app
+from he_cnn.servers.config import S1Config, S2Config
+from he_cnn.servers.http import shutdown_app
 from test_service_errors import serve_in_thread
 from trust_support import REPORT, SecretScanner, assert_exact, random_image, tiny_model
 
@@ -52,7 +52,7 @@ class Clouds:
         self.model_id = reply.get_json()["model_id"]
 
     def query(self, user, pixels) -> bytes:
-        from he_cnn.wire import Message, encode
+        from he_cnn.transport.wire import Message, encode
 
         msg = Message()
         msg.arrays["user_n"] = np.array([user.public.n], dtype=object)

@@ -30,11 +30,11 @@ import pytest
 import requests
 
 from he_cnn.errors import PeerUnavailable
-from he_cnn.keys import generate_keypair
-from owner.pipeline import encrypt_for_upload, upload
+from he_cnn.crypto.paillier import generate_keypair
+from he_cnn.owner.pipeline import encrypt_for_upload, upload
 from trust_support import (REPORT, ROOT, TINY_SIZE, CloudPair, assert_exact, classify, kill, random_image, tiny_model)
-from user.keys import create_user_key
-from user.query import query_message
+from he_cnn.user.keys import create_user_key
+from he_cnn.user.query import query_message
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +92,7 @@ def test_s2_killed_mid_query(tmp_path):
         np.save(image, np.arange(TINY_SIZE * TINY_SIZE).reshape(TINY_SIZE, TINY_SIZE) % 16)
         start = len(relay.rounds)
         relay.on_request = lambda step, index: kill(pair.s2) if index == start + 6 else None
-        done = subprocess.run([sys.executable, "-m", "servers", "user", "query", "--s1", pair.s1_url, "--model", model_id,
+        done = subprocess.run([sys.executable, "-m", "he_cnn", "user", "query", "--s1", pair.s1_url, "--model", model_id,
                                "--key", str(key), "--no-progress", str(image)], capture_output=True, text=True,
                               timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
         assert done.returncode == 1 and done.stdout == ""
@@ -284,7 +284,7 @@ def test_a_corrupt_data_dir_stops_the_start(good_dirs, tmp_path, case):
                                                                        ["--key-bits", "1024"])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HECNN_RANDOMNESS_POOL": "0",
            f"HECNN_{role.upper()}_CLOUD_TOKEN": "t" * 20, "HECNN_S1_OWNER_TOKEN": "o" * 20}
-    done = subprocess.run([sys.executable, "-m", "servers", "serve", role, *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "he_cnn", "serve", role, *args], capture_output=True, text=True,
                           timeout=60, env=env, cwd=ROOT)
     assert done.returncode == 1, done.stderr[-2000:]
     line = one_line_error(done.stderr)

@@ -40,20 +40,20 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from he_cnn.channel import Channel, InProcessChannel
-from he_cnn.http_channel import HTTPChannel, parse_public_key
-from he_cnn.keys import generate_keypair
+from he_cnn.transport.channel import Channel, InProcessChannel
+from he_cnn.transport.http_channel import HTTPChannel, parse_public_key
+from he_cnn.crypto.paillier import generate_keypair
 from he_cnn.protocols.common import S1Context
 from he_cnn.protocols.comparison import secure_relu
 from he_cnn.protocols.smp import secure_multiply
-from he_cnn.s2 import KeyCloud
-from he_cnn.secure_model import encrypt_model, secure_inference, setup_model
-from he_cnn.tensor import EncryptedTensor
-from he_cnn.wire import Message, decode, encode
-from servers import s1 as s1_app
-from servers import s2 as s2_app
-from servers.config import S1Config, S2Config
-from servers.http import shutdown_app
+from he_cnn.parties.key_cloud import KeyCloud
+from he_cnn.parties.compute_cloud import encrypt_model, secure_inference, setup_model
+from he_cnn.crypto.tensor import EncryptedTensor
+from he_cnn.transport.wire import Message, decode, encode
+from he_cnn.servers import s1 as s1_app
+from he_cnn.servers import s2 as s2_app
+from he_cnn.servers.config import S1Config, S2Config
+from he_cnn.servers.http import shutdown_app
 from test_service_errors import serve_in_thread
 from trust_support import REPORT, CloudPair, assert_exact, classify, random_image, tiny_model
 

@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from he_cnn.keys import generate_keypair
+from he_cnn.crypto.paillier import generate_keypair
 from trust_support import REPORT, CloudPair, assert_exact, classify, kill, random_image, tiny_model
-from user.query import query_message
+from he_cnn.user.query import query_message
 
 pytestmark = pytest.mark.slow
 

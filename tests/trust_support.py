@@ -4,7 +4,7 @@ against the plaintext reference, and S2's secrets with every form they could tak
 
 The tiny model (8x8 input, one 3x3 convolution to 2 channels, ReLU, 2x2 max-pool, dense to 3
 classes) makes a query over HTTP with 1024-bit keys take about a second, so fault, load and leakage
-tests can run many of them. Cloud processes start with ``python -m servers serve ...`` (the
+tests can run many of them. Cloud processes start with ``python -m he_cnn serve ...`` (the
 ``he-cnn`` command), tokens in the environment, and ``HECNN_RANDOMNESS_POOL=0`` so that idle clouds
 do not fill randomness pools on the cores the tests need.
 """
@@ -23,13 +23,13 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from he_cnn.graph import Conv, Dense, Flatten, IntegerModel, MaxPool, ReLU, infer_shapes_and_bounds
-from he_cnn.http_channel import CloudPublicKey, fetch_public_key, http_request
-from he_cnn.keys import KeyPair
-from he_cnn.reference import classify_reference
-from owner.pipeline import encrypt_for_upload, upload
-from servers.launch import CloudProcess
-from user.query import fetch_model_info, query_message, read_answer
+from he_cnn.graph.integer_model import Conv, Dense, Flatten, IntegerModel, MaxPool, ReLU, infer_shapes_and_bounds
+from he_cnn.transport.http_channel import CloudPublicKey, fetch_public_key, http_request
+from he_cnn.crypto.paillier import KeyPair
+from he_cnn.graph.reference import classify_reference
+from he_cnn.owner.pipeline import encrypt_for_upload, upload
+from he_cnn.servers.launch import CloudProcess
+from he_cnn.user.query import fetch_model_info, query_message, read_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SIZE = 8

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from he_cnn.errors import BadRequest, HECNNError
 from he_cnn.files import atomic_write
-from he_cnn.keys import DEFAULT_KEY_BITS, KeyPair, generate_keypair, keypair_from_primes
+from he_cnn.crypto.paillier import DEFAULT_KEY_BITS, KeyPair, generate_keypair, keypair_from_primes
 
 KEY_FORMAT = "he-cnn-user-key"
 PUBLIC_FORMAT = "he-cnn-user-public-key"

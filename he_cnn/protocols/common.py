@@ -19,16 +19,16 @@ import gmpy2
 import numpy as np
 from gmpy2 import mpz
 
-from ..channel import Channel
-from ..dgk import DGKPublicKey
-from ..errors import BoundExceeded, ProtocolError
-from ..keys import KAPPA, PrivateKey, PublicKey, keypair_from_primes, random_ints
-from ..parallel import INLINE, Workers
-from ..tensor import EncryptedTensor, object_array
-from ..wire import Message
+from he_cnn.transport.channel import Channel
+from he_cnn.crypto.dgk import DGKPublicKey
+from he_cnn.errors import BoundExceeded, ProtocolError
+from he_cnn.crypto.paillier import KAPPA, PrivateKey, PublicKey, keypair_from_primes, random_ints
+from he_cnn.parallel import INLINE, Workers
+from he_cnn.crypto.tensor import EncryptedTensor, object_array
+from he_cnn.transport.wire import Message
 
 if TYPE_CHECKING:
-    from ..s2 import KeyCloud
+    from he_cnn.parties.key_cloud import KeyCloud
 
 
 @dataclass

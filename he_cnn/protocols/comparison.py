@@ -48,17 +48,17 @@ import gmpy2
 import numpy as np
 from gmpy2 import mpz
 
-from ..dgk import DGKPublicKey
-from ..errors import BoundExceeded, ProtocolError, ShapeError
-from ..graph import conv_output_hw, max_runs, window_ranges
-from ..keys import batch_invert, random_ints
-from ..parallel import from_blob, to_blob
-from ..tensor import EncryptedTensor, object_array
-from ..wire import Message
-from .common import S1Context, encrypted_reply, read_ciphertexts, masked_reveal, read_revealed
+from he_cnn.crypto.dgk import DGKPublicKey
+from he_cnn.errors import BoundExceeded, ProtocolError, ShapeError
+from he_cnn.graph.integer_model import conv_output_hw, max_runs, window_ranges
+from he_cnn.crypto.paillier import batch_invert, random_ints
+from he_cnn.parallel import from_blob, to_blob
+from he_cnn.crypto.tensor import EncryptedTensor, object_array
+from he_cnn.transport.wire import Message
+from he_cnn.protocols.common import S1Context, encrypted_reply, read_ciphertexts, masked_reveal, read_revealed
 
 if TYPE_CHECKING:
-    from ..s2 import KeyCloud
+    from he_cnn.parties.key_cloud import KeyCloud
 
 BITS_STEP = "compare_bits"
 ZERO_STEP = "compare_zero"

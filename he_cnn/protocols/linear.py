@@ -44,16 +44,16 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from ..errors import ProtocolError, ShapeError
-from ..graph import conv_output_hw, im2col_indices
-from ..keys import KAPPA
-from ..tensor import EncryptedTensor, as_int_array
-from ..wire import Message
-from .common import (S1Context, encrypted_reply, pack_plain, read_ciphertexts, read_revealed, reveal_message,
+from he_cnn.errors import ProtocolError, ShapeError
+from he_cnn.graph.integer_model import conv_output_hw, im2col_indices
+from he_cnn.crypto.paillier import KAPPA
+from he_cnn.crypto.tensor import EncryptedTensor, as_int_array
+from he_cnn.transport.wire import Message
+from he_cnn.protocols.common import (S1Context, encrypted_reply, pack_plain, read_ciphertexts, read_revealed, reveal_message,
                      reveal_packs, sample_masks, slot_bits, slots_per_pack)
 
 if TYPE_CHECKING:
-    from ..s2 import KeyCloud
+    from he_cnn.parties.key_cloud import KeyCloud
 
 SETUP_STEP = "linear_setup"
 STEP = "linear"

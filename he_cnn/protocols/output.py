@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from gmpy2 import mpz
 
-from ..errors import ProtocolError
-from ..keys import MAX_USER_KEY_BITS, MIN_KEY_BITS, PublicKey
-from ..tensor import EncryptedTensor
-from ..wire import Message
-from .common import S1Context, ciphertext_field, read_ciphertexts, masked_reveal, read_revealed
+from he_cnn.errors import ProtocolError
+from he_cnn.crypto.paillier import MAX_USER_KEY_BITS, MIN_KEY_BITS, PublicKey
+from he_cnn.crypto.tensor import EncryptedTensor
+from he_cnn.transport.wire import Message
+from he_cnn.protocols.common import S1Context, ciphertext_field, read_ciphertexts, masked_reveal, read_revealed
 
 if TYPE_CHECKING:
-    from ..s2 import KeyCloud
+    from he_cnn.parties.key_cloud import KeyCloud
 
 STEP = "to_user"
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import ShapeError
-from ..tensor import EncryptedTensor
-from ..wire import Message
-from .common import S1Context, encrypted_reply, read_ciphertexts, masked_reveal, read_revealed
+from he_cnn.errors import ShapeError
+from he_cnn.crypto.tensor import EncryptedTensor
+from he_cnn.transport.wire import Message
+from he_cnn.protocols.common import S1Context, encrypted_reply, read_ciphertexts, masked_reveal, read_revealed
 
 if TYPE_CHECKING:
-    from ..s2 import KeyCloud
+    from he_cnn.parties.key_cloud import KeyCloud
 
 STEP = "smp"
 

@@ -23,7 +23,7 @@ from typing import Union
 
 import numpy as np
 
-from .errors import ShapeError, UnsupportedLayer
+from he_cnn.errors import ShapeError, UnsupportedLayer
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import gmpy2
 import phe
 from gmpy2 import mpz
 
-from .errors import EncodingOverflow, HECNNError, InvalidCiphertext, KeyMismatch
+from he_cnn.errors import EncodingOverflow, HECNNError, InvalidCiphertext, KeyMismatch
 
 DEFAULT_KEY_BITS = 2048
 MIN_KEY_BITS = 1024

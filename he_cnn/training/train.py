@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import Dataset
-from .model import ICNN
+from he_cnn.training.data import Dataset
+from he_cnn.training.icnn import ICNN
 
 
 @dataclass(frozen=True)

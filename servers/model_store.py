@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 
 from he_cnn.errors import BadRequest, HECNNError, ShapeError
-from he_cnn.graph import conv_output_hw
-from he_cnn.keys import PublicKey
+from he_cnn.graph.integer_model import conv_output_hw
+from he_cnn.crypto.paillier import PublicKey
 from he_cnn.protocols.linear import LinearSetup
-from he_cnn.secure_model import LAYER_KINDS, EncryptedModel, ModelSetup
-from he_cnn.tensor import as_int_array
-from he_cnn.wire import Message, decode, encode
+from he_cnn.parties.compute_cloud import LAYER_KINDS, EncryptedModel, ModelSetup
+from he_cnn.crypto.tensor import as_int_array
+from he_cnn.transport.wire import Message, decode, encode
 
 from .storage import DataDirError, atomic_write, ensure_private_dir, fsync_dir
 

@@ -15,16 +15,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import BadRequest, KeyMismatch, ProtocolError, ShapeError, UnsupportedLayer
-from .graph import Concat, Conv, Dense, Flatten, IntegerModel, MaxPool, ReLU
-from .keys import PublicKey
-from .protocols.common import S1Context
-from .protocols.comparison import secure_maxpool, secure_relu
-from .protocols.linear import (EncryptedLinear, LinearGeometry, LinearPrecomputation, LinearSetup, SharedInput,
+from he_cnn.errors import BadRequest, KeyMismatch, ProtocolError, ShapeError, UnsupportedLayer
+from he_cnn.graph.integer_model import Concat, Conv, Dense, Flatten, IntegerModel, MaxPool, ReLU
+from he_cnn.crypto.paillier import PublicKey
+from he_cnn.protocols.common import S1Context
+from he_cnn.protocols.comparison import secure_maxpool, secure_relu
+from he_cnn.protocols.linear import (EncryptedLinear, LinearGeometry, LinearPrecomputation, LinearSetup, SharedInput,
                                new_setup_id, precompute_linear, secure_linear, setup_linear_layers)
-from .protocols.output import reencrypt_for_user
-from .tensor import EncryptedTensor
-from .wire import Message, decode, encode
+from he_cnn.protocols.output import reencrypt_for_user
+from he_cnn.crypto.tensor import EncryptedTensor
+from he_cnn.transport.wire import Message, decode, encode
 
 SPEC_VERSION = 1
 LAYER_KINDS = ("conv", "dense", "relu", "maxpool", "concat", "flatten")

@@ -24,10 +24,10 @@ from typing import Any, Callable
 import numpy as np
 from torch import nn
 
-from .errors import BadRequest, HECNNError, UnsupportedLayer
-from .graph import (Concat, Conv, Dense, Flatten, IntegerModel, Layer, MaxPool, ReLU, infer_shapes_and_bounds,
+from he_cnn.errors import BadRequest, HECNNError, UnsupportedLayer
+from he_cnn.graph.integer_model import (Concat, Conv, Dense, Flatten, IntegerModel, Layer, MaxPool, ReLU, infer_shapes_and_bounds,
                     maxpool_comparisons)
-from .model import INPUT, ICNN, ChannelConcat
+from he_cnn.training.icnn import INPUT, ICNN, ChannelConcat
 
 FORMAT = "he-cnn-integer-model"
 FORMAT_VERSION = 1

@@ -18,12 +18,12 @@ import numpy as np
 import requests
 from gmpy2 import mpz
 
-from . import errors
-from .channel import Channel
-from .dgk import DGKPublicKey
-from .errors import HECNNError, PeerUnavailable, ProtocolError, WireFormatError
-from .keys import PublicKey
-from .wire import Message, decode, encode
+from he_cnn import errors
+from he_cnn.transport.channel import Channel
+from he_cnn.crypto.dgk import DGKPublicKey
+from he_cnn.errors import HECNNError, PeerUnavailable, ProtocolError, WireFormatError
+from he_cnn.crypto.paillier import PublicKey
+from he_cnn.transport.wire import Message, decode, encode
 
 DEFAULT_TIMEOUT = 120.0
 ROUNDS_PATH = "/v1/rounds/"

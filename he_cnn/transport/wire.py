@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from gmpy2 import mpz
 
-from .errors import WireFormatError
-from .parallel import from_blob
+from he_cnn.errors import WireFormatError
+from he_cnn.parallel import from_blob
 
 MAGIC = b"HECN"
 VERSION = 1

@@ -13,9 +13,9 @@ import gmpy2
 import numpy as np
 from gmpy2 import mpz
 
-from .errors import HECNNError, ShapeError
-from .keys import PublicKey, batch_invert
-from .parallel import INLINE, Workers
+from he_cnn.errors import HECNNError, ShapeError
+from he_cnn.crypto.paillier import PublicKey, batch_invert
+from he_cnn.parallel import INLINE, Workers
 
 PlainLike = Union[int, Sequence[int], np.ndarray]
 
@@ -215,15 +215,15 @@ class EncryptedTensor:
 
     # -- serialisation ----------------------------------------------------------------------------
     def serialize(self) -> bytes:
-        from .wire import Message, encode
+        from he_cnn.transport.wire import Message, encode
 
         return encode(Message(meta={"key_id": self.public_key.key_id}, arrays={"t": self.data},
                               widths={"t": self.public_key.ciphertext_bytes}))
 
     @classmethod
     def deserialize(cls, public_key: PublicKey, data: bytes) -> "EncryptedTensor":
-        from .errors import KeyMismatch
-        from .wire import decode
+        from he_cnn.errors import KeyMismatch
+        from he_cnn.transport.wire import decode
 
         msg = decode(data)
         if msg.meta.get("key_id") != public_key.key_id:

@@ -20,8 +20,8 @@ from typing import Iterable
 import gmpy2
 from gmpy2 import mpz
 
-from .errors import HECNNError, InvalidCiphertext
-from .keys import FixedBaseTable, RandomnessPool
+from he_cnn.errors import HECNNError, InvalidCiphertext
+from he_cnn.crypto.paillier import FixedBaseTable, RandomnessPool
 
 #: plaintext modulus, a prime: must exceed every c_j of the comparison (at most 2 l + 1; max_bits keeps the
 #: older, stricter 3 (l + 2) + 3: 211 allows 67 bits), and small, because S1 blinds every compared bit by an

@@ -14,8 +14,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from .errors import BoundExceeded, EncodingOverflow, ShapeError, UnsupportedLayer
-from .graph import (
+from he_cnn.errors import BoundExceeded, EncodingOverflow, ShapeError, UnsupportedLayer
+from he_cnn.graph.integer_model import (
     Concat,
     Conv,
     Dense,

@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .wire import Message, decode, encode
+from he_cnn.transport.wire import Message, decode, encode
 
 
 @dataclass

@@ -16,13 +16,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .dgk import DGKPrivateKey, DGKPublicKey, generate_dgk_keypair
-from .errors import BadRequest, ProtocolError
-from .keys import MIN_KEY_BITS, KeyPair, PublicKey, UserKeys
-from .protocols import comparison, linear, output, smp
-from .parallel import INLINE, Workers
-from .protocols.linear import LinearGeometry
-from .wire import Message, decode, encode
+from he_cnn.crypto.dgk import DGKPrivateKey, DGKPublicKey, generate_dgk_keypair
+from he_cnn.errors import BadRequest, ProtocolError
+from he_cnn.crypto.paillier import MIN_KEY_BITS, KeyPair, PublicKey, UserKeys
+from he_cnn.protocols import comparison, linear, output, smp
+from he_cnn.parallel import INLINE, Workers
+from he_cnn.protocols.linear import LinearGeometry
+from he_cnn.transport.wire import Message, decode, encode
 
 HANDLERS: dict[str, Callable[["KeyCloud", Message], Message]] = {
     smp.STEP: smp.s2_multiply,

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from .errors import BadRequest
+from he_cnn.errors import BadRequest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DIGITS_MAX = 16  # sklearn's digits count ink in 4x4 blocks: values 0..16

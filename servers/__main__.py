@@ -1,5 +1,0 @@
-"""``python -m servers ...`` is the ``he-cnn`` command (useful where the console script is not on PATH)."""
-from servers.cli import main
-
-if __name__ == "__main__":
-    main(prog_name="he-cnn")
