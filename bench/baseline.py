@@ -28,9 +28,9 @@ import numpy as np
 import phe
 from gmpy2 import mpz
 
-from he_cnn.graph.integer_model import conv_output_hw, im2col_indices
+from he_cnn.graph.geometry import conv_output_hw, im2col_indices
 from he_cnn.crypto.paillier import KAPPA
-from lowerbound import tensor_bits
+from bench.lowerbound import tensor_bits
 
 
 def _phe_keys(keys) -> tuple[phe.PaillierPublicKey, phe.PaillierPrivateKey]:

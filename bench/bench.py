@@ -2,17 +2,18 @@
 """he-cnn benchmark: secure ICNN inference against plaintext, a per-element ``phe`` baseline and the
 Paillier lower bound, per key size, in one run.
 
-Usage (from the repository root, with the project's venv)::
+Usage (from the repository root, with the project's venv; ``python bench/bench.py`` works the same)::
 
-    python bench/bench.py                          # 1024, 2048, 3072-bit keys; writes docs/benchmarks.md
-    python bench/bench.py --keys 1024 2048 --json bench/results.json
-    python bench/bench.py --quick --keys 1024 --images 1     # smoke run, a few minutes
+    python -m bench.bench                          # 1024, 2048, 3072-bit keys; writes docs/benchmarks.md
+    python -m bench.bench --keys 1024 2048 --json bench/results.json
+    python -m bench.bench --quick --keys 1024 --images 1     # smoke run, a few minutes
 
 What one run measures (everything also goes to ``--json FILE``):
 
-* the default ICNN (trained once with seed 0 on the digits; the integer model JSON and the torch
-  weights are cached in ``$HECNN_CACHE_DIR`` or ``~/.cache/he-cnn/bench``) on the first ``--images``
-  digits test images: plaintext float torch and plaintext integer reference, per image;
+* the default ICNN (the owner's pipeline, :func:`he_cnn.owner.pipeline.cached_model`: trained once
+  with seed 0 on the digits and cached in ``$HECNN_CACHE_DIR/models`` or ``~/.cache/he-cnn/models``,
+  shared with ``he-cnn demo``) on the first ``--images`` digits test images: plaintext float torch and
+  plaintext integer reference, per image;
 * secure inference **in-process** (S1 and S2 objects in this process, ``--workers`` processes):
   one-time set-up (key generation, model encryption, set-up round), then per image the offline
   phase (``prepare_query`` and the randomness pools filled to exactly what one query consumes) and
@@ -21,8 +22,8 @@ What one run measures (everything also goes to ``--json FILE``):
   (same offline phase), and the **full service** as deployed (S1 and S2 services, upload and one
   classify request as the user sends it, after both services report their offline phase done);
 * per layer: seconds, rounds, bytes each way, the engine's operation counters, where the seconds go
-  (bench-side wrappers, see ``instrument.py``), the protocol's least work priced with primitive costs
-  measured here (``lowerbound.py``) and our time / that bound, and the least bytes;
+  (heard through the parties' tracer hooks, ``instrument.Profiler``), the protocol's least work priced
+  with primitive costs measured here (``lowerbound.py``) and our time / that bound, and the least bytes;
 * the per-element ``phe`` baseline of ``baseline.py`` on the first convolution and the first plain (not requantising) ReLU
   (a subset, extrapolated) and our speed-up over it;
 * peak memory (VmHWM) of this process, of its worker processes and of each service process.
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -51,37 +51,33 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-for p in (str(ROOT), str(HERE)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+ROOT = Path(__file__).resolve().parent.parent
+if not __package__:  # run as ``python bench/bench.py``: import the bench package from the repository
+    sys.path[0] = str(ROOT)  # root, not this folder (where this file would shadow the package)
 
 import gmpy2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from he_cnn.transport.channel import InProcessChannel  # noqa: E402
-from he_cnn.training.data import load_digits_dataset, quantize_image  # noqa: E402
-from he_cnn.crypto.paillier import KAPPA, RandomnessPool, generate_keypair  # noqa: E402
+from he_cnn.transport.channel import Channel, InProcessChannel  # noqa: E402
+from he_cnn.training.data import quantize_image  # noqa: E402
+from he_cnn.crypto.dgk import DGKPublicKey  # noqa: E402
+from he_cnn.crypto.paillier import KAPPA, PublicKey, RandomnessPool, generate_keypair  # noqa: E402
 from he_cnn.training.icnn import ICNN  # noqa: E402
 from he_cnn.parallel import Workers, default_worker_count  # noqa: E402
 from he_cnn.protocols.common import S1Context, slot_bits, slots_per_pack  # noqa: E402
 from he_cnn.protocols.comparison import secure_relu  # noqa: E402
 from he_cnn.protocols.linear import precompute_linear, secure_linear  # noqa: E402
-from he_cnn.training.quantize import load_integer_model, quantize_icnn, save_integer_model  # noqa: E402
-from he_cnn.graph.reference import classify_reference, integer_accuracy, run_reference  # noqa: E402
+from he_cnn.graph.reference import classify_reference, run_reference  # noqa: E402
+from he_cnn.owner.pipeline import TrainedModel, TrainSettings, cached_model  # noqa: E402
 from he_cnn.parties.key_cloud import KeyCloud  # noqa: E402
 from he_cnn.parties.compute_cloud import PreparedQuery, encrypt_model, prepare_query, secure_inference, setup_model  # noqa: E402
 from he_cnn.crypto.tensor import EncryptedTensor  # noqa: E402
-from he_cnn.training.train import train_icnn  # noqa: E402
 
-import baseline  # noqa: E402
-import instrument  # noqa: E402
-import lowerbound  # noqa: E402
-import report  # noqa: E402
+from bench import baseline, instrument, lowerbound, report  # noqa: E402
 
-TRAIN_SETTINGS = {"size": 16, "epochs": 15, "seed": 0, "input_max": 15, "weight_bits": 6}
+#: the default ICNN of the owner's pipeline (seed 0, 15 epochs, 6-bit weights)
+TRAIN_SETTINGS = TrainSettings()
 ACCOUNTING_BITS = 512
 T_START = time.perf_counter()
 
@@ -124,56 +120,15 @@ def mib(kb: int | None) -> float | None:
 
 # -- model ----------------------------------------------------------------------------------------
 
-def cache_dir(explicit: str | None) -> Path:
-    if explicit:
-        return Path(explicit)
-    if os.environ.get("HECNN_CACHE_DIR"):
-        return Path(os.environ["HECNN_CACHE_DIR"]) / "bench"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "he-cnn" / "bench"
-
-
-def model_key() -> str:
-    from he_cnn.graph import integer_model as graph
-    from he_cnn.training import data, icnn as model, quantize, train
-
-    digest = hashlib.sha256(json.dumps(TRAIN_SETTINGS, sort_keys=True).encode())
-    for module in (data, graph, model, quantize, train):
-        digest.update(Path(module.__file__ or "").read_bytes())
-    return digest.hexdigest()[:24]
-
-
-def load_or_train(cache: Path) -> tuple[Any, ICNN, Any, dict]:
-    """The integer model, the float torch model, the data set and training facts (cached)."""
-    ds = load_digits_dataset(size=TRAIN_SETTINGS["size"], seed=TRAIN_SETTINGS["seed"])
-    key = model_key()
-    files = {k: cache / f"icnn-{key}.{k}" for k in ("json", "pt", "info.json")}
-    if all(f.is_file() for f in files.values()):
-        try:
-            im = load_integer_model(files["json"])
-            tm = ICNN(num_classes=len(ds.classes), image_size=TRAIN_SETTINGS["size"])
-            tm.load_state_dict(torch.load(files["pt"], weights_only=True))
-            tm.eval()
-            info = json.loads(files["info.json"].read_text())
-            log(f"model: cached {files['json']}")
-            return im, tm, ds, {**info, "cached": True, "path": str(files["json"])}
-        except Exception as e:  # noqa: BLE001 - a broken cache only means training again
-            log(f"model: cache unusable ({e}); training again")
-    log(f"model: training the ICNN ({TRAIN_SETTINGS['epochs']} epochs, seed {TRAIN_SETTINGS['seed']})")
-    result = train_icnn(ds, epochs=TRAIN_SETTINGS["epochs"], seed=TRAIN_SETTINGS["seed"])
-    im = quantize_icnn(result.model, input_max=TRAIN_SETTINGS["input_max"], weight_bits=TRAIN_SETTINGS["weight_bits"])
-    im = dataclasses.replace(im, meta={**im.meta, "classes": list(ds.classes)})
-    int_acc = integer_accuracy(im, [quantize_image(x, im.input_max) for x in ds.x_test], ds.y_test)
-    info = {"float_test_accuracy": result.float_test_accuracy, "integer_test_accuracy": int_acc,
-            "train_seconds": result.seconds, "settings": TRAIN_SETTINGS}
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        save_integer_model(im, files["json"])
-        torch.save(result.model.state_dict(), files["pt"])
-        files["info.json"].write_text(json.dumps(info))
-    except OSError as e:
-        log(f"model: could not cache ({e})")
-    return im, result.model, ds, {**info, "cached": False, "path": str(files["json"])}
+def obtain_model(cache: str | None) -> tuple[TrainedModel, dict]:
+    """The owner's default ICNN (integer and float model, data set), from the owner pipeline's cache or
+    trained now, and the facts the report quotes."""
+    t0 = time.perf_counter()
+    trained = cached_model(TRAIN_SETTINGS, cache, note=lambda message: log(f"model: {message}"))
+    info = {"float_test_accuracy": trained.float_accuracy, "integer_test_accuracy": trained.integer_accuracy,
+            "settings": dataclasses.asdict(TRAIN_SETTINGS), "cache_key": TRAIN_SETTINGS.cache_key(),
+            "obtain_seconds": time.perf_counter() - t0}
+    return trained, info
 
 
 # -- plaintext ------------------------------------------------------------------------------------
@@ -239,12 +194,12 @@ def accounting_run(im, x_int: np.ndarray, workers: Workers) -> dict:
     reveals (count, bits) are recorded and packs recomputed for each key, and so are the linear layers'
     packed cross terms (:func:`linear_draws`).
     """
-    prof = instrument.PROFILER
+    prof = instrument.Profiler()  # for its list of reveals
     kp = generate_keypair(ACCOUNTING_BITS, allow_small=True)
     uk = generate_keypair(1024)
     cloud = KeyCloud.create(kp)
     cloud.workers = workers
-    ctx = S1Context(kp.public, cloud.dgk_public, instrument.mark(InProcessChannel(cloud.handle)), workers=workers)
+    ctx = S1Context(kp.public, cloud.dgk_public, InProcessChannel(cloud.handle), workers=workers, tracer=prof)
     em = encrypt_model(im, kp.public)
     st = setup_model(ctx, em)
     ex = EncryptedTensor.encrypt(kp.public, x_int)
@@ -274,6 +229,17 @@ def pool_needs(acct: dict, bits: int, http: bool) -> dict[str, int]:
 
 # -- one query ------------------------------------------------------------------------------------
 
+def profiled_context(pk: PublicKey, dgk: DGKPublicKey, channel: Channel, workers: Workers,
+                     cloud: KeyCloud | None = None) -> S1Context:
+    """An S1 context whose tracer is a fresh :class:`instrument.Profiler`, which its channel and, in
+    process, S2 report to as well."""
+    prof = instrument.Profiler()
+    channel.tracer = prof
+    if cloud is not None:
+        cloud.tracer = prof
+    return S1Context(pk, dgk, channel, workers=workers, tracer=prof)
+
+
 def prepare_timed(ctx: S1Context, em, st) -> tuple[PreparedQuery, dict[str, float], dict[str, int]]:
     """prepare_query, timing each layer and counting its exponentiations."""
     per_layer, ops = {}, {}
@@ -288,8 +254,9 @@ def prepare_timed(ctx: S1Context, em, st) -> tuple[PreparedQuery, dict[str, floa
 
 
 def run_query(ctx: S1Context, em, st, pk, dgk, uk, im, x_int: np.ndarray, needs: dict[str, int],
-              profile: bool = True, s2_user: RandomnessPool | None = None) -> dict:
-    """Offline phase (prepare + pools) then the timed online inference of one image, checked.
+              s2_user: RandomnessPool | None = None) -> dict:
+    """Offline phase (prepare + pools) then the timed online inference of one image, checked; where
+    the seconds go when ``ctx`` has a :class:`instrument.Profiler` (:func:`profiled_context`).
 
     ``s2_user`` is S2's pool for the user's key (in-process; the service's filler tops it up between
     queries): filled here with S2's randomizers for the answer, the key's table built on the way."""
@@ -306,12 +273,10 @@ def run_query(ctx: S1Context, em, st, pk, dgk, uk, im, x_int: np.ndarray, needs:
     t_fill = time.perf_counter() - t0
     avail = {"paillier": len(pk.pool), "dgk": len(dgk.pool), "user": len(uk.public.pool)}
     taken0 = {"paillier": pk.pool.taken, "dgk": dgk.pool.taken, "user": uk.public.pool.taken}
-    prof = instrument.PROFILER
-    prof.reset()
-    prof.enabled = profile
-    instrument.arm(ctx.channel)
+    prof = ctx.tracer if isinstance(ctx.tracer, instrument.Profiler) else None
+    if prof is not None:
+        prof.reset()
     res = secure_inference(ctx, em, st, ex, uk.public, prep)
-    prof.enabled = True
     taken = {"paillier": pk.pool.taken - taken0["paillier"], "dgk": dgk.pool.taken - taken0["dgk"],
              "user": uk.public.pool.taken - taken0["user"]}
     vector = [int(v) for v in res.output.decrypt(uk.private)]
@@ -320,9 +285,8 @@ def run_query(ctx: S1Context, em, st, pk, dgk, uk, im, x_int: np.ndarray, needs:
                "bytes_to_s2": s.bytes_to_s2, "bytes_to_s1": s.bytes_to_s1,
                "ops": {**s.ops, **({"exp_offline": prep_ops[s.name]} if s.name in prep_ops else {})}}
               for s in res.layers]
-    breakdown = None
-    if profile and len(prof.buckets) == len(res.layers):
-        breakdown = instrument.layer_breakdown(prof.buckets, [s.seconds for s in res.layers])
+    breakdown = prof.breakdown([s.name for s in res.layers]) if prof is not None else None
+    if breakdown is not None:
         for row, b in zip(layers, breakdown):
             row["breakdown"] = b
     return {"online_seconds": res.seconds, "layers": layers, "exact": vector == reference,
@@ -352,9 +316,9 @@ def run_inprocess(bits: int, im, ds, indices: list[int], acct: dict, args) -> di
     workers.map(os.getpid, [()] * workers.count)  # fork the pool now, not inside a timed phase
     cloud.workers = workers
     reset_peak()
-    channel = instrument.mark(InProcessChannel(cloud.handle))
+    channel = InProcessChannel(cloud.handle)
     pk, dgk = kp.public, cloud.dgk_public
-    ctx = S1Context(pk, dgk, channel, workers=workers)
+    ctx = profiled_context(pk, dgk, channel, workers, cloud)
     log(f"{bits}: encrypting the model (owner)")
     t0 = time.perf_counter()
     em = encrypt_model(im, pk)
@@ -516,7 +480,7 @@ def run_batch(bits: int, kp, cloud, em, st, uk, im, ds, indices, workers: Worker
             try:
                 t0 = time.perf_counter()
                 q = run_query(ctx, em, st, kp.public, cloud.dgk_public, uk, im,
-                              quantize_image(ds.x_test[i], im.input_max), no_pool, profile=False)
+                              quantize_image(ds.x_test[i], im.input_max), no_pool)
                 with lock:
                     results.append({"index": i, "exact": q["exact"], "latency": time.perf_counter() - t0})
             except Exception as e:  # noqa: BLE001
@@ -565,8 +529,8 @@ def run_http(bits: int, im, ds, indices: list[int], acct: dict, args) -> dict:
             pk, dgk = key.paillier, key.dgk
             uk = generate_keypair(min(bits, 2048))
             workers.map(os.getpid, [()] * workers.count)
-            channel = instrument.mark(HTTPChannel(s2_url, token, timeout=3600))
-            ctx = S1Context(pk, dgk, channel, workers=workers)
+            channel = HTTPChannel(s2_url, token, timeout=3600)
+            ctx = profiled_context(pk, dgk, channel, workers)
             t0 = time.perf_counter()
             em = encrypt_model(im, pk)
             out["model_encrypt_seconds"] = time.perf_counter() - t0
@@ -693,7 +657,7 @@ def machine_facts(args) -> dict:
             "load_average_at_start": load, "python": platform.python_version(), "gmpy2": gmpy2.version(),
             "gmp": gmpy2.mp_version(), "phe": getattr(phe, "__version__", "?"), "numpy": np.__version__,
             "torch": torch.__version__, "matplotlib": mpl, "platform": platform.platform(),
-            "command": "python bench/bench.py " + " ".join(sys.argv[1:])}
+            "command": ("python -m bench.bench " if __package__ else "python bench/bench.py ") + " ".join(sys.argv[1:])}
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -722,7 +686,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     ap.add_argument("--markdown", metavar="FILE", default=None, help="write the report (default docs/benchmarks.md unless --quick)")
     ap.add_argument("--plot", metavar="FILE", default=None, help="per-layer plot (default docs/benchmark_layers.png unless --quick)")
-    ap.add_argument("--cache-dir", default=None, help="where the trained model is cached")
+    ap.add_argument("--cache-dir", default=None,
+                    help="where the trained model is cached (default: the owner pipeline's, shared with he-cnn demo)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 image, small baseline subsets, short timings")
     ap.add_argument("--verbose", action="store_true", help="forward the services' logs, print tracebacks")
     ap.add_argument("--from-json", metavar="FILE", help="measure nothing: rebuild the report (text, --markdown, "
@@ -750,10 +715,10 @@ def main(argv: list[str] | None = None) -> int:
         print(report.text_report(results))
         write_outputs(results, args)
         return 0
-    instrument.install()
     facts = machine_facts(args)
     log(f"machine: {facts['cpu']}, {facts['cores']} cores; workers {args.workers}; keys {args.keys}")
-    im, tm, ds, train_info = load_or_train(cache_dir(args.cache_dir))
+    trained, train_info = obtain_model(args.cache_dir)
+    im, tm, ds = trained.model, trained.float_model, trained.dataset
     indices = list(range(max(args.images, args.http_images, args.service_images, 1)))
     results: dict[str, Any] = {"machine": facts, "args": {k: v for k, v in vars(args).items()},
                                "model": {**train_info, "layers": len(im.layers), "input_shape": list(im.input_shape),

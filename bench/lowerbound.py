@@ -42,7 +42,7 @@ from typing import Any, Callable
 import gmpy2
 from gmpy2 import mpz
 
-from he_cnn.graph.integer_model import im2col_indices, maxpool_comparisons
+from he_cnn.graph.geometry import im2col_indices, maxpool_comparisons
 from he_cnn.crypto.paillier import KAPPA
 from he_cnn.protocols.common import slot_bits, slots_per_pack
 from he_cnn.parties.compute_cloud import linear_siblings

@@ -4,8 +4,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from instrument import KINDS
-from lowerbound import WINDOW, link_seconds
+from he_cnn.trace import OP_KINDS as KINDS
+from bench.lowerbound import WINDOW, link_seconds
 
 TARGET_ONLINE_2048 = 10.0
 TARGET_SPEEDUP = 50.0
@@ -642,8 +642,9 @@ def markdown_report(results: dict) -> str:
         " every result is decrypted and compared with the plaintext integer reference.",
         "- **Offline** is `prepare_query` plus the pool fill, per image; **set-up** is key generation, model"
         " encryption (owner) and the one-time set-up round.",
-        "- **Where the seconds go** comes from bench-side wrappers (`bench/instrument.py`) around engine functions"
-        " in the benchmark process; the engine is unchanged. Kinds are exclusive; `s1_other` is the rest.",
+        "- **Where the seconds go** comes from the tracer hooks the parties offer (`he_cnn/trace.py`): the"
+        " benchmark's tracer (`bench/instrument.py`) hears each layer's start and end and times every heavy"
+        " operation by kind. Kinds are exclusive; `s1_other` is the rest.",
         "- **Lower bound** (`bench/lowerbound.py`): the protocol's least operation count per layer, priced with"
         " primitive costs measured in the same run, divided by the number of cores. The primitives are measured"
         " twice per key size, before the images and after the phe baseline (or right after the images without"

@@ -2,16 +2,25 @@
 
 Every error the library raises on purpose derives from :class:`HECNNError`, so a caller (a CLI, a
 Flask error handler) can turn any of them into one clear message. Messages say what was expected and
-what arrived.
+what arrived. This module is also the one definition of the errors that cross HTTP: each class carries
+the ``code`` of its JSON error body and the HTTP ``status`` a service answers with, and
+:func:`error_classes` maps a code back to its class, so the servers and the client share one table.
 """
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class HECNNError(Exception):
     """Base class of every error he-cnn raises on purpose."""
 
     #: short machine-readable code, used as the ``error`` field of JSON error bodies
-    code = "he_cnn_error"
+    code: ClassVar[str] = "he_cnn_error"
+    #: HTTP status of a service's reply when this error ends a request
+    status: ClassVar[int] = 400
+    #: a cloud that got this error from its peer passes it on as it is (it is about the request) rather
+    #: than answering :class:`PeerError`
+    relayed_as_is: ClassVar[bool] = False
 
 
 class KeyMismatch(HECNNError):
@@ -30,6 +39,8 @@ class BoundExceeded(HECNNError):
     """A masked value revealed during a protocol lies outside the bound the protocol was given."""
 
     code = "bound_exceeded"
+    status = 422
+    relayed_as_is = True
 
 
 class ShapeError(HECNNError):
@@ -56,6 +67,19 @@ class WireFormatError(ProtocolError):
     code = "wire_format"
 
 
+class UnknownSetup(ProtocolError):
+    """S1 referred to a model set-up S2 does not hold (S2 lost its data): S1 should run it again."""
+
+    code = "unknown_setup"
+
+
+class PeerError(ProtocolError):
+    """The other cloud refused a request; S1 answers with this in place of the peer's own error."""
+
+    code = "peer_error"
+    status = 502
+
+
 class InvalidCiphertext(HECNNError):
     """A ciphertext is out of range (not 0 < c < N^2) or not a unit (gcd(c, N) != 1)."""
 
@@ -66,9 +90,39 @@ class PeerUnavailable(HECNNError):
     """The other cloud could not be reached or did not answer in time."""
 
     code = "peer_unavailable"
+    status = 503
+
+
+class PeerKeyChanged(HECNNError):
+    """S2 now presents another public key than the one S1 pinned (S2 lost or replaced its key)."""
+
+    code = "peer_key_changed"
+    status = 502
 
 
 class BadRequest(HECNNError):
     """A request to a service is malformed or refers to something that does not exist."""
 
     code = "bad_request"
+
+
+class UnknownModel(BadRequest):
+    """No model with this id is stored."""
+
+    code = "unknown_model"
+    status = 404
+
+
+def error_classes() -> dict[str, type[HECNNError]]:
+    """Every error class of this module, by its ``code``: what a JSON error body's ``error`` stands for.
+
+    Subclasses defined elsewhere (a server's start-up errors) are left out: they never cross HTTP.
+    """
+    found: dict[str, type[HECNNError]] = {}
+    stack: list[type[HECNNError]] = [HECNNError]
+    while stack:
+        cls = stack.pop()
+        if cls.__module__ == __name__:
+            found[cls.code] = cls
+        stack.extend(cls.__subclasses__())
+    return found

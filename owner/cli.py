@@ -13,7 +13,7 @@ from typing import Any, Callable
 import click
 from tqdm import tqdm
 
-from he_cnn.training.quantize import save_integer_model
+from he_cnn.graph.integer_model import save_integer_model
 from he_cnn.servers.cli import run_step
 
 from .pipeline import (TrainedModel, TrainSettings, count_ciphertexts, encrypt_for_upload, fetch_cloud_key,

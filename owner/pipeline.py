@@ -3,22 +3,31 @@
 Training and quantisation are :mod:`he_cnn.train` and :mod:`he_cnn.quantize`; this module strings them
 together for a data set (the embedded digits or an image folder), scores the float and the integer
 model on the held-out split, encrypts every kernel and bias under the cloud key fetched from S1, and
-posts the encrypted model with the owner token. Nothing here prints: callers pass a progress callback
-and decide what to show.
+posts the encrypted model with the owner token. :func:`cached_model` keeps trained models on disk,
+keyed by the settings and the training code (the demo and the benchmark both use it). Nothing here
+prints: callers pass a progress callback and decide what to show.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from he_cnn.errors import HECNNError
+from he_cnn.files import atomic_write
 from he_cnn.training.data import Dataset, load_digits_dataset, load_image_folder, quantize_image
 from he_cnn.graph.integer_model import IntegerModel
+from he_cnn.training.icnn import ICNN
 from he_cnn.transport.http_channel import CloudPublicKey, fetch_public_key, http_request
-from he_cnn.training.quantize import load_integer_model, quantize_icnn
+from he_cnn.graph.integer_model import load_integer_model, save_integer_model
+from he_cnn.training.quantize import quantize_icnn
 from he_cnn.graph.reference import integer_accuracy
 from he_cnn.parties.compute_cloud import encrypt_model
 from he_cnn.training.train import train_icnn
@@ -55,6 +64,8 @@ class TrainedModel:
     dataset: Dataset
     float_accuracy: float | None  # None when the model was loaded, not trained
     integer_accuracy: float
+    #: the trained float ICNN (eval mode); None when only an integer model file was loaded
+    float_model: ICNN | None = None
 
 
 def load_dataset(settings: TrainSettings) -> Dataset:
@@ -74,7 +85,7 @@ def train_model(settings: TrainSettings) -> TrainedModel:
     result = train_icnn(dataset, epochs=settings.epochs, seed=settings.seed)
     model = quantize_icnn(result.model, input_max=settings.input_max, weight_bits=settings.weight_bits)
     model = dataclasses.replace(model, meta={**model.meta, "classes": list(dataset.classes)})
-    return TrainedModel(model, dataset, result.float_test_accuracy, score_integer_model(model, dataset))
+    return TrainedModel(model, dataset, result.float_test_accuracy, score_integer_model(model, dataset), result.model)
 
 
 def load_model(path: str | Path, settings: TrainSettings) -> TrainedModel:
@@ -82,6 +93,51 @@ def load_model(path: str | Path, settings: TrainSettings) -> TrainedModel:
     model = load_integer_model(path)
     dataset = load_dataset(dataclasses.replace(settings, size=model.input_shape[1]))
     return TrainedModel(model, dataset, None, score_integer_model(model, dataset))
+
+
+def cache_dir() -> Path:
+    """``$HECNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/he-cnn``, else ``~/.cache/he-cnn``."""
+    if os.environ.get("HECNN_CACHE_DIR"):
+        return Path(os.environ["HECNN_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "he-cnn"
+
+
+def cached_model(settings: TrainSettings, folder: str | Path | None = None,
+                 note: Callable[[str], None] = lambda message: None) -> TrainedModel:
+    """The model trained with ``settings`` by this code: loaded from ``folder`` (default
+    ``cache_dir() / "models"``) if it holds one, else trained now and kept there.
+
+    An entry is three files named by :meth:`TrainSettings.cache_key`: the integer model (JSON), the
+    float model's weights and the float accuracy. A missing, broken or unwritable entry only means
+    training (again); ``note`` hears which way it went.
+    """
+    folder = cache_dir() / "models" if folder is None else Path(folder)
+    key = settings.cache_key()
+    model_file, weights_file, scores_file = folder / f"{key}.json", folder / f"{key}.pt", folder / f"{key}.scores.json"
+    if model_file.is_file() and weights_file.is_file() and scores_file.is_file():
+        try:
+            trained = load_model(model_file, settings)
+            float_model = ICNN(num_classes=len(trained.dataset.classes), image_size=trained.model.input_shape[1])
+            float_model.load_state_dict(torch.load(weights_file, weights_only=True))
+            float_model.eval()
+            float_accuracy = float(json.loads(scores_file.read_text())["float_accuracy"])
+            note(f"using the cached model {model_file}")
+            return dataclasses.replace(trained, float_accuracy=float_accuracy, float_model=float_model)
+        except (HECNNError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            note(f"cached model unusable ({e}); training again")
+    note(f"training the ICNN ({settings.epochs} epochs, seed {settings.seed})")
+    trained = train_model(settings)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = io.BytesIO()
+        torch.save(trained.float_model.state_dict(), weights)
+        atomic_write(weights_file, weights.getvalue())
+        atomic_write(scores_file, json.dumps({"float_accuracy": trained.float_accuracy}).encode())
+        save_integer_model(trained.model, model_file)
+    except OSError as e:
+        note(f"could not cache the model ({e})")
+    return trained
 
 
 def fetch_cloud_key(s1_url: str) -> CloudPublicKey:

@@ -11,10 +11,8 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
-import os
 import secrets
 import sys
 import tempfile
@@ -25,12 +23,10 @@ from typing import Any, Callable
 import click
 import numpy as np
 
-from he_cnn.errors import HECNNError
 from he_cnn.crypto.paillier import DEFAULT_KEY_BITS, MIN_KEY_BITS
-from he_cnn.training.quantize import save_integer_model
 from he_cnn.graph.reference import classify_reference
 from he_cnn.owner.cli import upload_model
-from he_cnn.owner.pipeline import TrainedModel, TrainSettings, load_model, train_model
+from he_cnn.owner.pipeline import TrainedModel, TrainSettings, cached_model, train_model
 from he_cnn.user.keys import create_user_key
 from he_cnn.user.query import Session
 
@@ -41,37 +37,13 @@ from .launch import CloudProcess, wait_offline
 OFFLINE_WAIT_SECONDS = 300.0
 
 
-def cache_dir() -> Path:
-    """``$HECNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/he-cnn``, else ``~/.cache/he-cnn``."""
-    if os.environ.get("HECNN_CACHE_DIR"):
-        return Path(os.environ["HECNN_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "he-cnn"
-
-
 def trained_model(settings: TrainSettings, use_cache: bool, note: Callable[[str], None]) -> TrainedModel:
-    """Train, or load the model trained with the same settings and code from the cache."""
-    folder = cache_dir() / "models"
-    key = settings.cache_key()
-    model_file, scores_file = folder / f"{key}.json", folder / f"{key}.scores.json"
-    if use_cache and model_file.is_file() and scores_file.is_file():
-        try:
-            trained = load_model(model_file, settings)
-            float_accuracy = json.loads(scores_file.read_text())["float_accuracy"]
-            note(f"owner: using the cached model {model_file}")
-            return dataclasses.replace(trained, float_accuracy=float_accuracy)
-        except (HECNNError, OSError, ValueError, KeyError) as e:
-            note(f"owner: cached model unusable ({e}); training again")
-    note(f"owner: training the ICNN on the digits ({settings.epochs} epochs)")
-    trained = train_model(settings)
+    """Train, or load the model trained with the same settings and code from the owner's cache
+    (:func:`~he_cnn.owner.pipeline.cached_model`, shared with the benchmark)."""
     if use_cache:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            save_integer_model(trained.model, model_file)
-            scores_file.write_text(json.dumps({"float_accuracy": trained.float_accuracy}))
-        except OSError as e:
-            note(f"owner: could not cache the model ({e})")
-    return trained
+        return cached_model(settings, note=lambda message: note(f"owner: {message}"))
+    note(f"owner: training the ICNN ({settings.epochs} epochs, seed {settings.seed})")
+    return train_model(settings)
 
 
 def pick_test_images(trained: TrainedModel, count: int) -> list[int]:

@@ -1,11 +1,12 @@
 """What both Flask apps share: JSON errors with the right status, bearer tokens, wire responses.
 
-Every error leaves a cloud as ``{"error": code, "message": one line}``. The code of a he-cnn error is
-its class's ``code``; the status follows from it (:data:`STATUS_BY_CODE`). An error that S2 sent back
-to S1 (tagged ``peer_code`` by :class:`~he_cnn.http_channel.HTTPChannel`) becomes 502, except a
-violated bound (422), which is about the request, not the peer. Anything unexpected is logged with its
-traceback on the server and answered with a bare 500, never a traceback. Tokens are compared in
-constant time and never logged or echoed.
+Every error leaves a cloud as ``{"error": code, "message": one line}``. The code and status of a he-cnn
+error are its class's ``code`` and ``status`` (:mod:`he_cnn.errors` holds them all). An error that S2
+sent back to S1 (tagged ``peer_code`` by :class:`~he_cnn.transport.http_channel.HTTPChannel`) becomes
+:class:`~he_cnn.errors.PeerError` (502), unless its class is ``relayed_as_is`` (a violated bound, 422,
+is about the request, not the peer). Anything unexpected is logged with its traceback on the server
+and answered with a bare 500, never a traceback. Tokens are compared in constant time and never
+logged or echoed.
 """
 from __future__ import annotations
 
@@ -15,26 +16,10 @@ import logging
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, Unauthorized
 
-from he_cnn.errors import BadRequest, HECNNError
+from he_cnn.errors import BadRequest, HECNNError, PeerError
 from he_cnn.transport.http_channel import WIRE_CONTENT_TYPE
 from he_cnn.parallel import Workers
 
-STATUS_BY_CODE: dict[str, int] = {
-    "bad_request": 400,
-    "wire_format": 400,
-    "shape_error": 400,
-    "invalid_ciphertext": 400,
-    "encoding_overflow": 400,
-    "key_mismatch": 400,
-    "protocol_error": 400,
-    "unsupported_layer": 400,
-    "he_cnn_error": 400,
-    "bound_exceeded": 422,
-    "unknown_model": 404,
-    "peer_key_changed": 502,
-    "peer_unavailable": 503,
-}
-PEER_ERROR_CODE = "peer_error"
 MAX_MESSAGE_CHARS = 500
 
 log = logging.getLogger("he_cnn.servers")
@@ -55,12 +40,9 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 def status_of(error: HECNNError) -> tuple[int, str]:
     """HTTP status and error code for a he-cnn error, raised here or relayed from the peer."""
-    peer_code = getattr(error, "peer_code", None)
-    if error.code == "bound_exceeded":
-        return 422, error.code
-    if peer_code is not None:
-        return 502, PEER_ERROR_CODE
-    return STATUS_BY_CODE.get(error.code, 400), error.code
+    if getattr(error, "peer_code", None) is not None and not error.relayed_as_is:
+        return PeerError.status, PeerError.code
+    return error.status, error.code
 
 
 def _http_code(e: HTTPException) -> str:

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
-from he_cnn.errors import BadRequest, HECNNError, KeyMismatch, ShapeError
+from he_cnn.errors import BadRequest, HECNNError, KeyMismatch, PeerKeyChanged, ShapeError, UnknownSetup
 from he_cnn.transport.http_channel import CloudPublicKey, HTTPChannel, fetch_public_key, parse_public_key
 from he_cnn.crypto.paillier import MAX_USER_KEY_BITS, MIN_KEY_BITS, PublicKey, UserKeys
 from he_cnn.parallel import INLINE, Workers
@@ -36,8 +36,7 @@ from he_cnn.transport.wire import Message, decode, encode
 
 from .config import S1Config
 from .http import new_app, request_body, require_bearer, wire_response, worker_pool
-from .model_store import ModelStore, StoredModel, check_spec
-from .s2 import UNKNOWN_SETUP
+from .model_store import ModelStore, StoredModel
 from .pools import USER_KEY_POOL, PoolFiller, pool_target
 from .storage import DataDirError, atomic_write, ensure_private_dir
 
@@ -47,12 +46,6 @@ START_KEY_TIMEOUT = 5.0
 KEY_TIMEOUT = 30.0
 
 log = logging.getLogger("he_cnn.servers.s1")
-
-
-class PeerKeyChanged(HECNNError):
-    """S2 now presents another public key than the one S1 pinned (S2 lost or replaced its key)."""
-
-    code = "peer_key_changed"
 
 
 class PeerLink:
@@ -258,14 +251,13 @@ def classify(model_id: str) -> Response:
 
 
 def read_model(body: bytes, cloud_key: PublicKey) -> EncryptedModel:
-    """The owner's upload, checked: wire format, key, ciphertexts, and a consistent architecture."""
+    """The owner's upload, checked: wire format, key, ciphertexts, and the architecture, decoded into
+    the typed graph layer by layer through the catalogue (:meth:`EncryptedModel.deserialize`)."""
     try:
-        model = EncryptedModel.deserialize(cloud_key, body)
+        return EncryptedModel.deserialize(cloud_key, body)
     except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
-        # the engine rebuilds layers from the spec before anything else can look at it
+        # a last guard: the catalogue's readers turn malformed fields into BadRequest themselves
         raise BadRequest(f"malformed model architecture: {type(e).__name__}: {e}") from e
-    check_spec(model)
-    return model
 
 
 def read_query(msg: Message, model: EncryptedModel, cloud_key: PublicKey,
@@ -298,9 +290,7 @@ def run_with_setup(peer: PeerLink, store: ModelStore, stored: StoredModel, image
     try:
         with peer.context() as ctx:
             return secure_inference(ctx, stored.model, setup, image, user_key, prepared)
-    except HECNNError as e:
-        if getattr(e, "peer_code", None) != UNKNOWN_SETUP:
-            raise
+    except UnknownSetup:
         log.warning("S2 does not know the set-up of model %s; running it again", stored.model_id)
     with stored.setup_lock:
         if stored.setup is setup:  # another request may have redone it meanwhile

@@ -15,9 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import stat
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify
 from gmpy2 import mpz
 
 from he_cnn.crypto.dgk import DGKPrivateKey, DGKPublicKey
-from he_cnn.errors import HECNNError, ProtocolError
+from he_cnn.errors import HECNNError, ProtocolError, UnknownSetup
 from he_cnn.transport.http_channel import public_key_message
 from he_cnn.crypto.paillier import generate_keypair, keypair_from_primes
 from he_cnn.protocols import linear
@@ -45,17 +43,8 @@ KEY_FORMAT = "he-cnn-s2-keys"
 KEY_FORMAT_VERSION = 1
 SETUP_DIR = "setups"
 SETUP_SUFFIX = ".hecn"
-UNKNOWN_SETUP = "unknown_setup"
-#: test hook: a file to which S2 appends every plaintext it obtains (see :func:`record_plaintexts`)
-RECORD_ENV = "HECNN_S2_RECORD_FILE"
 
 log = logging.getLogger("he_cnn.servers.s2")
-
-
-class UnknownSetup(ProtocolError):
-    """S1 referred to a model set-up S2 does not hold (S2 lost its data): S1 should run it again."""
-
-    code = UNKNOWN_SETUP
 
 
 # -- the key pair on disk -------------------------------------------------------------------------
@@ -170,28 +159,6 @@ def persist_setups(cloud: KeyCloud, data_dir: Path) -> None:
     cloud.on_setup = on_setup
 
 
-# -- test hook: what S2 sees ----------------------------------------------------------------------
-
-def record_plaintexts(cloud: KeyCloud, path: Path) -> None:
-    """Append every plaintext ``cloud`` obtains to ``path``, one JSON line per reveal.
-
-    A line is ``{"step", "bits", "kappa", "values"}``: the masked values of one revealed field (kappa > 0)
-    or the zero-test bits of one comparison round (kappa = 0), exactly what the handlers pass to
-    :meth:`~he_cnn.s2.KeyCloud.observe`. Enabled only by the ``HECNN_S2_RECORD_FILE`` environment
-    variable, for the leakage tests over HTTP (``tests/test_trust_leakage.py``). The file holds the
-    masked weights K + B, which S1's masks turn into the model: never set it in a deployment.
-    """
-    lock = threading.Lock()
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-
-    def observe(step: str, values: list[int], bits: int, kappa: int) -> None:
-        line = json.dumps({"step": step, "bits": bits, "kappa": kappa, "values": [int(v) for v in values]})
-        with lock, path.open("a") as f:
-            f.write(line + "\n")
-
-    cloud.observe = observe  # type: ignore[method-assign]
-
-
 # -- the app --------------------------------------------------------------------------------------
 
 bp = Blueprint("s2", __name__, url_prefix="/v1")
@@ -246,10 +213,6 @@ def create_app(config: S2Config, key_cloud: KeyCloud | None = None) -> Flask:
     cloud = key_cloud if key_cloud is not None else load_or_create_key_cloud(data_dir, config.key_bits)
     loaded = load_setups(cloud, data_dir)
     persist_setups(cloud, data_dir)
-    if os.environ.get(RECORD_ENV):
-        record_plaintexts(cloud, Path(os.environ[RECORD_ENV]))
-        log.warning("S2 records every plaintext it obtains to %s (%s, a test hook: never in a deployment)",
-                    os.environ[RECORD_ENV], RECORD_ENV)
     cloud.workers = worker_pool(config.workers)
     app = new_app(__name__, config.max_body_bytes)
     app.extensions["he_cnn.workers"] = cloud.workers

@@ -120,15 +120,18 @@ def serve() -> None:
 @_cloud_options("S2", DEFAULT_S2_PORT, DEFAULT_S2_MAX_BODY)
 @click.option("--key-bits", envvar="HECNN_S2_KEY_BITS", type=click.IntRange(1024), default=DEFAULT_KEY_BITS,
               show_default=True, help="Size of the cloud Paillier key, generated on first start only.")
-def serve_s2(host: str, port: int, data_dir: Path, cloud_token: str, max_body_bytes: int, threads: int,
-             workers: int, verbose: bool, key_bits: int) -> None:
+@click.pass_obj
+def serve_s2(build_app: Callable[[S2Config], Flask] | None, host: str, port: int, data_dir: Path, cloud_token: str,
+             max_body_bytes: int, threads: int, workers: int, verbose: bool, key_bits: int) -> None:
     """Start S2, the key cloud: holds the cloud key pair, answers S1's protocol rounds."""
+    # build_app is the click context's obj: None from the he-cnn command; a program that runs
+    # serve.main(..., obj=f) gets S2 built by f(config), e.g. create_app around a wrapped key cloud
     from .s2 import create_app
 
     _setup_logging(verbose)
     config = S2Config(data_dir=data_dir, cloud_token=cloud_token, host=host, port=port, key_bits=key_bits,
                       max_body_bytes=max_body_bytes, threads=threads, workers=workers)
-    _start("S2", lambda: create_app(config), host, port, threads)
+    _start("S2", lambda: (build_app or create_app)(config), host, port, threads)
 
 
 @serve.command("s1")

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from he_cnn.training.data import load_digits_dataset, load_image_file, load_image_folder, quantize_image
 from he_cnn.errors import BadRequest
+from he_cnn.images import load_image_file, quantize_image, resize_images
+from he_cnn.training.data import load_digits_dataset, load_image_folder
 
 
 def test_digits_dataset_shapes_ranges_and_stratified_split():
@@ -103,3 +104,24 @@ def test_quantize_image():
     assert q.tolist() == [[[0, 8, 15], [1, 15, 15]]]
     with pytest.raises(BadRequest, match=r"shape \(1, H, W\)"):
         quantize_image(x[0], 15)
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (7, 13), (3, 31), (64, 48), (500, 333)])
+@pytest.mark.parametrize("size", [1, 2, 5, 8, 16, 17, 28, 40])
+def test_resize_matches_torch_antialiased_bilinear(shape, size):
+    """The numpy resize is torch's ``F.interpolate(bilinear, antialias=True)``, up- and down-scaling."""
+    torch = pytest.importorskip("torch")
+    images = np.random.default_rng(size * 1000 + shape[0]).random((3, *shape)).astype(np.float32)
+    expected = torch.nn.functional.interpolate(torch.from_numpy(images)[:, None], size=(size, size), mode="bilinear",
+                                               align_corners=False, antialias=True).clamp(0.0, 1.0).numpy()
+    resized = resize_images(images, size)
+    assert resized.shape == (3, 1, size, size) and resized.dtype == np.float32
+    np.testing.assert_allclose(resized, expected, rtol=0, atol=1e-5)
+
+
+def test_resize_clamps_and_keeps_images_of_the_right_size():
+    images = np.array([[[0.0, 1.0], [1.0, 0.0]]])
+    assert np.array_equal(resize_images(images, 2), images[:, None].astype(np.float32))
+    assert np.array_equal(resize_images(images * 3 - 1, 2), images[:, None].astype(np.float32))
+    with pytest.raises(BadRequest, match=r"\(n, h, w\)"):
+        resize_images(images[0], 4)

@@ -19,7 +19,7 @@ import requests
 from PIL import Image
 
 from he_cnn.training.data import load_digits_dataset, load_image_file, quantize_image
-from he_cnn.training.quantize import load_integer_model
+from he_cnn.graph.integer_model import load_integer_model
 from he_cnn.graph.reference import classify_reference
 from he_cnn.servers.launch import CloudProcess
 

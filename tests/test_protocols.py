@@ -6,7 +6,7 @@ import pytest
 from gmpy2 import mpz
 
 from he_cnn.errors import BoundExceeded, ProtocolError, ShapeError
-from he_cnn.graph.integer_model import im2col_indices, maxpool_comparisons, pool_windows
+from he_cnn.graph.geometry import im2col_indices, maxpool_comparisons, pool_windows
 from he_cnn.crypto.paillier import PrivateKey, PublicKey, generate_keypair
 from he_cnn.protocols import comparison, linear, output, smp
 from he_cnn.protocols.common import slot_bits, slots_per_pack
@@ -58,7 +58,7 @@ def test_scvl_matches_reference(s1, keys1024, shape, c_out, k, stride, padding):
     x = ints(int(np.prod(shape)), -300, 300, shape)
     w = ints(c_out * shape[0] * k * k, -31, 31, (c_out, shape[0], k, k))
     b = ints(c_out, -10**6, 10**6)
-    layer = linear.EncryptedLinear("conv", linear.LinearGeometry("conv", shape, k, stride, padding),
+    layer = linear.EncryptedLinear("conv", linear.LinearGeometry(shape, k, stride, padding),
                                    enc(s1, np.ascontiguousarray(w.reshape(c_out, -1).T)), enc(s1, b), 5)
     sid = linear.new_setup_id()
     setup = linear.setup_linear_layers(s1, sid, [layer])
@@ -73,7 +73,7 @@ def test_sct_matches_reference(s1, keys1024):
     x = ints(30, -2**20, 2**20)
     w = ints(30 * 5, -100, 100, (5, 30))
     b = ints(5, -2**30, 2**30)
-    layer = linear.EncryptedLinear("fc", linear.LinearGeometry("dense", (30,)), enc(s1, np.ascontiguousarray(w.T)),
+    layer = linear.EncryptedLinear("fc", linear.LinearGeometry((30,)), enc(s1, np.ascontiguousarray(w.T)),
                                    enc(s1, b), 7)
     sid = linear.new_setup_id()
     setup = linear.setup_linear_layers(s1, sid, [layer])
@@ -82,12 +82,12 @@ def test_sct_matches_reference(s1, keys1024):
 
 
 def test_linear_rejects_wrong_input_shape(s1):
-    layer = linear.EncryptedLinear("fc", linear.LinearGeometry("dense", (4,)), enc(s1, ints(8, -3, 3, (4, 2))),
+    layer = linear.EncryptedLinear("fc", linear.LinearGeometry((4,)), enc(s1, ints(8, -3, 3, (4, 2))),
                                    enc(s1, ints(2, 0, 1)), 2)
     with pytest.raises(ShapeError, match=r"input shape \(5,\), expected \(4,\)"):
         linear.secure_linear(s1, "x", layer, None, enc(s1, ints(5, 0, 1)), 2)
     with pytest.raises(ShapeError, match="expected"):
-        linear.EncryptedLinear("fc", linear.LinearGeometry("dense", (4,)), enc(s1, ints(6, 0, 1, (3, 2))),
+        linear.EncryptedLinear("fc", linear.LinearGeometry((4,)), enc(s1, ints(6, 0, 1, (3, 2))),
                                enc(s1, ints(2, 0, 1)), 2)
 
 
@@ -102,7 +102,7 @@ def test_sibling_layers_share_one_reveal_of_their_input(s1, keys1024, key_cloud)
         w = ints(2 * 3 * k * k, -31, 31, (2, 3, k, k))
         b = ints(2, -10**6, 10**6)
         weights.append((w, b, k))
-        layers.append(linear.EncryptedLinear(name, linear.LinearGeometry("conv", shape, k, 1, k // 2),
+        layers.append(linear.EncryptedLinear(name, linear.LinearGeometry(shape, k, 1, k // 2),
                                              enc(s1, np.ascontiguousarray(w.reshape(2, -1).T)), enc(s1, b), 5))
     sid = linear.new_setup_id()
     setups = linear.setup_linear_layers(s1, sid, layers)
@@ -275,7 +275,7 @@ def test_protocols_exact_with_process_workers(keys1024, key_cloud):
         xi = ints(50, -300, 300, shape)
         w = ints(3 * 2 * 9, -31, 31, (3, 2, 3, 3))
         b = ints(3, -1000, 1000)
-        layer = linear.EncryptedLinear("c", linear.LinearGeometry("conv", shape, 3, 1, 1),
+        layer = linear.EncryptedLinear("c", linear.LinearGeometry(shape, 3, 1, 1),
                                        enc(ctx, np.ascontiguousarray(w.reshape(3, -1).T)), enc(ctx, b), 5)
         setup = linear.setup_linear_layers(ctx, "par", [layer])
         out = linear.secure_linear(ctx, "par", layer, setup["c"], enc(ctx, xi), 9)

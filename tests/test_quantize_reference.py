@@ -11,12 +11,12 @@ from torch import nn
 
 from he_cnn.training.data import quantize_image
 from he_cnn.errors import BadRequest, BoundExceeded, EncodingOverflow, ShapeError, UnsupportedLayer
-from he_cnn.graph.integer_model import Concat, Conv, Dense, MaxPool, ReLU, infer_shapes_and_bounds, pool_windows
+from he_cnn.graph.geometry import pool_windows
+from he_cnn.graph.integer_model import infer_shapes_and_bounds, load_integer_model, save_integer_model
+from he_cnn.graph.layers import Concat, Conv, Dense, MaxPool, ReLU
 from he_cnn.training.icnn import ICNN, WIRING
 from he_cnn.training.quantize import (
-    load_integer_model,
     quantize_icnn,
-    save_integer_model,
     tensor_scale,
     weight_shift,
 )

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from he_cnn.errors import KeyMismatch, ShapeError, UnsupportedLayer
-from he_cnn.graph.integer_model import ReLU, infer_shapes_and_bounds
+from he_cnn.graph.integer_model import infer_shapes_and_bounds
+from he_cnn.graph.layers import ReLU
 from he_cnn.crypto.paillier import generate_keypair
-from he_cnn.parties.compute_cloud import EncryptedModel, architecture, encrypt_model, secure_inference, setup_model
+from he_cnn.parties.compute_cloud import EncryptedModel, encrypt_model, secure_inference, setup_model
 from he_cnn.crypto.tensor import EncryptedTensor
 
 
@@ -54,7 +55,7 @@ def test_unsupported_layer(trained_icnn):
     model = trained_icnn[2]
     bad = replace(model, layers=model.layers + (Softmax("softmax", model.output, "probs"),))
     with pytest.raises(UnsupportedLayer, match="Softmax.*expected one of"):
-        architecture(bad)
+        bad.to_spec()
     with pytest.raises(UnsupportedLayer, match="Softmax"):
         infer_shapes_and_bounds(bad.layers, bad.input_name, bad.input_shape, bad.input_max)
 

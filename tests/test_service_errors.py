@@ -16,7 +16,8 @@ import pytest
 from waitress.server import create_server
 
 from he_cnn.errors import BadRequest
-from he_cnn.graph.integer_model import Conv, Dense, Flatten, IntegerModel, MaxPool, ReLU, infer_shapes_and_bounds
+from he_cnn.graph.integer_model import IntegerModel, infer_shapes_and_bounds
+from he_cnn.graph.layers import Conv, Dense, Flatten, MaxPool, ReLU
 from he_cnn.transport.http_channel import HTTPChannel, parse_public_key, public_key_message
 from he_cnn.crypto.paillier import generate_keypair
 from he_cnn.graph.reference import classify_reference
@@ -466,7 +467,7 @@ def test_http_channel_maps_s2_errors(s2_url):
     channel = HTTPChannel(s2_url, CLOUD_TOKEN, timeout=5)
     with pytest.raises(Exception) as info:
         channel.request("linear", Message(meta={"setup_id": "e" * 32, "layer": "x"}))
-    assert info.value.code == "protocol_error" and info.value.peer_code == "unknown_setup"
+    assert info.value.code == "unknown_setup" and info.value.peer_code == "unknown_setup"
     assert info.value.peer_status == 400
     assert "HTTPChannel" in repr(channel) and CLOUD_TOKEN not in repr(channel)
 

@@ -1,10 +1,10 @@
 """What leaks over HTTP: S2 sees nothing that depends on the image, the result is the user's alone,
 and S1 never holds a secret key, in its files, its environment or its memory.
 
-S2 runs as a real process with its test hook ``HECNN_S2_RECORD_FILE``: every plaintext it obtains
-(each masked value it decrypts, each zero-test bit) is appended to a file. The owner uploads the tiny
-model with ``he-cnn owner upload --model``; the user classifies four very different images (blank,
-saturated, random, a digit) through the user's code path.
+S2 runs as a real process, ``he-cnn serve s2`` started by ``tests/recording_s2.py``: every plaintext
+it obtains (each masked value it decrypts, each zero-test bit) is appended to a file. The owner
+uploads the tiny model with ``he-cnn owner upload --model``; the user classifies four very different
+images (blank, saturated, random, a digit) through the user's code path.
 
 Statistics (scipy.stats). Masked values are scaled by their mask range 2^(bits+1+kappa) into [0, 1).
 The family of tests is: a two-sample Kolmogorov-Smirnov test for every pair of images, a one-sample
@@ -29,9 +29,8 @@ from he_cnn.training.data import load_digits_dataset, quantize_image
 from he_cnn.errors import HECNNError
 from he_cnn.crypto.paillier import generate_keypair, keypair_from_primes
 from he_cnn.protocols.common import slot_bits, slots_per_pack
-from he_cnn.training.quantize import save_integer_model
+from he_cnn.graph.integer_model import save_integer_model
 from he_cnn.graph.reference import run_reference
-from he_cnn.parties.compute_cloud import architecture
 from he_cnn.crypto.tensor import EncryptedTensor
 from he_cnn.transport.wire import decode
 from test_e2e import he_cnn
@@ -73,7 +72,7 @@ def recorded(tmp_path_factory):
     """Upload with the owner CLI, four queries; per image its reply and what S2 recorded during it."""
     root = tmp_path_factory.mktemp("leakage")
     record = root / "s2-plaintexts.jsonl"
-    pair = CloudPair(root, s2_env={"HECNN_S2_RECORD_FILE": str(record)})
+    pair = CloudPair(root, s2_record=record)
     try:
         model = tiny_model()
         model_path = root / "tiny.json"
@@ -152,7 +151,7 @@ def test_the_statistics_have_power(recorded):
     """Negative controls on the same images: the values S2 would see without masks, or with masks only
     as wide as the values (kappa = 0), fail the same family of tests."""
     _, model, setup_records, _, runs = recorded
-    bits = architecture(model)["bits"]
+    bits = model.to_spec()["bits"]
     rng = np.random.default_rng(0)
 
     def observed(pixels: np.ndarray, kappa: int | None) -> list[dict]:

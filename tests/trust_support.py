@@ -6,7 +6,8 @@ The tiny model (8x8 input, one 3x3 convolution to 2 channels, ReLU, 2x2 max-pool
 classes) makes a query over HTTP with 1024-bit keys take about a second, so fault, load and leakage
 tests can run many of them. Cloud processes start with ``python -m he_cnn serve ...`` (the
 ``he-cnn`` command), tokens in the environment, and ``HECNN_RANDOMNESS_POOL=0`` so that idle clouds
-do not fill randomness pools on the cores the tests need.
+do not fill randomness pools on the cores the tests need; an S2 that records every plaintext it obtains
+starts with ``python tests/recording_s2.py`` (the same command with a recording key cloud).
 """
 from __future__ import annotations
 
@@ -16,14 +17,17 @@ import re
 import secrets
 import signal
 import socket
+import subprocess
+import sys
 import threading
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from he_cnn.graph.integer_model import Conv, Dense, Flatten, IntegerModel, MaxPool, ReLU, infer_shapes_and_bounds
+from he_cnn.graph.integer_model import IntegerModel, infer_shapes_and_bounds
+from he_cnn.graph.layers import Conv, Dense, Flatten, MaxPool, ReLU
 from he_cnn.transport.http_channel import CloudPublicKey, fetch_public_key, http_request
 from he_cnn.crypto.paillier import KeyPair
 from he_cnn.graph.reference import classify_reference
@@ -32,6 +36,8 @@ from he_cnn.servers.launch import CloudProcess
 from he_cnn.user.query import fetch_model_info, query_message, read_answer
 
 ROOT = Path(__file__).resolve().parents[1]
+#: ``he-cnn serve s2`` with every plaintext S2 obtains appended to a file (tests only)
+RECORDING_S2 = Path(__file__).resolve().with_name("recording_s2.py")
 TINY_SIZE = 8
 TINY_CLASSES = ["a", "b", "c"]
 #: what the trust tests measured, printed at the end of the run (tests/conftest.py)
@@ -70,16 +76,18 @@ class CloudPair:
     """S2 and S1 as processes on free ports, with fresh random tokens; logs collected for inspection.
 
     ``relay=True`` puts a :class:`RoundRelay` between S1 and S2 (S1's ``--peer-url`` is the relay), so a
-    test can act at a chosen protocol round and restart S2 behind an unchanged URL.
+    test can act at a chosen protocol round and restart S2 behind an unchanged URL. ``s2_record`` names a
+    file to which S2 appends every plaintext it obtains (:class:`RecordingS2`).
     """
 
     def __init__(self, root: Path, key_bits: int = 1024, s1_args: Sequence[str] = (), s2_args: Sequence[str] = (),
-                 s2_env: dict[str, str] | None = None, relay: bool = False):
+                 s2_env: dict[str, str] | None = None, relay: bool = False, s2_record: Path | None = None):
         self.root = root
         self.key_bits = key_bits
         self.s1_args = list(s1_args)
         self.s2_args = list(s2_args)
         self.s2_env = dict(s2_env or {})
+        self.s2_record = s2_record
         self.cloud_token = secrets.token_urlsafe(24)
         self.owner_token = secrets.token_urlsafe(24)
         self.logs: list[str] = []
@@ -114,9 +122,12 @@ class CloudPair:
         return {"PYTHONPATH": str(ROOT), "HECNN_RANDOMNESS_POOL": "0", **extra}
 
     def start_s2(self) -> CloudProcess:
-        s2 = CloudProcess("S2", ["--data-dir", str(self.s2_dir), "--key-bits", str(self.key_bits), "--quiet",
-                           *self.s2_args],
-                          self.env(HECNN_S2_CLOUD_TOKEN=self.cloud_token, **self.s2_env), on_log=self.logs.append, cwd=ROOT)
+        args = ["--data-dir", str(self.s2_dir), "--key-bits", str(self.key_bits), "--quiet", *self.s2_args]
+        env = self.env(HECNN_S2_CLOUD_TOKEN=self.cloud_token, **self.s2_env)
+        if self.s2_record is not None:
+            s2: CloudProcess = RecordingS2(self.s2_record, args, env, on_log=self.logs.append, cwd=ROOT)
+        else:
+            s2 = CloudProcess("S2", args, env, on_log=self.logs.append, cwd=ROOT)
         ready(s2)
         if self.relay is not None:
             self.relay.upstream = s2.url  # type: ignore[assignment]
@@ -156,6 +167,25 @@ class CloudPair:
             text = "\n".join(self.logs)
             assert self.cloud_token not in text and self.owner_token not in text  # tokens are never logged
             assert "Traceback" not in text, text[-3000:]
+
+
+class RecordingS2(CloudProcess):
+    """S2 started by ``tests/recording_s2.py``: ``he-cnn serve s2`` with the same ``args``, its key cloud
+    appending every plaintext it obtains to ``record``. Only the command differs from
+    :class:`CloudProcess`, which always runs ``python -m he_cnn serve``; log, readiness and stop are its own."""
+
+    def __init__(self, record: Path, args: Sequence[str], env: dict[str, str],
+                 on_log: Callable[[str], None] | None = None, cwd: Path | None = None):
+        self.role = "S2"
+        self.url = None
+        self._listening = threading.Event()
+        self._tail = deque(maxlen=20)
+        self._on_log = on_log
+        command = [sys.executable, str(RECORDING_S2), str(record), "s2", "--port", "0", *args]
+        self.process = subprocess.Popen(command, env={**os.environ, **env}, cwd=cwd, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1)
+        self._reader = threading.Thread(target=self._read_log, name="S2-log", daemon=True)
+        self._reader.start()
 
 
 def ready(cloud: CloudProcess) -> CloudProcess:

@@ -3,7 +3,7 @@
 Steps per image:
   1. read the model's public description from S1 (input shape, ``input_max``, class names);
   2. read the image (PNG/JPEG/.npy), resize it to the model's input size and encode its pixels as the
-     integers ``0..input_max`` (:func:`he_cnn.data.quantize_image`), exactly as the owner's model expects;
+     integers ``0..input_max`` (:func:`he_cnn.images.quantize_image`), exactly as the owner's model expects;
   3. encrypt every pixel under the clouds' public key (relayed by S1) and POST the wire message
      ``{user_n: [N_u], image: E(pixels)}`` to ``/v1/models/<id>/classify``;
   4. decrypt the returned ``class_vector`` (under the user's own key) and take the arg-max.
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from gmpy2 import mpz
 
-from he_cnn.training.data import load_image_file, quantize_image
 from he_cnn.errors import BadRequest, ProtocolError
+from he_cnn.images import load_image_file, quantize_image
 from he_cnn.transport.http_channel import CloudPublicKey, fetch_public_key, http_request
 from he_cnn.crypto.paillier import KeyPair
 from he_cnn.crypto.tensor import EncryptedTensor

@@ -22,6 +22,7 @@ from he_cnn.crypto.paillier import MIN_KEY_BITS, KeyPair, PublicKey, UserKeys
 from he_cnn.protocols import comparison, linear, output, smp
 from he_cnn.parallel import INLINE, Workers
 from he_cnn.protocols.linear import LinearGeometry
+from he_cnn.trace import NULL_TRACER, Tracer
 from he_cnn.transport.wire import Message, decode, encode
 
 HANDLERS: dict[str, Callable[["KeyCloud", Message], Message]] = {
@@ -100,6 +101,8 @@ class KeyCloud:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     #: the users' keys seen lately (S2 encrypts each answer under one)
     user_keys: UserKeys = field(default_factory=UserKeys)
+    #: hears about S2's heavy operations (:mod:`he_cnn.trace`)
+    tracer: Tracer = NULL_TRACER
 
     def __post_init__(self) -> None:
         self.dgk_public.pool_pairs = True  # S2 encrypts bits: its pool keeps g h^r beside h^r
@@ -114,7 +117,12 @@ class KeyCloud:
         handler = HANDLERS.get(step)
         if handler is None:
             raise BadRequest(f"unknown protocol step {step!r}; expected one of {sorted(HANDLERS)}")
-        return encode(handler(self, decode(payload)))
+        with self.tracer.op("s2_other"):  # what the handlers' own operations leave over
+            with self.tracer.op("s2_wire"):
+                request = decode(payload)
+            reply = handler(self, request)
+            with self.tracer.op("s2_wire"):
+                return encode(reply)
 
     # -- state used by the handlers ---------------------------------------------------------------
     def observe(self, step: str, values: list[int], bits: int, kappa: int) -> None:

@@ -24,6 +24,7 @@ from he_cnn.crypto.dgk import DGKPublicKey
 from he_cnn.errors import BoundExceeded, ProtocolError
 from he_cnn.crypto.paillier import KAPPA, PrivateKey, PublicKey, keypair_from_primes, random_ints
 from he_cnn.parallel import INLINE, Workers
+from he_cnn.trace import NULL_TRACER, Tracer
 from he_cnn.crypto.tensor import EncryptedTensor, object_array
 from he_cnn.transport.wire import Message
 
@@ -43,6 +44,9 @@ class S1Context:
     workers: Workers = INLINE
     #: counts of public-key operations by kind, for the benchmark
     ops: dict[str, int] = field(default_factory=dict)
+    #: hears about S1's layers and heavy operations (:mod:`he_cnn.trace`); the channel has its own
+    #: (``Channel.tracer``) for wire encoding and transport
+    tracer: Tracer = NULL_TRACER
 
     def count(self, kind: str, n: int = 1) -> None:
         self.ops[kind] = self.ops.get(kind, 0) + n
@@ -74,10 +78,12 @@ def pack_masked(ctx: S1Context, values: EncryptedTensor, masks: Sequence[int], l
     flat = values.data.reshape(-1)
     if len(masks) != flat.size:
         raise ProtocolError(f"{len(masks)} masks for {flat.size} values")
+    ctx.tracer.reveal(flat.size, l)
     n_packs = -(-flat.size // k)
     calls = [(pk.n, nsq, flat[r.start * k:r.stop * k], list(masks[r.start * k:r.stop * k]), slot, k)
              for r in ctx.workers.chunks(n_packs, minimum=1)]
-    packs = [pk.rerandomize(c) for part in ctx.workers.map(_pack_chunk, calls) for c in part]
+    with ctx.tracer.op("s1_pack"):
+        packs = [pk.rerandomize(c) for part in ctx.workers.map(_pack_chunk, calls) for c in part]
     ctx.count("pack_values", flat.size)
     ctx.count("rerandomize", len(packs))
     return object_array(packs, len(packs))
@@ -161,8 +167,9 @@ def reveal_packs(ctx: S1Context, name: str, packs: Sequence[mpz], masks: np.ndar
     every pack is re-randomised. S2 reads it with :func:`read_revealed`, like any reveal."""
     pk = ctx.public_key
     msg = Message(meta={f"{name}_count": masks.size, f"{name}_bits": l, "kappa": ctx.kappa})
-    msg.arrays[name] = object_array([pk.rerandomize(c * pk.plain_term(int(m)) % pk.nsq)
-                                     for c, m in zip(packs, pack_plain(masks, slot_bits(l, ctx.kappa)))], len(packs))
+    with ctx.tracer.op("s1_pack"):
+        msg.arrays[name] = object_array([pk.rerandomize(c * pk.plain_term(int(m)) % pk.nsq)
+                                         for c, m in zip(packs, pack_plain(masks, slot_bits(l, ctx.kappa)))], len(packs))
     msg.widths[name] = pk.ciphertext_bytes
     ctx.count("rerandomize", len(packs))
     return msg
@@ -179,7 +186,8 @@ def read_revealed(cloud: "KeyCloud", msg: Message, name: str) -> tuple[list[int]
     count, l, kappa = (msg.get(f"{name}_count", int), msg.get(f"{name}_bits", int), msg.get("kappa", int))
     if kappa < KAPPA or l < 0 or count < 0:
         raise ProtocolError(f"reveal parameters out of range: count={count}, bits={l}, kappa={kappa} (min {KAPPA})")
-    values = unpack_revealed(cloud.keys.private, msg.array(name), count, l, kappa, cloud.workers)
+    with cloud.tracer.op("s2_decrypt"):
+        values = unpack_revealed(cloud.keys.private, msg.array(name), count, l, kappa, cloud.workers)
     cloud.observe(name, values, l, kappa)
     return values, l
 
@@ -193,8 +201,9 @@ def encrypted_reply(cloud: "KeyCloud", fields: dict[str, Sequence[int]], meta: d
     """S2: a reply whose fields are fresh Paillier encryptions of the given signed integers."""
     pk = cloud.keys.public
     msg = Message(meta=dict(meta or {}))
-    for name, values in fields.items():
-        ciphertext_field(msg, name, [pk.encrypt(int(v)) for v in values], pk.ciphertext_bytes)
+    with cloud.tracer.op("s2_encrypt"):
+        for name, values in fields.items():
+            ciphertext_field(msg, name, [pk.encrypt(int(v)) for v in values], pk.ciphertext_bytes)
     return msg
 
 

@@ -50,7 +50,7 @@ from gmpy2 import mpz
 
 from he_cnn.crypto.dgk import DGKPublicKey
 from he_cnn.errors import BoundExceeded, ProtocolError, ShapeError
-from he_cnn.graph.integer_model import conv_output_hw, max_runs, window_ranges
+from he_cnn.graph.geometry import conv_output_hw, max_runs, window_ranges
 from he_cnn.crypto.paillier import batch_invert, random_ints
 from he_cnn.parallel import from_blob, to_blob
 from he_cnn.crypto.tensor import EncryptedTensor, object_array
@@ -98,14 +98,16 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool, lo
     calls = [(dgk.to_dict(), bits_blob[r.start * row:r.stop * row], r_low[r.start:r.stop],
               signs[r.start:r.stop], randomizers[r.start * row:r.stop * row])
              for r in ctx.workers.chunks(n, minimum=8)]
-    blinded = b"".join(ctx.workers.map(_blind_chunk, calls))  # rows in order; the workers range-check the bits
+    with ctx.tracer.op("s1_blind"):
+        blinded = b"".join(ctx.workers.map(_blind_chunk, calls))  # rows in order; the workers range-check the bits
     ctx.count("dgk_bit", n * (k + 1))
     msg2 = Message(meta={"ticket": ticket, "product": product})
     msg2.set_blob("blinded", blinded, width, (n, k + 1))
     reply2 = ctx.channel.request(ZERO_STEP, msg2)
 
     pk = ctx.public_key
-    columns = [read_ciphertexts(pk, reply2, f, (n,)).data for f in reply_fields(l, k, product)]
+    with ctx.tracer.op("s1_validate"):
+        columns = [read_ciphertexts(pk, reply2, f, (n,)).data for f in reply_fields(l, k, product)]
     if product:
         columns.append(xf.data)
     calls = [(pk.n, pk.nsq, l, k, [list(c[r.start:r.stop]) for c in columns], masks[r.start:r.stop],
@@ -268,8 +270,9 @@ def s2_compare_bits(cloud: "KeyCloud", msg: Message) -> Message:
         raise BoundExceeded(f"comparison of {k}-bit values exceeds the DGK key's limit of {dgk.max_bits} bits")
     ticket = cloud.tickets.put("comparison", (d, l, k))
     low = (1 << k) - 1
-    betas = [((di & low) << 1) | 1 for di in d]
-    cts = dgk.encrypt_bits_blob((beta >> (k - j)) & 1 for beta in betas for j in range(k + 1))
+    with cloud.tracer.op("s2_dgk_encrypt"):
+        betas = [((di & low) << 1) | 1 for di in d]
+        cts = dgk.encrypt_bits_blob((beta >> (k - j)) & 1 for beta in betas for j in range(k + 1))
     reply = Message(meta={"ticket": ticket})
     reply.set_blob("bits", cts, dgk.ciphertext_bytes, (len(d), k + 1))
     return reply
@@ -289,7 +292,8 @@ def s2_compare_zero(cloud: "KeyCloud", msg: Message) -> Message:
     width, blob, row = dgk.ciphertext_bytes, msg.payload("blinded"), (k + 1) * dgk.ciphertext_bytes
     calls = [(int(dgk.n), int(dgk_priv.p), int(dgk_priv.v_p), width, k + 1, blob[r.start * row:r.stop * row])
              for r in cloud.workers.chunks(len(d), minimum=8)]
-    delta = [v for part in cloud.workers.map(_zero_chunk, calls) for v in part]
+    with cloud.tracer.op("s2_zero"):
+        delta = [v for part in cloud.workers.map(_zero_chunk, calls) for v in part]
     cloud.observe("delta", delta, 1, 0)
     alpha = [di >> k for di in d]
     if k < l:
@@ -311,7 +315,8 @@ def secure_truncate(ctx: S1Context, x: EncryptedTensor, bits: int, shift: int) -
     """E(floor(x / 2^shift)) element-wise, exactly, for -2^bits <= x < 2^bits and 1 <= shift <= bits
     (two rounds; the comparison runs on the low ``shift`` bits only)."""
     floor_z = secure_sign(ctx, x, bits, product=False, low=shift)  # floor((x + 2^bits) / 2^shift)
-    return floor_z.add(np.full(x.shape, -(1 << (bits - shift)), dtype=object))
+    with ctx.tracer.op("s1_combine"):
+        return floor_z.add(np.full(x.shape, -(1 << (bits - shift)), dtype=object))
 
 
 def secure_relu(ctx: S1Context, x: EncryptedTensor, bits: int, shift: int = 0) -> EncryptedTensor:
@@ -330,7 +335,11 @@ def secure_relu(ctx: S1Context, x: EncryptedTensor, bits: int, shift: int = 0) -
 
 def secure_max(ctx: S1Context, a: EncryptedTensor, b: EncryptedTensor, bits: int) -> EncryptedTensor:
     """E(max(a, b)) = E(b + ReLU(a - b)) element-wise for |a|, |b| < 2^bits; ties give b (= a)."""
-    return b.add(secure_relu(ctx, a.sub(b), bits + 1))
+    with ctx.tracer.op("s1_combine"):
+        difference = a.sub(b)
+    relu = secure_relu(ctx, difference, bits + 1)
+    with ctx.tracer.op("s1_combine"):
+        return b.add(relu)
 
 
 def secure_maxpool(ctx: S1Context, x: EncryptedTensor, kernel: int, stride: int, padding: int,

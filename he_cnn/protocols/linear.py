@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from he_cnn.errors import ProtocolError, ShapeError
-from he_cnn.graph.integer_model import conv_output_hw, im2col_indices
+from he_cnn.graph.geometry import conv_output_hw, im2col_indices
 from he_cnn.crypto.paillier import KAPPA
 from he_cnn.crypto.tensor import EncryptedTensor, as_int_array
 from he_cnn.transport.wire import Message
@@ -62,9 +62,13 @@ CROSS_STEP = "linear_cross"
 
 @dataclass(frozen=True)
 class LinearGeometry:
-    """Public shape of a linear layer: a convolution over (C, H, W) or a dense layer over (F,)."""
+    """The protocol's view of a linear layer: which input elements each output position reads.
 
-    kind: str  # "conv" or "dense"
+    A (C, H, W) input is read through a ``kernel`` x ``kernel`` window (stride, zero padding): a
+    convolution. A flat (F,) input is read whole by a single position: a dense layer. The layer
+    catalogue (:mod:`he_cnn.graph.layers`) builds the geometry of each of its linear kinds.
+    """
+
     in_shape: tuple[int, ...]
     kernel: int = 1
     stride: int = 1
@@ -72,31 +76,33 @@ class LinearGeometry:
 
     def column_indices(self) -> np.ndarray:
         """(P, F) flat input indices per output position and weight row; -1 is zero padding."""
-        if self.kind == "dense":
+        if len(self.in_shape) == 1:
             return np.arange(self.in_shape[0], dtype=np.int64).reshape(1, -1)
         return im2col_indices(self.in_shape, self.kernel, self.stride, self.padding)
 
     def out_shape(self, channels: int) -> tuple[int, ...]:
-        if self.kind == "dense":
+        if len(self.in_shape) == 1:
             return (channels,)
         return (channels, *conv_output_hw(self.in_shape[1], self.in_shape[2], self.kernel, self.stride, self.padding))
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "in_shape": list(self.in_shape), "kernel": self.kernel,
-                "stride": self.stride, "padding": self.padding}
+        return {"in_shape": list(self.in_shape), "kernel": self.kernel, "stride": self.stride,
+                "padding": self.padding}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LinearGeometry":
         try:
-            g = cls(str(d["kind"]), tuple(int(v) for v in d["in_shape"]), int(d["kernel"]), int(d["stride"]),
-                    int(d["padding"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ProtocolError(f"malformed layer geometry {d!r}") from e
-        if g.kind not in ("conv", "dense") or len(g.in_shape) != (3 if g.kind == "conv" else 1):
-            raise ProtocolError(f"unsupported layer geometry {d!r}")
-        if g.kind == "conv" and not (g.kernel >= 1 and g.stride >= 1 and 0 <= g.padding < g.kernel
-                                     and g.in_shape[1] + 2 * g.padding >= g.kernel):
-            raise ProtocolError(f"inconsistent convolution geometry {d!r}")
+            values = [d["in_shape"], d["kernel"], d["stride"], d["padding"]]
+            if not isinstance(values[0], list) or not all(type(v) is int for v in values[0] + values[1:]):
+                raise TypeError("not integers")
+            g = cls(tuple(values[0]), *values[1:])
+        except (KeyError, TypeError) as e:
+            raise ProtocolError(f"malformed layer geometry {str(d)[:200]}") from e
+        flat = len(g.in_shape) == 1 and (g.kernel, g.stride, g.padding) == (1, 1, 0)
+        window = len(g.in_shape) == 3 and g.kernel >= 1 and g.stride >= 1 and 0 <= g.padding < g.kernel \
+            and min(g.in_shape[1:]) + 2 * g.padding >= g.kernel
+        if not (flat or window) or min(g.in_shape) < 1:
+            raise ProtocolError(f"inconsistent layer geometry {str(d)[:200]}")
         return g
 
 
@@ -168,9 +174,11 @@ def precompute_linear(ctx: S1Context, layer: EncryptedLinear, setup: LinearSetup
     mask_padded = np.array(masks + [0], dtype=object)
     a_cols = mask_padded[np.where(idx < 0, len(masks), idx)]
     # A_cols @ E(Kt) computed as (E(Kt)^T @ A_cols^T)^T
-    a_term = EncryptedTensor(ctx.public_key, setup.masked_weight.data.T.copy()).matmul_plain(a_cols.T, ctx.workers)
+    with ctx.tracer.op("s1_cross"):
+        a_term = EncryptedTensor(ctx.public_key, setup.masked_weight.data.T.copy()).matmul_plain(a_cols.T, ctx.workers)
     ctx.count("exp_offline", idx.shape[0] * idx.shape[1] * layer.weight.shape[1])
-    return LinearPrecomputation(masks, EncryptedTensor(ctx.public_key, a_term.data.T.copy()).neg())
+    with ctx.tracer.op("s1_combine"):
+        return LinearPrecomputation(masks, EncryptedTensor(ctx.public_key, a_term.data.T.copy()).neg())
 
 
 def new_setup_id() -> str:
@@ -190,7 +198,8 @@ def setup_linear_layers(ctx: S1Context, setup_id: str, layers: Sequence[Encrypte
         msg.meta["layers"].append({"name": layer.name, "shape": list(layer.weight.shape),
                                    "geometry": layer.geometry.to_dict()})
         mask_arr = as_int_array(masks).reshape(layer.weight.shape)
-        result[layer.name] = LinearSetup(mask_arr, layer.weight.add(mask_arr))
+        with ctx.tracer.op("s1_combine"):
+            result[layer.name] = LinearSetup(mask_arr, layer.weight.add(mask_arr))
     ctx.channel.request(SETUP_STEP, msg)
     return result
 
@@ -270,14 +279,17 @@ def secure_linear(ctx: S1Context, setup_id: str, layer: EncryptedLinear, setup: 
     ticket = reply.get("ticket", str)
     if shared is not None and shared.ticket is None and shared.uses:
         shared.ticket = reply.get("x_ticket", str)
-    cols = read_ciphertexts(pk, reply, "cols", (groups, f_count))
+    with ctx.tracer.op("s1_validate"):
+        cols = read_ciphertexts(pk, reply, "cols", (groups, f_count))
 
     # S1: packs of X_cols + 2^lx, raised to B -> packs of Z, masked
     offset = 1 << x_bits
     a_cols = np.array(pre.masks + [0], dtype=object)[np.where(idx < 0, len(pre.masks), idx)]
-    cols = cols.sub(_pack_rows(a_cols - offset, k, slot))
+    with ctx.tracer.op("s1_combine"):
+        cols = cols.sub(_pack_rows(a_cols - offset, k, slot))
     ctx.count("exp_online", groups * f_count * c_count)
-    z = cols.matmul_plain(setup.masks, ctx.workers)  # (groups, C) packs
+    with ctx.tracer.op("s1_cross"):
+        z = cols.matmul_plain(setup.masks, ctx.workers)  # (groups, C) packs
     z_masks = np.array(sample_masks(c_count * groups * k, lc, ctx.kappa), dtype=object).reshape(c_count, groups * k)
     # packs and masks in the order (c, group)
     msg2 = reveal_packs(ctx, "z", z.data.T.reshape(-1), z_masks.reshape(c_count * groups, k), lc)
@@ -285,10 +297,13 @@ def secure_linear(ctx: S1Context, setup_id: str, layer: EncryptedLinear, setup: 
 
     # round 2: S2 returns E(Y - Z - M) per output
     reply2 = ctx.channel.request(CROSS_STEP, msg2)
-    out = read_ciphertexts(pk, reply2, "y", (p_count, c_count)).add(pre.neg_a_term)
+    with ctx.tracer.op("s1_validate"):
+        out = read_ciphertexts(pk, reply2, "y", (p_count, c_count))
     m = z_masks[:, :p_count].T  # (P, C)
-    out = out.add(m + offset * setup.masks.sum(axis=0))
-    out = out.add(EncryptedTensor(pk, np.broadcast_to(layer.bias.data, out.shape).copy()))
+    with ctx.tracer.op("s1_combine"):
+        out = out.add(pre.neg_a_term)
+        out = out.add(m + offset * setup.masks.sum(axis=0))
+        out = out.add(EncryptedTensor(pk, np.broadcast_to(layer.bias.data, out.shape).copy()))
     # (P, C) -> channel-first output
     return EncryptedTensor(pk, out.data.T.copy()).reshape(layer.out_shape)
 
@@ -314,10 +329,12 @@ def s2_linear(cloud: "KeyCloud", msg: Message) -> Message:
     slot = slot_bits(lc, kappa)
     idx = geometry.column_indices()
     k = slots_per_pack(cloud.keys.public.bits, slot)
-    padded = np.array(values + [0], dtype=object)
-    x_cols = padded[np.where(idx < 0, len(values), idx)]
-    meta["ticket"] = cloud.tickets.put("linear", (np.dot(x_cols, weights), slot))
-    cols = _pack_rows(x_cols, k, slot)
+    with cloud.tracer.op("s2_plain"):
+        padded = np.array(values + [0], dtype=object)
+        x_cols = padded[np.where(idx < 0, len(values), idx)]
+        y = np.dot(x_cols, weights)
+        cols = _pack_rows(x_cols, k, slot)
+    meta["ticket"] = cloud.tickets.put("linear", (y, slot))
     reply = encrypted_reply(cloud, {"cols": cols.reshape(-1)}, meta)
     reply.arrays["cols"] = reply.arrays["cols"].reshape(cols.shape)
     return reply

@@ -35,8 +35,10 @@ def reencrypt_for_user(ctx: S1Context, y: EncryptedTensor, bits: int, user_key: 
     msg, masks = masked_reveal(ctx, "y", y.flatten(), bits)
     msg.arrays["user_n"] = np.array([user_key.n], dtype=object)
     reply = ctx.channel.request(STEP, msg)
-    out = read_ciphertexts(user_key, reply, "y_user", (y.size,))
-    return out.sub(masks).rerandomize().reshape(y.shape)
+    with ctx.tracer.op("s1_validate"):
+        out = read_ciphertexts(user_key, reply, "y_user", (y.size,))
+    with ctx.tracer.op("s1_combine"):
+        return out.sub(masks).rerandomize().reshape(y.shape)
 
 
 def s2_to_user(cloud: "KeyCloud", msg: Message) -> Message:
@@ -47,7 +49,8 @@ def s2_to_user(cloud: "KeyCloud", msg: Message) -> Message:
     user_key = PublicKey(mpz(user_n[0]))  # checked before S2 keeps it (and builds its table)
     if not cloud.min_user_key_bits <= user_key.bits <= MAX_USER_KEY_BITS or user_key == cloud.keys.public:
         raise ProtocolError(f"unacceptable user key ({user_key.bits} bits)")
-    user_key = cloud.user_key(user_key.n)
     reply = Message()
-    ciphertext_field(reply, "y_user", [user_key.encrypt(v) for v in values], user_key.ciphertext_bytes)
+    with cloud.tracer.op("s2_encrypt"):  # a new user key builds its randomizer table here
+        user_key = cloud.user_key(user_key.n)
+        ciphertext_field(reply, "y_user", [user_key.encrypt(v) for v in values], user_key.ciphertext_bytes)
     return reply

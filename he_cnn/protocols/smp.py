@@ -37,10 +37,12 @@ def secure_multiply(ctx: S1Context, a: EncryptedTensor, b: EncryptedTensor, a_bi
     msg.arrays.update(msg_b.arrays)
     msg.widths.update(msg_b.widths)
     reply = ctx.channel.request(STEP, msg)
-    product = read_ciphertexts(ctx.public_key, reply, "ab", (a.size,))
+    with ctx.tracer.op("s1_validate"):
+        product = read_ciphertexts(ctx.public_key, reply, "ab", (a.size,))
     af, bf = a.flatten(), b.flatten()
     ctx.count("exp_short", 2 * a.size)
-    out = product.sub(af.mul_plain(mask_b)).sub(bf.mul_plain(mask_a)).sub([x * y for x, y in zip(mask_a, mask_b)])
+    with ctx.tracer.op("s1_combine"):
+        out = product.sub(af.mul_plain(mask_b)).sub(bf.mul_plain(mask_a)).sub([x * y for x, y in zip(mask_a, mask_b)])
     return out.reshape(a.shape)
 
 

@@ -7,33 +7,26 @@ and biases ``round(b * s_out)`` where ``s_out = s_in * 2**k``; so scales multipl
 layer ever rescales (ReLU and max-pool commute with a positive scale). The branches of an Inception
 block must reach their concatenation at one scale: the last linear layer of each lower-scale branch
 takes the extra powers of two (exact, at the cost of wider weights there). Every tensor's scale is
-``input_max * 2**e``; ``meta`` records the shifts ``k`` and exponents ``e``. :func:`save_integer_model`
-writes the model as versioned JSON (integers of any size, no pickle); :func:`load_integer_model`
-checks everything it reads and re-derives shapes and bounds.
+``input_max * 2**e``; ``meta`` records the shifts ``k`` and exponents ``e``. The integer model's
+file is :mod:`he_cnn.graph.integer_model`'s.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
 from fractions import Fraction
-from pathlib import Path
-from typing import Any, Callable
+
 
 import numpy as np
 from torch import nn
 
-from he_cnn.errors import BadRequest, HECNNError, UnsupportedLayer
-from he_cnn.graph.integer_model import (Concat, Conv, Dense, Flatten, IntegerModel, Layer, MaxPool, ReLU, infer_shapes_and_bounds,
-                    maxpool_comparisons)
+from he_cnn.errors import BadRequest, UnsupportedLayer
+from he_cnn.graph.geometry import maxpool_comparisons
+from he_cnn.graph.integer_model import IntegerModel, infer_shapes_and_bounds
+from he_cnn.graph.layers import Concat, Conv, Dense, Flatten, Layer, MaxPool, ReLU
 from he_cnn.training.icnn import INPUT, ICNN, ChannelConcat
 
-FORMAT = "he-cnn-integer-model"
-FORMAT_VERSION = 1
 #: default width of requantised activations (see :func:`quantize_icnn`)
 ACTIVATION_BITS = 10
-LAYER_TYPES: dict[str, type] = {t.__name__: t for t in (Conv, Dense, ReLU, MaxPool, Concat, Flatten)}
 
 Step = tuple[str, nn.Module, tuple[str, ...]]
 
@@ -241,188 +234,3 @@ def _integer_layer(step: Step, shifts: dict[str, int], exponents: dict[str, int]
 def _to_ints(values: np.ndarray) -> np.ndarray:
     """Round floats to exact Python ints (object array, same shape); no int64 on the way."""
     return np.array([int(v) for v in np.rint(values).ravel()], dtype=object).reshape(values.shape)
-
-
-# --- JSON file ---------------------------------------------------------------------------------
-
-
-def save_integer_model(model: IntegerModel, path: str | Path) -> None:
-    """Write ``model`` as JSON; shapes and bounds are not stored (loading re-derives them)."""
-    document = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "input_name": model.input_name,
-        "input_shape": list(model.input_shape),
-        "input_max": model.input_max,
-        "output": model.output,
-        "num_classes": model.num_classes,
-        "meta": model.meta,
-        "layers": [_layer_to_json(layer) for layer in model.layers],
-    }
-    target = Path(path)
-    partial = target.with_name(target.name + ".partial")
-    partial.write_text(json.dumps(document, indent=1))
-    os.replace(partial, target)  # a reader never sees a half-written model
-
-
-def load_integer_model(path: str | Path) -> IntegerModel:
-    """Read a model written by :func:`save_integer_model`; :class:`BadRequest` if anything is off."""
-    source = Path(path)
-    try:
-        document = json.loads(source.read_text())
-    except FileNotFoundError as e:
-        raise BadRequest(f"integer model file {str(source)!r} does not exist") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadRequest(f"integer model file {str(source)!r} is not readable JSON: {e}") from e
-    try:
-        return _model_from_json(document)
-    except HECNNError as e:
-        raise BadRequest(f"integer model file {str(source)!r} is invalid: {e}") from e
-
-
-def _layer_to_json(layer: Layer) -> dict[str, Any]:
-    fields: dict[str, Any] = {"type": type(layer).__name__}
-    for f in dataclasses.fields(layer):
-        value = getattr(layer, f.name)
-        if isinstance(value, np.ndarray):
-            value = {"shape": list(value.shape), "values": [int(v) for v in value.ravel()]}
-        elif isinstance(value, tuple):
-            value = list(value)
-        fields[f.name] = value
-    return fields
-
-
-def _model_from_json(document: Any) -> IntegerModel:
-    top = _expect_dict(document, "the file")
-    if top.get("format") != FORMAT:
-        raise BadRequest(f"expected format {FORMAT!r}, got {top.get('format')!r}")
-    if top.get("version") != FORMAT_VERSION:
-        raise BadRequest(f"expected format version {FORMAT_VERSION}, got {top.get('version')!r}")
-    input_name = _str(_field(top, "input_name"), "input_name")
-    input_shape = tuple(_int_list(_field(top, "input_shape"), "input_shape"))
-    if len(input_shape) != 3 or min(input_shape) < 1:
-        raise BadRequest(f"input_shape must be 3 positive ints (C, H, W), got {list(input_shape)}")
-    input_max = _positive_int(_field(top, "input_max"), "input_max")
-    output = _str(_field(top, "output"), "output")
-    num_classes = _positive_int(_field(top, "num_classes"), "num_classes")
-    meta = _expect_dict(_field(top, "meta"), "meta")
-    raw_layers = _field(top, "layers")
-    if not isinstance(raw_layers, list) or not raw_layers:
-        raise BadRequest("layers must be a non-empty list")
-    layers = tuple(_layer_from_json(raw, i) for i, raw in enumerate(raw_layers))
-    _check_tensor_names(layers, input_name, output)
-    shapes, bounds = infer_shapes_and_bounds(layers, input_name, input_shape, input_max)
-    if shapes[output] != (num_classes,):
-        raise BadRequest(f"output {output!r} has shape {shapes[output]}, expected ({num_classes},)")
-    return IntegerModel(layers, input_shape, input_max, input_name, output, num_classes, shapes, bounds, meta)
-
-
-def _layer_from_json(raw: Any, index: int) -> Layer:
-    fields = _expect_dict(raw, f"layer {index}")
-    kind = fields.get("type")
-    if kind not in LAYER_TYPES:
-        raise BadRequest(f"layer {index}: type {kind!r} is not one of {', '.join(LAYER_TYPES)}")
-    cls = LAYER_TYPES[kind]
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(fields) - set(known) - {"type"}
-    if unknown:
-        raise BadRequest(f"layer {index} ({kind}): unexpected fields {sorted(unknown)}")
-    values = {}
-    for name, f in known.items():
-        if name not in fields:
-            if f.default is dataclasses.MISSING:
-                raise BadRequest(f"layer {index} ({kind}): missing field {name!r}")
-            continue
-        values[name] = _FIELD_PARSERS[name](fields[name], f"layer {index} ({kind}) field {name!r}")
-    for name, rank in _ARRAY_RANKS.get(cls, {}).items():
-        if values[name].ndim != rank:
-            raise BadRequest(f"layer {index} ({kind}): {name} must have {rank} dimensions, got {values[name].ndim}")
-    return cls(**values)
-
-
-def _check_tensor_names(layers: tuple[Layer, ...], input_name: str, output: str) -> None:
-    """Every layer reads tensors made earlier and writes a new one; the output tensor exists."""
-    known = {input_name}
-    for layer in layers:
-        reads = layer.inputs if isinstance(layer, Concat) else (layer.input,)
-        missing = [t for t in reads if t not in known]
-        if missing:
-            raise BadRequest(f"layer {layer.name!r} reads {missing}, which no earlier layer produces")
-        if layer.output in known:
-            raise BadRequest(f"layer {layer.name!r} writes tensor {layer.output!r}, which already exists")
-        known.add(layer.output)
-    if output not in known:
-        raise BadRequest(f"output tensor {output!r} is produced by no layer")
-
-
-def _field(fields: dict[str, Any], name: str) -> Any:
-    if name not in fields:
-        raise BadRequest(f"missing field {name!r}")
-    return fields[name]
-
-
-def _expect_dict(value: Any, what: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise BadRequest(f"{what} must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _str(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise BadRequest(f"{what} must be a non-empty string, got {value!r}")
-    return value
-
-
-def _int(value: Any, what: str) -> int:
-    if type(value) is not int:  # bool and float are not ints here
-        raise BadRequest(f"{what} must be an integer, got {value!r}")
-    return value
-
-
-def _positive_int(value: Any, what: str) -> int:
-    if _int(value, what) < 1:
-        raise BadRequest(f"{what} must be positive, got {value}")
-    return value
-
-
-def _non_negative_int(value: Any, what: str) -> int:
-    if _int(value, what) < 0:
-        raise BadRequest(f"{what} must not be negative, got {value}")
-    return value
-
-
-def _int_list(value: Any, what: str) -> list[int]:
-    if not isinstance(value, list):
-        raise BadRequest(f"{what} must be a list of integers, got {type(value).__name__}")
-    return [_int(v, what) for v in value]
-
-
-def _str_tuple(value: Any, what: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value:
-        raise BadRequest(f"{what} must be a non-empty list of strings, got {value!r}")
-    return tuple(_str(v, what) for v in value)
-
-
-def _int_array(value: Any, what: str) -> np.ndarray:
-    array = _expect_dict(value, what)
-    shape = _int_list(_field(array, "shape"), f"{what} shape")
-    values = _int_list(_field(array, "values"), f"{what} values")
-    if min(shape, default=0) < 1 or math.prod(shape) != len(values):
-        raise BadRequest(f"{what}: shape {shape} does not hold {len(values)} values")
-    return np.array(values, dtype=object).reshape(shape)
-
-
-_ARRAY_RANKS: dict[type, dict[str, int]] = {Conv: {"weight": 4, "bias": 1}, Dense: {"weight": 2, "bias": 1}}
-
-_FIELD_PARSERS: dict[str, Callable[[Any, str], Any]] = {
-    "name": _str,
-    "input": _str,
-    "output": _str,
-    "inputs": _str_tuple,
-    "weight": _int_array,
-    "bias": _int_array,
-    "kernel": _positive_int,
-    "stride": _positive_int,
-    "padding": _non_negative_int,
-    "shift": _non_negative_int,
-}

@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
+from he_cnn.trace import NULL_TRACER, Tracer
 from he_cnn.transport.wire import Message, decode, encode
 
 
@@ -69,15 +70,19 @@ class Channel(ABC):
     def __init__(self) -> None:
         self.stats = ChannelStats()
         self._lock = threading.Lock()
+        #: hears about wire encoding (``s1_wire``) and, over a network, the exchange (``s2_http``)
+        self.tracer: Tracer = NULL_TRACER
 
     def request(self, step: str, message: Message) -> Message:
-        payload = encode(message)
+        with self.tracer.op("s1_wire"):
+            payload = encode(message)
         start = time.perf_counter()
         reply = self._exchange(step, payload)
         elapsed = time.perf_counter() - start
         with self._lock:
             self.stats.record(step, len(payload), len(reply), elapsed)
-        return decode(reply)
+        with self.tracer.op("s1_wire"):
+            return decode(reply)
 
     @abstractmethod
     def _exchange(self, step: str, payload: bytes) -> bytes:

@@ -4,9 +4,9 @@
 round is one ``POST {peer}/v1/rounds/{step}`` whose body and reply are the same wire bytes the
 in-process channel hands over, so protocol code cannot tell the two apart. Failures come back as our
 own exceptions: an unreachable or silent peer is :class:`PeerUnavailable`; a JSON error body from the
-peer (``{"error": code, "message": ...}``) is re-raised as the he-cnn error class with that code,
-carrying the peer's message and tagged with ``peer_code`` and ``peer_status`` so the caller knows it
-was the peer that refused. The cloud public key travels as a wire message too
+peer (``{"error": code, "message": ...}``) is re-raised as the he-cnn error class with that code
+(:func:`he_cnn.errors.error_classes`), carrying the peer's message and tagged with ``peer_code`` and
+``peer_status`` so the caller knows it was the peer that refused. The cloud public key travels as a wire message too
 (:func:`public_key_message` / :func:`parse_public_key`), so S2, S1 and clients agree on one format.
 """
 from __future__ import annotations
@@ -31,18 +31,6 @@ PUBLIC_KEY_PATH = "/v1/public-key"
 WIRE_CONTENT_TYPE = "application/octet-stream"
 
 
-def _error_classes() -> dict[str, type[HECNNError]]:
-    """Every error class of :mod:`he_cnn.errors`, by its ``code``."""
-    found: dict[str, type[HECNNError]] = {}
-    stack: list[type[HECNNError]] = [HECNNError]
-    while stack:
-        cls = stack.pop()
-        if cls.__module__ == errors.__name__:
-            found[cls.code] = cls
-        stack.extend(cls.__subclasses__())
-    return found
-
-
 def error_from_response(response: requests.Response, peer: str) -> HECNNError:
     """The he-cnn exception a non-2xx JSON error reply stands for (``ProtocolError`` if unknown).
 
@@ -55,7 +43,7 @@ def error_from_response(response: requests.Response, peer: str) -> HECNNError:
     except (ValueError, KeyError, TypeError):
         code = "http_error"
         message = f"HTTP {response.status_code} without a JSON error body"
-    cls = _error_classes().get(code, ProtocolError)
+    cls = errors.error_classes().get(code, ProtocolError)
     err = cls(f"{peer}: {message}")
     err.peer_code = code  # type: ignore[attr-defined]
     err.peer_status = response.status_code  # type: ignore[attr-defined]
@@ -100,8 +88,9 @@ class HTTPChannel(Channel):
         return f"HTTPChannel(peer_url={self.peer_url!r}, timeout={self.timeout})"
 
     def _exchange(self, step: str, payload: bytes) -> bytes:
-        return http_request("POST", f"{self.peer_url}{ROUNDS_PATH}{step}", "S2", self.timeout,
-                            token=self._token, data=payload, session=self._session).content
+        with self.tracer.op("s2_http"):  # S2's work and the network, seen from S1
+            return http_request("POST", f"{self.peer_url}{ROUNDS_PATH}{step}", "S2", self.timeout,
+                                token=self._token, data=payload, session=self._session).content
 
     def close(self) -> None:
         self._session.close()
