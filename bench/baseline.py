@@ -28,7 +28,7 @@ import numpy as np
 import phe
 from gmpy2 import mpz
 
-from he_cnn.graph.geometry import conv_output_hw, im2col_indices
+from he_cnn.geometry import conv_output_hw, im2col_indices
 from he_cnn.crypto.paillier import KAPPA
 from bench.lowerbound import tensor_bits
 

@@ -18,7 +18,7 @@ What one run measures (everything also goes to ``--json FILE``):
   one-time set-up (key generation, model encryption, set-up round), then per image the offline
   phase (``prepare_query`` and the randomness pools filled to exactly what one query consumes) and
   the online latency, with the decrypted class vector checked against the integer reference;
-* **over HTTP** (``--http``): S2 as the real service (``python -m servers serve s2``) and S1 here
+* **over HTTP** (``--http``): S2 as the real service (``python -m he_cnn serve s2``) and S1 here
   (same offline phase), and the **full service** as deployed (S1 and S2 services, upload and one
   classify request as the user sends it, after both services report their offline phase done);
 * per layer: seconds, rounds, bytes each way, the engine's operation counters, where the seconds go
@@ -60,7 +60,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from he_cnn.transport.channel import Channel, InProcessChannel  # noqa: E402
-from he_cnn.training.data import quantize_image  # noqa: E402
+from he_cnn.images import quantize_image  # noqa: E402
 from he_cnn.crypto.dgk import DGKPublicKey  # noqa: E402
 from he_cnn.crypto.paillier import KAPPA, PublicKey, RandomnessPool, generate_keypair  # noqa: E402
 from he_cnn.training.icnn import ICNN  # noqa: E402
@@ -506,7 +506,7 @@ def run_http(bits: int, im, ds, indices: list[int], acct: dict, args) -> dict:
     """S2 as the real service with S1 here; then the full service (S1 service too) as a user sees it."""
     try:
         from he_cnn.transport.http_channel import HTTPChannel, fetch_public_key, http_request
-        from he_cnn.transport.wire import Message, decode, encode
+        from he_cnn.wire import Message, decode, encode
         from he_cnn.servers.launch import CloudProcess
     except Exception as e:  # noqa: BLE001 - the service may be mid-construction
         return {"bits": bits, "error": f"TODO: HTTP measurement unavailable ({type(e).__name__}: {e})"}

@@ -42,10 +42,9 @@ from typing import Any, Callable
 import gmpy2
 from gmpy2 import mpz
 
-from he_cnn.graph.geometry import im2col_indices, maxpool_comparisons
 from he_cnn.crypto.paillier import KAPPA
+from he_cnn.graph.layers import Cost, layer_from_spec, linear_siblings
 from he_cnn.protocols.common import slot_bits, slots_per_pack
-from he_cnn.parties.compute_cloud import linear_siblings
 
 #: window of the shared-base exponentiation assumed by the bound (the engine's Straus window)
 WINDOW = 4
@@ -127,19 +126,21 @@ def _reveal(n_values: int, l: int, bits: int, prim: dict[str, float], kappa: int
     return mults * prim["mulmod_nsq"], packs * prim["decrypt_crt"], packs, mults
 
 
+def _catalogue_cost(entry: dict, spec: dict) -> Cost:
+    """The catalogue's cost of one spec layer (its class's :meth:`~he_cnn.graph.layers.Layer.cost`)."""
+    layer = layer_from_spec(entry)
+    return layer.cost([tuple(spec["shapes"][s]) for s in layer.sources()],
+                      [tensor_bits(spec, s) for s in layer.sources()])
+
+
 def linear_packing(entry: dict, spec: dict, bits: int, kappa: int = KAPPA) -> tuple[int, int, int, int, int, int]:
     """A linear layer's packed cross terms at this key size: (positions P, taps F, mask bits b_B,
     cross-term bits lc, positions per plaintext k, position groups G = ceil(P / k))."""
-    in_shape = spec["shapes"][entry["input"]]
-    if entry["kind"] == "conv":
-        idx = im2col_indices(tuple(in_shape), int(entry["kernel"]), int(entry["stride"]), int(entry["padding"]))
-        positions, taps = idx.shape
-    else:
-        positions, taps = 1, math.prod(in_shape)
+    positions, taps, _, _, lx = _catalogue_cost(entry, spec).linear
     # B = 2^lw + r, r < 2^(lw + 1 + kappa): lw + kappa + 1 bits, one more only with probability
     # 2^-(kappa + 1) per weight (the engine uses the actual largest B)
     b_mask = int(entry["weight_bits"]) + kappa + 1
-    lc = tensor_bits(spec, entry["input"]) + 1 + b_mask + max(0, taps - 1).bit_length()
+    lc = lx + 1 + b_mask + max(0, taps - 1).bit_length()
     k = slots_per_pack(bits, slot_bits(lc, kappa))
     return positions, taps, b_mask, lc, k, -(-positions // k)
 
@@ -149,23 +150,24 @@ def layer_bound(entry: dict, spec: dict, layer, bits: int, prim: dict[str, float
                 kappa: int = KAPPA) -> dict[str, Any]:
     """Least work (S1, S2 single-core seconds), the bound on ``cores``, least bytes each way, and the
     operation counts behind them (``counts``: decryptions, encryptions, zero tests, exponentiations by
-    exponent size, modular multiplications)."""
+    exponent size, modular multiplications). A layer's work comes from its catalogue class's
+    :class:`~he_cnn.graph.layers.Cost` (a packed linear product, comparison passes, or nothing);
+    ``layer.kind == "to_user"`` is the result's re-encryption, which is not a layer."""
     shapes = spec["shapes"]
     mm, mmd = prim["mulmod_nsq"], prim["mulmod_dgk"]
-    kind = layer.kind
     s1 = s2 = 0.0
     to_s2 = to_s1 = 0
     elements = 0
     detail: dict[str, Any] = {}
     counts: dict[str, Any] = {}
-    if kind in ("conv", "dense"):
-        n_in = math.prod(shapes[entry["input"]])
-        lx = tensor_bits(spec, entry["input"])
-        c_out = int(entry["channels"])
+    cost = _catalogue_cost(entry, spec) if layer.kind != "to_user" else Cost()
+    if cost.linear:
+        _, _, c_out, n_in, lx = cost.linear
         positions, taps, b_mask, lc, k, groups = linear_packing(entry, spec, bits, kappa)
         macs = positions * taps * c_out
         r1, r2, packs, reveal_mults = _reveal(n_in, lx, bits, prim, kappa)
-        if entry["name"] in linear_siblings(spec).get(entry["input"], [entry["name"]])[1:]:
+        siblings = linear_siblings([layer_from_spec(e) for e in spec["layers"]])
+        if entry["name"] in siblings.get(entry["input"], [entry["name"]])[1:]:
             r1 = r2 = packs = reveal_mults = 0  # a sibling's reveal of the same input serves this layer
         outputs = positions * c_out
         z_packs = groups * c_out
@@ -180,22 +182,12 @@ def layer_bound(entry: dict, spec: dict, layer, bits: int, prim: dict[str, float
                   "outputs": outputs, "cross_bits": lc, "positions_per_pack": k}
         counts = {"decryptions": packs + z_packs, "paillier_encryptions": s2_encryptions,
                   "mulmod_nsq": s1_mults + 2 * s2_encryptions, "exp_bits_online": {b_mask: groups * taps * c_out}}
-    elif kind in ("relu", "maxpool"):
+    elif cost.passes:
         # two-round passes (elements, revealed bits, compared low bits): a ReLU compares |x| < 2^l on
         # l + 1 bits; a max compares a - b, one bit more; a shift k first truncates (the low k bits of
         # every input element) and leaves l - k bits for the rest
-        l = tensor_bits(spec, entry["input"])
-        shift = min(int(entry.get("shift", 0)), l)
-        n_in = math.prod(shapes[entry["input"]])
-        passes = [(n_in, l, shift)] if shift else []
-        if kind == "relu":
-            passes += [(n_in, l - shift, l - shift)] if shift < l else []
-        else:
-            cmp = maxpool_comparisons(tuple(shapes[entry["input"]]), int(entry["kernel"]), int(entry["stride"]),
-                                      int(entry["padding"]))
-            passes += [(cmp, l - shift + 1, l - shift + 1)]
+        passes = cost.passes
         compared_bits = sum(m * (low + 1) for m, _, low in passes)
-        s1 = s2 = 0.0
         packs = reveal_mults = 0
         for m, reveal_bits, low in passes:
             r1, r2, p, rm = _reveal(m, reveal_bits, bits, prim, kappa)
@@ -211,15 +203,16 @@ def layer_bound(entry: dict, spec: dict, layer, bits: int, prim: dict[str, float
         to_s2 = packs * ct_bytes + compared_bits * dgk_bytes
         to_s1 = compared_bits * dgk_bytes + replies * ct_bytes
         elements = math.prod(shapes[entry["output"]])
+        l = tensor_bits(spec, entry["input"])
         detail = {"comparisons": sum(m for m, _, _ in passes), "bits": l, "compared_bits": compared_bits,
-                  "packs": packs, "shift": shift}
+                  "packs": packs, "shift": min(int(entry.get("shift", 0)), l)}
         counts = {"decryptions": packs, "paillier_encryptions": replies,
                   "dgk_encryptions": compared_bits, "dgk_zero_tests": compared_bits, "dgk_blind_exps": round(blind_exps),
                   "mulmod_nsq": reveal_mults + sum((COMBINE_MULTS + 8) * m for m, _, _ in passes),
                   "mulmod_dgk": (1 + BIT_MULTS) * compared_bits,
                   "exp_bits_online": {k: v for m, rb, low in passes if low == rb
                                       for k, v in ((rb + kappa + 2, m),)}}
-    elif kind == "to_user":
+    elif layer.kind == "to_user":
         n = int(spec["num_classes"])
         l = tensor_bits(spec, spec["output"])
         r1, r2, packs, reveal_mults = _reveal(n, l, bits, prim, kappa)

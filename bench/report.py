@@ -654,7 +654,7 @@ def markdown_report(results: dict) -> str:
         "- **phe baseline** (`bench/baseline.py`): the same protocols per element on `phe.EncryptedNumber`, run on"
         " a subset (a block of output positions / some elements), checked exactly, extrapolated per unit.",
         f"- **Link**: the latency a {LINK} link would add: rounds x 1 ms + bytes x 8 / 1e9.",
-        "- **HTTP**: S2 runs as `python -m servers serve s2` and S1 here with the same offline phase; S2's pools"
+        "- **HTTP**: S2 runs as `python -m he_cnn serve s2` and S1 here with the same offline phase; S2's pools"
         " are filled before each timed query (its `/v1/health` says when). The full service (S1 and S2 services,"
         " upload, one classify request) is timed after both report their offline phase done (prepared query,"
         " full pools); the time waited is reported too.",

@@ -14,7 +14,7 @@ import click
 from tqdm import tqdm
 
 from he_cnn.graph.integer_model import save_integer_model
-from he_cnn.servers.cli import run_step
+from he_cnn.console import run_step
 
 from .pipeline import (TrainedModel, TrainSettings, count_ciphertexts, encrypt_for_upload, fetch_cloud_key,
                        load_model, train_model, upload)

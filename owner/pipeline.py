@@ -1,6 +1,6 @@
 """The owner's steps: train → quantise → score → encrypt → upload.
 
-Training and quantisation are :mod:`he_cnn.train` and :mod:`he_cnn.quantize`; this module strings them
+Training and quantisation are :mod:`he_cnn.training.train` and :mod:`he_cnn.training.quantize`; this module strings them
 together for a data set (the embedded digits or an image folder), scores the float and the integer
 model on the held-out split, encrypts every kernel and bias under the cloud key fetched from S1, and
 posts the encrypted model with the owner token. :func:`cached_model` keeps trained models on disk,
@@ -22,7 +22,8 @@ import torch
 
 from he_cnn.errors import HECNNError
 from he_cnn.files import atomic_write
-from he_cnn.training.data import Dataset, load_digits_dataset, load_image_folder, quantize_image
+from he_cnn.images import quantize_image
+from he_cnn.training.data import Dataset, load_digits_dataset, load_image_folder
 from he_cnn.graph.integer_model import IntegerModel
 from he_cnn.training.icnn import ICNN
 from he_cnn.transport.http_channel import CloudPublicKey, fetch_public_key, http_request

@@ -1,7 +1,7 @@
 """The ``he-cnn`` command: one entry point for the clouds, the owner, the user and the demo.
 
-``he-cnn serve s1|s2`` (:mod:`servers.serve`), ``he-cnn owner ...`` (:mod:`owner.cli`),
-``he-cnn user ...`` (:mod:`user.cli`) and ``he-cnn demo`` (:mod:`servers.demo`); each has ``--help``.
+``he-cnn serve s1|s2`` (:mod:`he_cnn.servers.serve`), ``he-cnn owner ...`` (:mod:`he_cnn.owner.cli`),
+``he-cnn user ...`` (:mod:`he_cnn.user.cli`) and ``he-cnn demo`` (:mod:`he_cnn.servers.demo`); each has ``--help``.
 Each sub-command's module is imported only when that sub-command runs: the owner's and the demo's
 modules load torch and the training code (seconds), which a cloud process neither needs nor should
 carry.
@@ -9,29 +9,12 @@ carry.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, TypeVar
 
 import click
-
-from he_cnn.errors import HECNNError
-
-T = TypeVar("T")
 
 #: sub-command name -> "module:attribute" of its click command
 COMMANDS = {"serve": "he_cnn.servers.serve:serve", "owner": "he_cnn.owner.cli:owner",
             "user": "he_cnn.user.cli:user", "demo": "he_cnn.servers.demo:demo"}
-
-
-def run_step(what: Callable[[], T]) -> T:
-    """Run one step of a command, turning our errors and file errors into one clear line (click
-    prints it, exit status 1) instead of a traceback. Used by the owner's, the user's and the demo's
-    commands."""
-    try:
-        return what()
-    except HECNNError as e:
-        raise click.ClickException(str(e)) from e
-    except OSError as e:
-        raise click.ClickException(f"{e.strerror or e}: {e.filename or ''}") from e
 
 
 class LazyGroup(click.Group):

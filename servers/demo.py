@@ -30,7 +30,7 @@ from he_cnn.owner.pipeline import TrainedModel, TrainSettings, cached_model, tra
 from he_cnn.user.keys import create_user_key
 from he_cnn.user.query import Session
 
-from .cli import run_step
+from he_cnn.console import run_step
 from .launch import CloudProcess, wait_offline
 
 #: longest wait for the clouds' offline phase before a query (a 2048-bit query's randomness takes ~30 s)

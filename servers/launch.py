@@ -1,6 +1,6 @@
 """Starting a cloud as a separate process, the way an operator would, and stopping it cleanly.
 
-:class:`CloudProcess` runs ``python -m servers serve s1|s2 --port 0 ...`` (tokens passed through the
+:class:`CloudProcess` runs ``python -m he_cnn serve s1|s2 --port 0 ...`` (tokens passed through the
 environment, never on the command line), reads its stderr until the ``... listening on http://...``
 line to learn the URL, and forwards the rest of its log (to a callback, e.g. our stderr). ``stop``
 sends SIGTERM and waits, killing only if the process does not exit in time. Used by ``he-cnn demo``
@@ -33,16 +33,19 @@ class CloudStartError(HECNNError):
 
 
 class CloudProcess:
-    """One cloud (S1 or S2) running as a child process."""
+    """One cloud (S1 or S2) running as a child process: ``he-cnn serve <role> --port 0 <args>``, or
+    ``<launcher> <role> --port 0 <args>`` where a caller runs the same command through a program of
+    its own (the tests' recording S2)."""
 
     def __init__(self, role: str, args: Sequence[str], env: dict[str, str],
-                 on_log: Callable[[str], None] | None = None, cwd: Path | None = None):
+                 on_log: Callable[[str], None] | None = None, cwd: Path | None = None,
+                 launcher: Sequence[str] = ("-m", "he_cnn", "serve")):
         self.role = role.upper()
         self.url: str | None = None
         self._listening = threading.Event()
         self._tail: deque[str] = deque(maxlen=20)
         self._on_log = on_log
-        command = [sys.executable, "-m", "he_cnn", "serve", self.role.lower(), "--port", "0", *args]
+        command = [sys.executable, *launcher, self.role.lower(), "--port", "0", *args]
         self.process = subprocess.Popen(command, env={**os.environ, **env}, cwd=cwd, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1)
         self._reader = threading.Thread(target=self._read_log, name=f"{self.role}-log", daemon=True)

@@ -1,4 +1,5 @@
-"""S1's model store: encrypted models and their set-up state, checked on upload, kept atomically on disk.
+"""S1's model store: encrypted models and their set-up state, kept atomically on disk (the upload itself is
+checked where it is decoded, by :meth:`~he_cnn.parties.compute_cloud.EncryptedModel.deserialize`).
 
 Layout of ``<data dir>/models/<model id>/``: ``model.hecn`` (the owner's upload, wire format, as
 received), ``setup.hecn`` (S1's half of the set-up with S2: the set-up id and the weight masks B,
@@ -27,7 +28,7 @@ from he_cnn.crypto.paillier import PublicKey
 from he_cnn.protocols.linear import LinearSetup
 from he_cnn.parties.compute_cloud import EncryptedModel, ModelSetup
 from he_cnn.crypto.tensor import as_int_array
-from he_cnn.transport.wire import Message, decode, encode
+from he_cnn.wire import Message, decode, encode
 
 from .storage import DataDirError, atomic_write, ensure_private_dir, fsync_dir
 

@@ -2,7 +2,7 @@
 
 Every Paillier and DGK encryption and re-randomisation needs a fresh randomizer (``h^e``, tens of
 modular multiplications). A :class:`PoolFiller` thread computes them ahead of time into the keys'
-:class:`~he_cnn.keys.RandomnessPool` objects, so that inside a query each costs one multiplication.
+:class:`~he_cnn.crypto.paillier.RandomnessPool` objects, so that inside a query each costs one multiplication.
 It works only while the app has had no POST request for ``quiet_seconds``: S1 and S2 alternate during a
 query, and a filler that ran whenever its own cloud waited would take the other cloud's core.
 The pool size comes from ``HECNN_RANDOMNESS_POOL`` (DGK randomizers; Paillier gets a fifth at S2, a 12th at S1;

@@ -2,7 +2,7 @@
 
 S1 never holds a secret key. It learns the cloud public key from S2, pins it in its data directory
 (``cloud-key.hecn``) and from then on refuses an S2 that presents another key. Per request it builds a
-fresh :class:`~he_cnn.protocols.common.S1Context` over a fresh :class:`~he_cnn.http_channel.HTTPChannel`
+fresh :class:`~he_cnn.protocols.common.S1Context` over a fresh :class:`~he_cnn.transport.http_channel.HTTPChannel`
 and runs the same protocol code as the in-process tests.
 
 Endpoints:
@@ -32,7 +32,7 @@ from he_cnn.protocols.common import S1Context
 from he_cnn.parties.compute_cloud import (EncryptedModel, InferenceResult, ModelSetup, PreparedQuery, prepare_query,
                                  secure_inference, setup_model)
 from he_cnn.crypto.tensor import EncryptedTensor
-from he_cnn.transport.wire import Message, decode, encode
+from he_cnn.wire import Message, decode, encode
 
 from .config import S1Config
 from .http import new_app, request_body, require_bearer, wire_response, worker_pool

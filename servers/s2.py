@@ -7,7 +7,7 @@ set-up S1 runs (the masked weights K + B) is written to ``<data dir>/setups/`` a
 arrives and reloaded at start, so a restart of S2 does not break the models S1 holds.
 
 Endpoints: ``GET /v1/health``, ``GET /v1/public-key`` (wire message, see
-:func:`he_cnn.http_channel.public_key_message`), ``POST /v1/rounds/<step>`` (cloud token; the body is
+:func:`he_cnn.transport.http_channel.public_key_message`), ``POST /v1/rounds/<step>`` (cloud token; the body is
 the wire request of one protocol round, the reply its wire answer).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from he_cnn.protocols import linear
 from he_cnn.protocols.linear import LinearGeometry
 from he_cnn.parties.key_cloud import KeyCloud
 from he_cnn.crypto.tensor import as_int_array
-from he_cnn.transport.wire import Message, decode, encode
+from he_cnn.wire import Message, decode, encode
 
 from .config import S2Config
 from .http import new_app, request_body, require_bearer, wire_response, worker_pool

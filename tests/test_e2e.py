@@ -18,20 +18,20 @@ import pytest
 import requests
 from PIL import Image
 
-from he_cnn.training.data import load_digits_dataset, load_image_file, quantize_image
+from he_cnn.images import load_image_file, quantize_image
+from he_cnn.training.data import load_digits_dataset
 from he_cnn.graph.integer_model import load_integer_model
 from he_cnn.graph.reference import classify_reference
 from he_cnn.servers.launch import CloudProcess
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def he_cnn(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> str:
     """Run the ``he-cnn`` command (as ``python -m he_cnn``); its stdout, or fail with its stderr."""
     done = subprocess.run([sys.executable, "-m", "he_cnn", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, cwd=ROOT)
+                          env={**os.environ, **(env or {})})
     assert done.returncode == 0, f"he-cnn {' '.join(args[:2])} failed:\n{done.stderr[-3000:]}"
     assert "Traceback" not in done.stderr
     return done.stdout
@@ -52,7 +52,7 @@ class Clouds:
         self.s1 = self.start_s1()
 
     def _start(self, role: str, args: list[str], env: dict[str, str]) -> CloudProcess:
-        return CloudProcess(role, args, {"PYTHONPATH": str(ROOT), **env}, on_log=self.logs.append, cwd=ROOT)
+        return CloudProcess(role, args, env, on_log=self.logs.append)
 
     def start_s1(self) -> CloudProcess:
         s1 = self._start("S1", ["--data-dir", str(self.root / "s1"), "--peer-url", self.s2_url],

@@ -6,7 +6,7 @@ import pytest
 from gmpy2 import mpz
 
 from he_cnn.errors import BoundExceeded, ProtocolError, ShapeError
-from he_cnn.graph.geometry import im2col_indices, maxpool_comparisons, pool_windows
+from he_cnn.geometry import im2col_indices, maxpool_comparisons, pool_windows
 from he_cnn.crypto.paillier import PrivateKey, PublicKey, generate_keypair
 from he_cnn.protocols import comparison, linear, output, smp
 from he_cnn.protocols.common import slot_bits, slots_per_pack

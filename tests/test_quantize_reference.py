@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from he_cnn.training.data import quantize_image
+from he_cnn.images import quantize_image
 from he_cnn.errors import BadRequest, BoundExceeded, EncodingOverflow, ShapeError, UnsupportedLayer
-from he_cnn.graph.geometry import pool_windows
+from he_cnn.geometry import pool_windows
 from he_cnn.graph.integer_model import infer_shapes_and_bounds, load_integer_model, save_integer_model
 from he_cnn.graph.layers import Concat, Conv, Dense, MaxPool, ReLU
 from he_cnn.training.icnn import ICNN, WIRING

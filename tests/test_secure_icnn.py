@@ -14,7 +14,7 @@ import pytest
 from scipy import stats
 
 from he_cnn.transport.channel import InProcessChannel
-from he_cnn.training.data import quantize_image
+from he_cnn.images import quantize_image
 from he_cnn.crypto.dgk import DGKPrivateKey
 from he_cnn.crypto.paillier import PrivateKey, generate_keypair
 from he_cnn.parallel import Workers

@@ -79,7 +79,7 @@ def test_malformed_architecture_is_bad_request(encrypted, keys1024, mutate):
     import copy
 
     from he_cnn.errors import BadRequest
-    from he_cnn.transport.wire import decode, encode
+    from he_cnn.wire import decode, encode
 
     msg = decode(encrypted.serialize())
     msg.meta["spec"] = copy.deepcopy(msg.meta["spec"])

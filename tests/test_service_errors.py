@@ -24,7 +24,7 @@ from he_cnn.graph.reference import classify_reference
 from he_cnn.parties.key_cloud import KeyCloud
 from he_cnn.parties.compute_cloud import encrypt_model
 from he_cnn.crypto.tensor import EncryptedTensor
-from he_cnn.transport.wire import Message, decode, encode
+from he_cnn.wire import Message, decode, encode
 from he_cnn.servers import s1 as s1_app
 from he_cnn.servers import s2 as s2_app
 from he_cnn.servers.config import S1Config, S2Config

@@ -4,7 +4,7 @@ import pytest
 from he_cnn.errors import HECNNError, KeyMismatch, ShapeError, WireFormatError
 from he_cnn.crypto.paillier import generate_keypair
 from he_cnn.crypto.tensor import EncryptedTensor
-from he_cnn.transport.wire import Message, decode, encode
+from he_cnn.wire import Message, decode, encode
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from he_cnn.crypto.paillier import generate_keypair
 from he_cnn.parties.key_cloud import HANDLERS, KeyCloud
 from he_cnn.parties.compute_cloud import encrypt_model
 from he_cnn.crypto.tensor import EncryptedTensor
-from he_cnn.transport.wire import decode
+from he_cnn.wire import decode
 from he_cnn.servers import s1 as s1_app
 from he_cnn.servers import s2 as s2_app
 from he_cnn.servers.config import S1Config, S2Config
@@ -52,7 +52,7 @@ class Clouds:
         self.model_id = reply.get_json()["model_id"]
 
     def query(self, user, pixels) -> bytes:
-        from he_cnn.transport.wire import Message, encode
+        from he_cnn.wire import Message, encode
 
         msg = Message()
         msg.arrays["user_n"] = np.array([user.public.n], dtype=object)

@@ -32,7 +32,7 @@ import requests
 from he_cnn.errors import PeerUnavailable
 from he_cnn.crypto.paillier import generate_keypair
 from he_cnn.owner.pipeline import encrypt_for_upload, upload
-from trust_support import (REPORT, ROOT, TINY_SIZE, CloudPair, assert_exact, classify, kill, random_image, tiny_model)
+from trust_support import (REPORT, TINY_SIZE, CloudPair, assert_exact, classify, kill, random_image, tiny_model)
 from he_cnn.user.keys import create_user_key
 from he_cnn.user.query import query_message
 
@@ -94,7 +94,7 @@ def test_s2_killed_mid_query(tmp_path):
         relay.on_request = lambda step, index: kill(pair.s2) if index == start + 6 else None
         done = subprocess.run([sys.executable, "-m", "he_cnn", "user", "query", "--s1", pair.s1_url, "--model", model_id,
                                "--key", str(key), "--no-progress", str(image)], capture_output=True, text=True,
-                              timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+                              timeout=120)
         assert done.returncode == 1 and done.stdout == ""
         assert "S2" in one_line_error(done.stderr) and "unreachable" in done.stderr
         assert len(query_rounds(pair, start)) == 7
@@ -282,10 +282,10 @@ def test_a_corrupt_data_dir_stops_the_start(good_dirs, tmp_path, case):
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
     args = ["--data-dir", str(data_dir), "--port", "0", "--quiet"] + (["--peer-url", closed] if role == "s1" else
                                                                        ["--key-bits", "1024"])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HECNN_RANDOMNESS_POOL": "0",
+    env = {**os.environ, "HECNN_RANDOMNESS_POOL": "0",
            f"HECNN_{role.upper()}_CLOUD_TOKEN": "t" * 20, "HECNN_S1_OWNER_TOKEN": "o" * 20}
     done = subprocess.run([sys.executable, "-m", "he_cnn", "serve", role, *args], capture_output=True, text=True,
-                          timeout=60, env=env, cwd=ROOT)
+                          timeout=60, env=env)
     assert done.returncode == 1, done.stderr[-2000:]
     line = one_line_error(done.stderr)
     assert f"{role.upper()} cannot start" in line and named.format(model=model_id) in line, line

@@ -49,7 +49,7 @@ from he_cnn.protocols.smp import secure_multiply
 from he_cnn.parties.key_cloud import KeyCloud
 from he_cnn.parties.compute_cloud import encrypt_model, secure_inference, setup_model
 from he_cnn.crypto.tensor import EncryptedTensor
-from he_cnn.transport.wire import Message, decode, encode
+from he_cnn.wire import Message, decode, encode
 from he_cnn.servers import s1 as s1_app
 from he_cnn.servers import s2 as s2_app
 from he_cnn.servers.config import S1Config, S2Config

@@ -25,14 +25,15 @@ import pytest
 import requests
 from scipy import stats
 
-from he_cnn.training.data import load_digits_dataset, quantize_image
+from he_cnn.images import quantize_image
+from he_cnn.training.data import load_digits_dataset
 from he_cnn.errors import HECNNError
 from he_cnn.crypto.paillier import generate_keypair, keypair_from_primes
 from he_cnn.protocols.common import slot_bits, slots_per_pack
 from he_cnn.graph.integer_model import save_integer_model
 from he_cnn.graph.reference import run_reference
 from he_cnn.crypto.tensor import EncryptedTensor
-from he_cnn.transport.wire import decode
+from he_cnn.wire import decode
 from test_e2e import he_cnn
 from trust_support import (REPORT, TINY_SIZE, CloudPair, SecretScanner, assert_exact, classify, process_memory,
                            process_tree, random_image, s2_secrets, tiny_model)

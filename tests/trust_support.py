@@ -17,10 +17,8 @@ import re
 import secrets
 import signal
 import socket
-import subprocess
-import sys
 import threading
-from collections import Counter, deque
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -35,7 +33,6 @@ from he_cnn.owner.pipeline import encrypt_for_upload, upload
 from he_cnn.servers.launch import CloudProcess
 from he_cnn.user.query import fetch_model_info, query_message, read_answer
 
-ROOT = Path(__file__).resolve().parents[1]
 #: ``he-cnn serve s2`` with every plaintext S2 obtains appended to a file (tests only)
 RECORDING_S2 = Path(__file__).resolve().with_name("recording_s2.py")
 TINY_SIZE = 8
@@ -77,7 +74,7 @@ class CloudPair:
 
     ``relay=True`` puts a :class:`RoundRelay` between S1 and S2 (S1's ``--peer-url`` is the relay), so a
     test can act at a chosen protocol round and restart S2 behind an unchanged URL. ``s2_record`` names a
-    file to which S2 appends every plaintext it obtains (:class:`RecordingS2`).
+    file to which S2 appends every plaintext it obtains (:func:`recording_s2`).
     """
 
     def __init__(self, root: Path, key_bits: int = 1024, s1_args: Sequence[str] = (), s2_args: Sequence[str] = (),
@@ -119,15 +116,15 @@ class CloudPair:
         return self.root / "s2"
 
     def env(self, **extra: str) -> dict[str, str]:
-        return {"PYTHONPATH": str(ROOT), "HECNN_RANDOMNESS_POOL": "0", **extra}
+        return {"HECNN_RANDOMNESS_POOL": "0", **extra}
 
     def start_s2(self) -> CloudProcess:
         args = ["--data-dir", str(self.s2_dir), "--key-bits", str(self.key_bits), "--quiet", *self.s2_args]
         env = self.env(HECNN_S2_CLOUD_TOKEN=self.cloud_token, **self.s2_env)
         if self.s2_record is not None:
-            s2: CloudProcess = RecordingS2(self.s2_record, args, env, on_log=self.logs.append, cwd=ROOT)
+            s2: CloudProcess = recording_s2(self.s2_record, args, env, on_log=self.logs.append)
         else:
-            s2 = CloudProcess("S2", args, env, on_log=self.logs.append, cwd=ROOT)
+            s2 = CloudProcess("S2", args, env, on_log=self.logs.append)
         ready(s2)
         if self.relay is not None:
             self.relay.upstream = s2.url  # type: ignore[assignment]
@@ -137,7 +134,7 @@ class CloudPair:
         peer = self.relay.url if self.relay is not None else self.s2_url
         s1 = CloudProcess("S1", ["--data-dir", str(self.s1_dir), "--peer-url", peer, "--quiet", *self.s1_args],
                           self.env(HECNN_S1_CLOUD_TOKEN=self.cloud_token, HECNN_S1_OWNER_TOKEN=self.owner_token),
-                          on_log=self.logs.append, cwd=ROOT)
+                          on_log=self.logs.append)
         return ready(s1)
 
     def restart_s2(self) -> None:
@@ -169,23 +166,11 @@ class CloudPair:
             assert "Traceback" not in text, text[-3000:]
 
 
-class RecordingS2(CloudProcess):
+def recording_s2(record: Path, args: Sequence[str], env: dict[str, str],
+                 on_log: Callable[[str], None] | None = None) -> CloudProcess:
     """S2 started by ``tests/recording_s2.py``: ``he-cnn serve s2`` with the same ``args``, its key cloud
-    appending every plaintext it obtains to ``record``. Only the command differs from
-    :class:`CloudProcess`, which always runs ``python -m he_cnn serve``; log, readiness and stop are its own."""
-
-    def __init__(self, record: Path, args: Sequence[str], env: dict[str, str],
-                 on_log: Callable[[str], None] | None = None, cwd: Path | None = None):
-        self.role = "S2"
-        self.url = None
-        self._listening = threading.Event()
-        self._tail = deque(maxlen=20)
-        self._on_log = on_log
-        command = [sys.executable, str(RECORDING_S2), str(record), "s2", "--port", "0", *args]
-        self.process = subprocess.Popen(command, env={**os.environ, **env}, cwd=cwd, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1)
-        self._reader = threading.Thread(target=self._read_log, name="S2-log", daemon=True)
-        self._reader.start()
+    appending every plaintext it obtains to ``record``."""
+    return CloudProcess("S2", args, env, on_log=on_log, launcher=(str(RECORDING_S2), str(record)))
 
 
 def ready(cloud: CloudProcess) -> CloudProcess:

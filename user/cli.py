@@ -14,7 +14,7 @@ import click
 from tqdm import tqdm
 
 from he_cnn.crypto.paillier import DEFAULT_KEY_BITS, MIN_KEY_BITS
-from he_cnn.servers.cli import run_step
+from he_cnn.console import run_step
 
 from .keys import create_user_key, is_private_file, load_user_key, public_path
 from .query import Classification, Session

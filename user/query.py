@@ -24,7 +24,7 @@ from he_cnn.images import load_image_file, quantize_image
 from he_cnn.transport.http_channel import CloudPublicKey, fetch_public_key, http_request
 from he_cnn.crypto.paillier import KeyPair
 from he_cnn.crypto.tensor import EncryptedTensor
-from he_cnn.transport.wire import Message, decode, encode
+from he_cnn.wire import Message, decode, encode
 
 INFO_TIMEOUT = 30.0
 #: a query at 2048 bits on a small machine takes minutes; S1 answers only when it is done

@@ -215,7 +215,7 @@ class EncryptedTensor:
 
     # -- serialisation ----------------------------------------------------------------------------
     def serialize(self) -> bytes:
-        from he_cnn.transport.wire import Message, encode
+        from he_cnn.wire import Message, encode
 
         return encode(Message(meta={"key_id": self.public_key.key_id}, arrays={"t": self.data},
                               widths={"t": self.public_key.ciphertext_bytes}))
@@ -223,7 +223,7 @@ class EncryptedTensor:
     @classmethod
     def deserialize(cls, public_key: PublicKey, data: bytes) -> "EncryptedTensor":
         from he_cnn.errors import KeyMismatch
-        from he_cnn.transport.wire import decode
+        from he_cnn.wire import decode
 
         msg = decode(data)
         if msg.meta.get("key_id") != public_key.key_id:

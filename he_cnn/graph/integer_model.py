@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from he_cnn.errors import BadRequest, HECNNError, ShapeError, UnsupportedLayer
+from he_cnn.errors import BadRequest, HECNNError, ShapeError
 from he_cnn.graph import parse
 from he_cnn.graph.layers import Interval, Layer, LinearLayer, check_kind, layer_from_file, layer_from_spec
 

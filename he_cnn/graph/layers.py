@@ -35,14 +35,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import numpy as np
 
+from he_cnn.crypto.tensor import EncryptedTensor
 from he_cnn.errors import BadRequest, ShapeError, UnsupportedLayer
 from he_cnn.graph import parse
-from he_cnn.graph.geometry import conv_output_hw, im2col_indices, maxpool_comparisons, pool_windows
+from he_cnn.geometry import conv_output_hw, im2col_indices, maxpool_comparisons, pool_windows
 from he_cnn.protocols.comparison import secure_maxpool, secure_relu
 from he_cnn.protocols.linear import LinearGeometry, secure_linear
 
 if TYPE_CHECKING:
-    from he_cnn.crypto.tensor import EncryptedTensor
     from he_cnn.parties.compute_cloud import SecureRun
 
 #: per channel (per feature of a 1-D tensor): the lowest and the highest value
@@ -106,7 +106,7 @@ class Layer:
         """The exact integer output for plaintext inputs (object arrays of Python ints)."""
         raise NotImplementedError
 
-    def secure(self, run: "SecureRun", xs: list["EncryptedTensor"]) -> "EncryptedTensor":
+    def secure(self, run: "SecureRun", xs: list[EncryptedTensor]) -> EncryptedTensor:
         """E(output) from E(inputs), at S1, with S2 through ``run.ctx``'s channel."""
         raise NotImplementedError
 
@@ -151,8 +151,9 @@ class Layer:
 
     @classmethod
     def read(cls, fields: dict[str, Any], what: str, *, spec: bool) -> "Layer":
-        """A layer of this kind from a spec entry (``spec``: public fields only) or a file entry
-        (every field but the derived ones), each field checked by its reader."""
+        """A layer of this kind from a spec entry (``spec``: public fields only, every one present:
+        the sender writes them all) or a file entry (every field but the derived ones; absent ones
+        take their defaults), each field checked by its reader."""
         allowed = {f.name: f for f in cls._fields()
                    if not f.metadata.get("private" if spec else "derived")}
         unknown = set(fields) - set(allowed) - {"type", "kind"}
@@ -161,7 +162,7 @@ class Layer:
         values = {}
         for name, f in allowed.items():
             if name not in fields:
-                if f.default is dataclasses.MISSING:
+                if spec or f.default is dataclasses.MISSING:
                     raise BadRequest(f"{what}: missing field {name!r}")
                 continue
             values[name] = f.metadata["read"](fields[name], f"{what} field {name!r}")
@@ -248,7 +249,7 @@ class LinearLayer(Layer):
         if self.weight is None and (self.channels < 1 or self.weight_bits < 1):  # type: ignore[attr-defined]
             raise ShapeError(f"{self.name}: a layer without weights needs channels and weight_bits")  # type: ignore[attr-defined]
 
-    def secure(self, run: "SecureRun", xs: list["EncryptedTensor"]) -> "EncryptedTensor":
+    def secure(self, run: "SecureRun", xs: list[EncryptedTensor]) -> EncryptedTensor:
         """SCVL / SCT (:func:`~he_cnn.protocols.linear.secure_linear`)."""
         encrypted = run.model.linear[self.name]  # type: ignore[attr-defined]
         return secure_linear(run.ctx, run.setup.setup_id, encrypted, run.setup.layers[self.name],  # type: ignore[attr-defined]
@@ -378,7 +379,7 @@ class ReLU(Layer):
     def evaluate(self, xs: list[np.ndarray]) -> np.ndarray:
         return np.maximum(xs[0], 0) // (1 << self.shift)
 
-    def secure(self, run: "SecureRun", xs: list["EncryptedTensor"]) -> "EncryptedTensor":
+    def secure(self, run: "SecureRun", xs: list[EncryptedTensor]) -> EncryptedTensor:
         """SACT (:func:`~he_cnn.protocols.comparison.secure_relu`)."""
         return secure_relu(run.ctx, xs[0], run.bits(self.input), self.shift)
 
@@ -423,7 +424,7 @@ class MaxPool(Layer):
         oh, ow = conv_output_hw(x.shape[1], x.shape[2], self.kernel, self.stride, self.padding)
         return x.ravel()[index].max(axis=1).reshape(x.shape[0], oh, ow)
 
-    def secure(self, run: "SecureRun", xs: list["EncryptedTensor"]) -> "EncryptedTensor":
+    def secure(self, run: "SecureRun", xs: list[EncryptedTensor]) -> EncryptedTensor:
         """SMAP (:func:`~he_cnn.protocols.comparison.secure_maxpool`)."""
         return secure_maxpool(run.ctx, xs[0], self.kernel, self.stride, self.padding, run.bits(self.input),
                               self.shift)
@@ -463,9 +464,7 @@ class Concat(Layer):
     def evaluate(self, xs: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(xs, axis=0)
 
-    def secure(self, run: "SecureRun", xs: list["EncryptedTensor"]) -> "EncryptedTensor":
-        from he_cnn.crypto.tensor import EncryptedTensor
-
+    def secure(self, run: "SecureRun", xs: list[EncryptedTensor]) -> EncryptedTensor:
         return EncryptedTensor.concatenate(xs, axis=0)
 
 
@@ -491,7 +490,7 @@ class Flatten(Layer):
     def evaluate(self, xs: list[np.ndarray]) -> np.ndarray:
         return xs[0].reshape(-1)
 
-    def secure(self, run: "SecureRun", xs: list["EncryptedTensor"]) -> "EncryptedTensor":
+    def secure(self, run: "SecureRun", xs: list[EncryptedTensor]) -> EncryptedTensor:
         return xs[0].flatten()
 
 

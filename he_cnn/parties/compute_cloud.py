@@ -25,7 +25,7 @@ from he_cnn.protocols.common import S1Context
 from he_cnn.protocols.linear import (EncryptedLinear, LinearPrecomputation, LinearSetup, SharedInput, new_setup_id,
                                      precompute_linear, setup_linear_layers)
 from he_cnn.protocols.output import reencrypt_for_user
-from he_cnn.transport.wire import Message, decode, encode
+from he_cnn.wire import Message, decode, encode
 
 
 @dataclass

@@ -23,7 +23,7 @@ from he_cnn.protocols import comparison, linear, output, smp
 from he_cnn.parallel import INLINE, Workers
 from he_cnn.protocols.linear import LinearGeometry
 from he_cnn.trace import NULL_TRACER, Tracer
-from he_cnn.transport.wire import Message, decode, encode
+from he_cnn.wire import Message, decode, encode
 
 HANDLERS: dict[str, Callable[["KeyCloud", Message], Message]] = {
     smp.STEP: smp.s2_multiply,
@@ -138,7 +138,7 @@ class KeyCloud:
 
     def user_key(self, n: int) -> PublicKey:
         """The user's public key for modulus n, kept with its randomizer table and pool for the user's
-        next query (:class:`~he_cnn.keys.UserKeys`; the service's pool filler tops the pools up)."""
+        next query (:class:`~he_cnn.crypto.paillier.UserKeys`; the service's pool filler tops the pools up)."""
         return self.user_keys.get(n)
 
     def setup_layer(self, setup_id: str, layer: str) -> tuple[np.ndarray, LinearGeometry]:

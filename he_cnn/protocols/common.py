@@ -26,7 +26,7 @@ from he_cnn.crypto.paillier import KAPPA, PrivateKey, PublicKey, keypair_from_pr
 from he_cnn.parallel import INLINE, Workers
 from he_cnn.trace import NULL_TRACER, Tracer
 from he_cnn.crypto.tensor import EncryptedTensor, object_array
-from he_cnn.transport.wire import Message
+from he_cnn.wire import Message
 
 if TYPE_CHECKING:
     from he_cnn.parties.key_cloud import KeyCloud

@@ -50,11 +50,11 @@ from gmpy2 import mpz
 
 from he_cnn.crypto.dgk import DGKPublicKey
 from he_cnn.errors import BoundExceeded, ProtocolError, ShapeError
-from he_cnn.graph.geometry import conv_output_hw, max_runs, window_ranges
+from he_cnn.geometry import conv_output_hw, max_runs, window_ranges
 from he_cnn.crypto.paillier import batch_invert, random_ints
 from he_cnn.parallel import from_blob, to_blob
 from he_cnn.crypto.tensor import EncryptedTensor, object_array
-from he_cnn.transport.wire import Message
+from he_cnn.wire import Message
 from he_cnn.protocols.common import S1Context, encrypted_reply, read_ciphertexts, masked_reveal, read_revealed
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ def blind_bit_comparisons(dgk: DGKPublicKey, enc_bits: np.ndarray, r_low: list[i
 
     ``enc_bits`` (n, l+1) are S2's DGK bits of beta' (most significant first); ``r_low`` S1's
     r mod 2^l; ``randomizers`` n (l+1) fresh DGK randomizers. The bits where rho' is 1 enter as
-    [1 - beta'_j] = [1] [beta'_j]^-1, inverted all at once (:func:`~he_cnn.keys.batch_invert`).
+    [1 - beta'_j] = [1] [beta'_j]^-1, inverted all at once (:func:`~he_cnn.crypto.paillier.batch_invert`).
 
     Only the candidate positions, where the first difference makes the comparison's zero, need
     computing and blinding: rho'_j = 1 for s = +1 (there c_j = 0 needs beta'_j = 0), rho'_j = 0 for

@@ -45,10 +45,10 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from he_cnn.errors import ProtocolError, ShapeError
-from he_cnn.graph.geometry import conv_output_hw, im2col_indices
+from he_cnn.geometry import conv_output_hw, im2col_indices
 from he_cnn.crypto.paillier import KAPPA
 from he_cnn.crypto.tensor import EncryptedTensor, as_int_array
-from he_cnn.transport.wire import Message
+from he_cnn.wire import Message
 from he_cnn.protocols.common import (S1Context, encrypted_reply, pack_plain, read_ciphertexts, read_revealed, reveal_message,
                      reveal_packs, sample_masks, slot_bits, slots_per_pack)
 
@@ -92,6 +92,8 @@ class LinearGeometry:
     @classmethod
     def from_dict(cls, d: dict) -> "LinearGeometry":
         try:
+            if set(d) != {"in_shape", "kernel", "stride", "padding"}:
+                raise KeyError(f"fields {sorted(map(str, d))[:6]}")
             values = [d["in_shape"], d["kernel"], d["stride"], d["padding"]]
             if not isinstance(values[0], list) or not all(type(v) is int for v in values[0] + values[1:]):
                 raise TypeError("not integers")

@@ -19,7 +19,7 @@ from gmpy2 import mpz
 from he_cnn.errors import ProtocolError
 from he_cnn.crypto.paillier import MAX_USER_KEY_BITS, MIN_KEY_BITS, PublicKey
 from he_cnn.crypto.tensor import EncryptedTensor
-from he_cnn.transport.wire import Message
+from he_cnn.wire import Message
 from he_cnn.protocols.common import S1Context, ciphertext_field, read_ciphertexts, masked_reveal, read_revealed
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from he_cnn.errors import ShapeError
 from he_cnn.crypto.tensor import EncryptedTensor
-from he_cnn.transport.wire import Message
+from he_cnn.wire import Message
 from he_cnn.protocols.common import S1Context, encrypted_reply, read_ciphertexts, masked_reveal, read_revealed
 
 if TYPE_CHECKING:

@@ -1,8 +1,8 @@
 """The model owner's data: the digits set or a folder of images, split into train and test.
 
 Every image, whatever its source, goes through the same two steps as the user's single image
-(:mod:`he_cnn.images`, which also holds :func:`load_image_file` and :func:`quantize_image`, importable
-from here too) so that training and inference see the same pixels: grey values scaled to ``[0, 1]``
+(:mod:`he_cnn.images`, which also holds :func:`~he_cnn.images.load_image_file` and
+:func:`~he_cnn.images.quantize_image`) so that training and inference see the same pixels: grey values scaled to ``[0, 1]``
 and a bilinear resize to ``size x size`` (:func:`~he_cnn.images.resize_images`). Loaders return
 float32 arrays of shape ``(n, 1, size, size)``; the split into train and test is stratified and
 seeded, so a seed always gives the same split.
@@ -17,10 +17,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from he_cnn.errors import BadRequest
-from he_cnn.images import DIGITS_MAX, IMAGE_SUFFIXES, load_image_file, quantize_image, resize_images
-
-__all__ = ["Dataset", "load_digits_dataset", "load_image_folder", "load_image_file", "quantize_image",
-           "resize_images"]
+from he_cnn.images import DIGITS_MAX, IMAGE_SUFFIXES, load_image_file, resize_images
 
 
 @dataclass(frozen=True)

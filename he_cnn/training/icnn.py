@@ -4,7 +4,7 @@ The network has exactly eleven convolutions (five 1x1, three 3x3, two 5x5, one 7
 pools (one 2x2, three 3x3): a 7x7 stem, two Inception blocks of four branches each, and one dense
 layer over the flattened 4x4x32 map. Every step, the channel concatenations included, is a module
 attribute named in :data:`WIRING`, which lists the steps in execution order with the tensors they
-read. :meth:`ICNN.forward` walks that table, and so do quantisation (:mod:`he_cnn.quantize`, which
+read. :meth:`ICNN.forward` walks that table, and so do quantisation (:mod:`he_cnn.training.quantize`, which
 keeps the names as the integer layers' names) and :meth:`ICNN.summary`, so the three cannot drift
 apart. Max pools come before the ReLUs that follow them: the two commute, and pooling first leaves
 fewer values for the costly secure comparisons.

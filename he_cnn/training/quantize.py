@@ -20,7 +20,7 @@ import numpy as np
 from torch import nn
 
 from he_cnn.errors import BadRequest, UnsupportedLayer
-from he_cnn.graph.geometry import maxpool_comparisons
+from he_cnn.geometry import maxpool_comparisons
 from he_cnn.graph.integer_model import IntegerModel, infer_shapes_and_bounds
 from he_cnn.graph.layers import Concat, Conv, Dense, Flatten, Layer, MaxPool, ReLU
 from he_cnn.training.icnn import INPUT, ICNN, ChannelConcat

@@ -1,6 +1,6 @@
 """Training the ICNN in floating point, reproducibly.
 
-The owner trains once, in the clear, before quantising (:mod:`he_cnn.quantize`). Training is
+The owner trains once, in the clear, before quantising (:mod:`he_cnn.training.quantize`). Training is
 deterministic for a given seed: it runs on one CPU thread with torch's deterministic algorithms, and
 draws initial weights and batch order from a forked random state, so it neither depends on nor
 disturbs the caller's global torch state. The tiny network (4 stem channels) overfits the 1347

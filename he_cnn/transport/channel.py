@@ -2,8 +2,8 @@
 
 A :class:`Channel` sends a :class:`~he_cnn.wire.Message` for a named protocol step and returns S2's
 reply. Implementations differ only in transport: :class:`InProcessChannel` hands the encoded bytes
-to a :class:`~he_cnn.s2.KeyCloud` object in the same process (tests, benchmarks); the HTTP channel
-(:mod:`he_cnn.http_channel`) posts them to the S2 service. Both encode to the same wire bytes and
+to a :class:`~he_cnn.parties.key_cloud.KeyCloud` object in the same process (tests, benchmarks); the HTTP channel
+(:mod:`he_cnn.transport.http_channel`) posts them to the S2 service. Both encode to the same wire bytes and
 both count rounds, bytes each way and seconds, per step name.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from he_cnn.trace import NULL_TRACER, Tracer
-from he_cnn.transport.wire import Message, decode, encode
+from he_cnn.wire import Message, decode, encode
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The HTTP channel: S1's link to the S2 service, plus the small HTTP vocabulary both clouds share.
 
-:class:`HTTPChannel` is the network twin of :class:`~he_cnn.channel.InProcessChannel`: one protocol
+:class:`HTTPChannel` is the network twin of :class:`~he_cnn.transport.channel.InProcessChannel`: one protocol
 round is one ``POST {peer}/v1/rounds/{step}`` whose body and reply are the same wire bytes the
 in-process channel hands over, so protocol code cannot tell the two apart. Failures come back as our
 own exceptions: an unreachable or silent peer is :class:`PeerUnavailable`; a JSON error body from the
@@ -23,7 +23,7 @@ from he_cnn.transport.channel import Channel
 from he_cnn.crypto.dgk import DGKPublicKey
 from he_cnn.errors import HECNNError, PeerUnavailable, ProtocolError, WireFormatError
 from he_cnn.crypto.paillier import PublicKey
-from he_cnn.transport.wire import Message, decode, encode
+from he_cnn.wire import Message, decode, encode
 
 DEFAULT_TIMEOUT = 120.0
 ROUNDS_PATH = "/v1/rounds/"
