@@ -117,19 +117,24 @@ class IntegerModel:
                             {"classes": self.classes}, dict(self.bits))
 
 
+def _read_io(fields: dict[str, Any], where: str) -> tuple[str, tuple[int, int, int], int, str, int]:
+    """The input and output of a spec or a file: input name, (C, H, W), input_max, output name, classes."""
+    input_shape = tuple(parse.int_list(parse.field(fields, "input_shape"), f"{where}input_shape"))
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise BadRequest(f"{where}input_shape must be 3 positive ints (C, H, W), got {list(input_shape)}")
+    if math.prod(input_shape) > MAX_INPUT_ELEMENTS:
+        raise BadRequest(f"{where}input of {list(input_shape)} exceeds {MAX_INPUT_ELEMENTS} elements")
+    return (parse.text(parse.field(fields, "input_name"), f"{where}input_name"), input_shape,  # type: ignore[return-value]
+            parse.positive_int(parse.field(fields, "input_max"), f"{where}input_max"),
+            parse.text(parse.field(fields, "output"), f"{where}output"),
+            parse.positive_int(parse.field(fields, "num_classes"), f"{where}num_classes"))
+
+
 def _public_model(spec: Any) -> IntegerModel:
     spec = parse.expect_dict(spec, "model spec")
     if spec.get("version") != SPEC_VERSION:
         raise BadRequest(f"model spec version {parse.shown(spec.get('version'))}, expected {SPEC_VERSION}")
-    input_shape = tuple(parse.int_list(parse.field(spec, "input_shape"), "model spec: input_shape"))
-    if len(input_shape) != 3 or min(input_shape) < 1:
-        raise BadRequest(f"model spec: input_shape must be 3 positive ints (C, H, W), got {list(input_shape)}")
-    if math.prod(input_shape) > MAX_INPUT_ELEMENTS:
-        raise BadRequest(f"model spec: input of {list(input_shape)} exceeds {MAX_INPUT_ELEMENTS} elements")
-    input_max = parse.positive_int(parse.field(spec, "input_max"), "model spec: input_max")
-    input_name = parse.text(parse.field(spec, "input_name"), "model spec: input_name")
-    output = parse.text(parse.field(spec, "output"), "model spec: output")
-    num_classes = parse.positive_int(parse.field(spec, "num_classes"), "model spec: num_classes")
+    input_name, input_shape, input_max, output, num_classes = _read_io(spec, "model spec: ")
     classes = parse.field(spec, "classes")
     if not isinstance(classes, list) or len(classes) != num_classes or not all(isinstance(c, str) for c in classes):
         raise BadRequest("model spec: classes must be a list of num_classes names")
@@ -265,13 +270,7 @@ def _model_from_file(document: Any) -> IntegerModel:
         raise BadRequest(f"expected format {FORMAT!r}, got {parse.shown(top.get('format'))}")
     if top.get("version") != FORMAT_VERSION:
         raise BadRequest(f"expected format version {FORMAT_VERSION}, got {parse.shown(top.get('version'))}")
-    input_name = parse.text(parse.field(top, "input_name"), "input_name")
-    input_shape = tuple(parse.int_list(parse.field(top, "input_shape"), "input_shape"))
-    if len(input_shape) != 3 or min(input_shape) < 1:
-        raise BadRequest(f"input_shape must be 3 positive ints (C, H, W), got {list(input_shape)}")
-    input_max = parse.positive_int(parse.field(top, "input_max"), "input_max")
-    output = parse.text(parse.field(top, "output"), "output")
-    num_classes = parse.positive_int(parse.field(top, "num_classes"), "num_classes")
+    input_name, input_shape, input_max, output, num_classes = _read_io(top, "")
     meta = parse.expect_dict(parse.field(top, "meta"), "meta")
     raw_layers = parse.field(top, "layers")
     if not isinstance(raw_layers, list) or not raw_layers:
