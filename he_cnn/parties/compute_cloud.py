@@ -35,12 +35,8 @@ class EncryptedModel:
     graph: IntegerModel
     linear: dict[str, EncryptedLinear]
     public_key: PublicKey
-    #: the public spec as sent (``graph.to_spec()``)
-    spec: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.spec:
-            self.spec = self.graph.to_spec()
+    #: the public spec as sent (``graph.to_spec()`` of the owner's model)
+    spec: dict[str, Any]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
