@@ -73,6 +73,12 @@ class UnknownSetup(ProtocolError):
     code = "unknown_setup"
 
 
+class UnknownOTSession(ProtocolError):
+    """S2 does not know the OT link S1 named (S2 restarted or dropped it): S1 makes a new one."""
+
+    code = "unknown_ot_session"
+
+
 class PeerError(ProtocolError):
     """The other cloud refused a request; S1 answers with this in place of the peer's own error."""
 
@@ -98,6 +104,21 @@ class PeerKeyChanged(HECNNError):
 
     code = "peer_key_changed"
     status = 502
+
+
+class ServiceBusy(HECNNError):
+    """The service runs as many queries as it may and its waiting queue is full: retry later.
+
+    ``retry_after`` (whole seconds) is the service's estimate of when a place frees up; the service
+    sends it as the ``Retry-After`` header of its 429 reply.
+    """
+
+    code = "service_busy"
+    status = 429
+
+    def __init__(self, message: str = "the service is busy", retry_after: int | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class BadRequest(HECNNError):

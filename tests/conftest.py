@@ -8,7 +8,7 @@ import pytest
 from he_cnn.transport.channel import InProcessChannel
 from he_cnn.training.data import load_digits_dataset
 from he_cnn.crypto.paillier import generate_keypair
-from he_cnn.protocols.common import S1Context
+from he_cnn.protocols.common import COMPARISONS, S1Context
 from he_cnn.training.quantize import quantize_icnn
 from he_cnn.parties.key_cloud import KeyCloud
 from he_cnn.training.train import train_icnn
@@ -29,11 +29,13 @@ def key_cloud(keys1024):
     return KeyCloud.create(keys1024, record=True)
 
 
-@pytest.fixture
-def s1(keys1024, key_cloud):
-    """A fresh S1 context (fresh channel counters) talking in-process to the shared S2."""
+@pytest.fixture(params=COMPARISONS)
+def s1(request, keys1024, key_cloud):
+    """A fresh S1 context (fresh channel counters) talking in-process to the shared S2, once with each
+    comparison protocol."""
     key_cloud.observations.clear()
-    return S1Context(keys1024.public, key_cloud.dgk_public, InProcessChannel(key_cloud.handle))
+    return S1Context(keys1024.public, key_cloud.dgk_public, InProcessChannel(key_cloud.handle),
+                     comparison=request.param)
 
 
 @pytest.fixture(scope="session")

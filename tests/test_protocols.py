@@ -8,7 +8,7 @@ from gmpy2 import mpz
 from he_cnn.errors import BoundExceeded, ProtocolError, ShapeError
 from he_cnn.geometry import im2col_indices, maxpool_comparisons, pool_windows
 from he_cnn.crypto.paillier import PrivateKey, PublicKey, generate_keypair
-from he_cnn.protocols import comparison, linear, output, smp
+from he_cnn.protocols import comparison, linear, millionaire, output, smp
 from he_cnn.protocols.common import slot_bits, slots_per_pack
 from he_cnn.crypto.tensor import EncryptedTensor
 
@@ -22,6 +22,23 @@ def ints(n, lo, hi, shape=None):
 
 def enc(s1, values):
     return EncryptedTensor.encrypt(s1.public_key, values)
+
+
+def rounds(s1):
+    """Requests S1 sent so far, not counting the OT link's one-time base OTs."""
+    stats = s1.channel.stats
+    return stats.rounds - (stats.steps["ot_base"].rounds if "ot_base" in stats.steps else 0)
+
+
+def per_compare(s1, k):
+    """Requests one batched comparison of k bits takes with S1's comparison protocol."""
+    return 2 if s1.comparison == "dgk" else millionaire.requests_needed(k)
+
+
+def compared_bits(s1, count, k):
+    """The engine's count of compared bits for ``count`` comparisons of k bits (DGK encrypts k + 1)."""
+    return s1.ops.get("dgk_bit", 0) if s1.comparison == "dgk" else s1.ops.get("ot_bit", 0), \
+        count * (k + 1 if s1.comparison == "dgk" else k)
 
 
 def test_smp_matches_reference_and_costs_one_round(s1, keys1024):
@@ -153,7 +170,7 @@ def test_compare_and_relu_match_reference(s1, keys1024, bits):
     assert list(t.decrypt(keys1024.private)) == [int(v >= 0) for v in x]
     xt = comparison.secure_sign(s1, enc(s1, x), bits, product=True)
     assert list(xt.decrypt(keys1024.private)) == [max(v, 0) for v in x]
-    assert s1.channel.stats.rounds == 4
+    assert rounds(s1) == 2 * per_compare(s1, bits)
 
 
 @pytest.mark.parametrize("bits, shift", [(8, 1), (8, 3), (12, 11), (30, 13)])
@@ -162,8 +179,9 @@ def test_truncation_is_an_exact_floor_division(s1, keys1024, bits, shift):
                                                       2**shift, 2**shift - 1, -1], dtype=object)])
     out = comparison.secure_truncate(s1, enc(s1, x), bits, shift)
     assert list(out.decrypt(keys1024.private)) == [int(v) >> shift for v in x]  # floor, also for negatives
-    assert s1.channel.stats.rounds == 2
-    assert s1.ops["dgk_bit"] == x.size * (shift + 1)  # only the low bits are compared
+    assert rounds(s1) == per_compare(s1, shift)
+    counted, expected = compared_bits(s1, x.size, shift)  # only the low bits are compared
+    assert counted == expected
 
 
 @pytest.mark.parametrize("bits, shift", [(8, 3), (20, 13), (5, 5), (5, 9)])
@@ -172,7 +190,7 @@ def test_requantising_relu_matches_the_reference(s1, keys1024, bits, shift):
     x = np.array([v for v in x if -(2**bits) <= v < 2**bits], dtype=object)  # the declared range
     out = comparison.secure_relu(s1, enc(s1, x), bits, shift)
     assert list(out.decrypt(keys1024.private)) == [max(int(v), 0) >> shift for v in x]
-    assert s1.channel.stats.rounds == (0 if shift >= bits else 4)
+    assert rounds(s1) == (0 if shift >= bits else per_compare(s1, shift) + per_compare(s1, bits - shift))
 
 
 def test_relu_of_a_tensor_bounded_by_zero(s1, keys1024):
@@ -189,22 +207,24 @@ def test_compare_only(s1, keys1024):
     assert t.shape == x.shape and (t.decrypt(keys1024.private) == (x >= 0).astype(int)).all()
 
 
-@pytest.mark.parametrize("shape, k, stride, padding, rounds", [
-    ((2, 4, 4), 2, 2, 0, 4),
-    ((1, 5, 5), 3, 2, 1, 8),
-    ((2, 4, 4), 3, 1, 1, 8),
-    ((1, 6, 5), 3, 2, 0, 8),
-    ((1, 2, 2), 3, 1, 1, 4),  # every window is the whole 2x2 input: one level per axis
+@pytest.mark.parametrize("shape, k, stride, padding, levels", [
+    ((2, 4, 4), 2, 2, 0, 2),
+    ((1, 5, 5), 3, 2, 1, 4),
+    ((2, 4, 4), 3, 1, 1, 4),
+    ((1, 6, 5), 3, 2, 0, 4),
+    ((1, 2, 2), 3, 1, 1, 2),  # every window is the whole 2x2 input: one level per axis
 ])
-def test_smap_matches_reference_with_ties(s1, keys1024, shape, k, stride, padding, rounds):
+def test_smap_matches_reference_with_ties(s1, keys1024, shape, k, stride, padding, levels):
     x = ints(int(np.prod(shape)), -50, 50, shape)
     x.reshape(-1)[:6] = 7  # ties inside windows
     out = comparison.secure_maxpool(s1, enc(s1, x), k, stride, padding, 6)  # |x| <= 50 < 2^6
     ref = [max(x.reshape(-1)[i] for i in w) for w in pool_windows(shape, k, stride, padding)]
     assert list(out.decrypt(keys1024.private).reshape(-1)) == ref
-    # separable sparse-table pooling: two levels per axis for 3-wide windows, one for 2-wide; two rounds each
-    assert s1.channel.stats.rounds == rounds
-    assert s1.ops["dgk_bit"] == maxpool_comparisons(shape, k, stride, padding) * (6 + 2)  # what quantize plans with
+    # separable sparse-table pooling: two levels per axis for 3-wide windows, one for 2-wide; each one
+    # batched comparison of the 7-bit differences
+    assert rounds(s1) == levels * per_compare(s1, 7)
+    counted, expected = compared_bits(s1, maxpool_comparisons(shape, k, stride, padding), 7)  # what quantize plans with
+    assert counted == expected
 
 
 @pytest.mark.parametrize("shift", [3, 9])
@@ -214,7 +234,8 @@ def test_smap_with_a_requantising_shift(s1, keys1024, shift):
     out = comparison.secure_maxpool(s1, enc(s1, x), 3, 2, 1, 8, shift)
     ref = [max(x.reshape(-1)[i] for i in w) >> shift for w in pool_windows(shape, 3, 2, 1)]
     assert list(out.decrypt(keys1024.private).reshape(-1)) == ref
-    assert s1.channel.stats.rounds == 2 + 8
+    low = min(shift, 8)  # then 4 levels of maxima on the 8 - low remaining bits (differences: one more)
+    assert rounds(s1) == per_compare(s1, low) + 4 * per_compare(s1, 8 - low + 1)
 
 
 def test_value_outside_declared_bound_is_a_typed_error(s1):
@@ -298,7 +319,8 @@ def test_dgk_ciphertexts_are_range_checked_in_the_workers(keys1024, key_cloud, m
     n_dgk = int(key_cloud.dgk_public.n)
     width = key_cloud.dgk_public.ciphertext_bytes
     try:
-        ctx = S1Context(keys1024.public, key_cloud.dgk_public, InProcessChannel(key_cloud.handle), workers=workers)
+        ctx = S1Context(keys1024.public, key_cloud.dgk_public, InProcessChannel(key_cloud.handle), workers=workers,
+                        comparison="dgk")
         values = edge_values(20)
         x = enc(ctx, values)
         real_bits = comparison.s2_compare_bits

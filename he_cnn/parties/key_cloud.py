@@ -19,7 +19,8 @@ import numpy as np
 from he_cnn.crypto.dgk import DGKPrivateKey, DGKPublicKey, generate_dgk_keypair
 from he_cnn.errors import BadRequest, ProtocolError
 from he_cnn.crypto.paillier import MIN_KEY_BITS, KeyPair, PublicKey, UserKeys
-from he_cnn.protocols import comparison, linear, output, smp
+from he_cnn.crypto.ot import OTSender
+from he_cnn.protocols import comparison, linear, millionaire, output, smp
 from he_cnn.parallel import INLINE, Workers
 from he_cnn.protocols.linear import LinearGeometry
 from he_cnn.trace import NULL_TRACER, Tracer
@@ -32,6 +33,9 @@ HANDLERS: dict[str, Callable[["KeyCloud", Message], Message]] = {
     linear.CROSS_STEP: linear.s2_linear_cross,
     comparison.BITS_STEP: comparison.s2_compare_bits,
     comparison.ZERO_STEP: comparison.s2_compare_zero,
+    millionaire.BASE_STEP: millionaire.s2_base,
+    millionaire.START_STEP: comparison.s2_compare_ot,
+    millionaire.LEVEL_STEP: comparison.s2_compare_ot_level,
     output.STEP: output.s2_to_user,
 }
 
@@ -103,6 +107,8 @@ class KeyCloud:
     user_keys: UserKeys = field(default_factory=UserKeys)
     #: hears about S2's heavy operations (:mod:`he_cnn.trace`)
     tracer: Tracer = NULL_TRACER
+    #: S2's ends of the OT links, by session id (:func:`he_cnn.protocols.millionaire.s2_base`; oldest first)
+    ot_links: dict[str, OTSender] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.dgk_public.pool_pairs = True  # S2 encrypts bits: its pool keeps g h^r beside h^r

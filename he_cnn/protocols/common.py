@@ -24,6 +24,7 @@ from he_cnn.crypto.dgk import DGKPublicKey
 from he_cnn.errors import BoundExceeded, ProtocolError
 from he_cnn.crypto.paillier import KAPPA, PrivateKey, PublicKey, keypair_from_primes, random_ints
 from he_cnn.parallel import INLINE, Workers
+from he_cnn.protocols.millionaire import OTLink  # (millionaire needs this module for typing only)
 from he_cnn.trace import NULL_TRACER, Tracer
 from he_cnn.crypto.tensor import EncryptedTensor, object_array
 from he_cnn.wire import Message
@@ -47,9 +48,18 @@ class S1Context:
     #: hears about S1's layers and heavy operations (:mod:`he_cnn.trace`); the channel has its own
     #: (``Channel.tracer``) for wire encoding and transport
     tracer: Tracer = NULL_TRACER
+    #: how comparisons get their bit: "ot" (oblivious-transfer millionaires', :mod:`he_cnn.protocols.millionaire`)
+    #: or "dgk" (DGK/Veugen, public-key work per bit); S2 serves both, S1 picks
+    comparison: str = "ot"
+    #: the OT link to S2 for the "ot" comparison; a service shares one between all its contexts (base OTs once)
+    ot_link: OTLink = field(default_factory=OTLink)
 
     def count(self, kind: str, n: int = 1) -> None:
         self.ops[kind] = self.ops.get(kind, 0) + n
+
+
+#: the comparison protocols S1 can pick (S2 serves both)
+COMPARISONS = ("ot", "dgk")
 
 
 def slot_bits(l: int, kappa: int) -> int:

@@ -55,7 +55,8 @@ from he_cnn.crypto.paillier import batch_invert, random_ints
 from he_cnn.parallel import from_blob, to_blob
 from he_cnn.crypto.tensor import EncryptedTensor, object_array
 from he_cnn.wire import Message
-from he_cnn.protocols.common import S1Context, encrypted_reply, read_ciphertexts, masked_reveal, read_revealed
+from he_cnn.protocols import millionaire
+from he_cnn.protocols.common import COMPARISONS, S1Context, encrypted_reply, read_ciphertexts, masked_reveal, read_revealed
 
 if TYPE_CHECKING:
     from he_cnn.parties.key_cloud import KeyCloud
@@ -75,13 +76,36 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool, lo
     k = l if low is None else low
     if not 0 <= k <= l or (product and k != l):
         raise ProtocolError(f"cannot split {l}-bit values at bit {k}{' with the product' if product else ''}")
-    if k + 1 > ctx.dgk_key.max_bits:
+    if ctx.comparison not in COMPARISONS:
+        raise ProtocolError(f"unknown comparison protocol {ctx.comparison!r}; expected one of {COMPARISONS}")
+    if ctx.comparison == "dgk" and k + 1 > ctx.dgk_key.max_bits:
         raise BoundExceeded(f"comparison of {k}-bit values exceeds the DGK key's limit of {ctx.dgk_key.max_bits} bits")
     shape = x.shape
     xf = x.flatten()
     n = xf.size
     msg, masks = masked_reveal(ctx, "d", xf, l)
     msg.meta["low"] = k
+    if ctx.comparison == "ot":
+        reply2, signs = _ot_carry(ctx, msg, masks, k, product)
+    else:
+        reply2, signs = _dgk_carry(ctx, msg, masks, n, l, k, product)
+
+    pk = ctx.public_key
+    with ctx.tracer.op("s1_validate"):
+        columns = [read_ciphertexts(pk, reply2, f, (n,)).data for f in reply_fields(l, k, product)]
+    if product:
+        columns.append(xf.data)
+    calls = [(pk.n, pk.nsq, l, k, [list(c[r.start:r.stop]) for c in columns], masks[r.start:r.stop],
+              signs[r.start:r.stop]) for r in ctx.workers.chunks(n, minimum=8)]
+    results = [c for part in ctx.workers.map(_finish_chunk, calls) for c in part]
+    if product:
+        ctx.count("exp_short", n)
+    return EncryptedTensor(pk, object_array(results, n)).reshape(shape)
+
+
+def _dgk_carry(ctx: S1Context, msg: Message, masks: list[int], n: int, l: int, k: int, product: bool
+               ) -> tuple[Message, list[int]]:
+    """Steps 2-4 with DGK: S2's final reply, and S1's secret signs (s = -1 where S2's delta is 1 - carry)."""
     reply = ctx.channel.request(BITS_STEP, msg)
     ticket = reply.get("ticket", str)
     if reply.shape("bits") != (n, k + 1):
@@ -103,19 +127,19 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool, lo
     ctx.count("dgk_bit", n * (k + 1))
     msg2 = Message(meta={"ticket": ticket, "product": product})
     msg2.set_blob("blinded", blinded, width, (n, k + 1))
-    reply2 = ctx.channel.request(ZERO_STEP, msg2)
+    return ctx.channel.request(ZERO_STEP, msg2), signs
 
-    pk = ctx.public_key
-    with ctx.tracer.op("s1_validate"):
-        columns = [read_ciphertexts(pk, reply2, f, (n,)).data for f in reply_fields(l, k, product)]
-    if product:
-        columns.append(xf.data)
-    calls = [(pk.n, pk.nsq, l, k, [list(c[r.start:r.stop]) for c in columns], masks[r.start:r.stop],
-              signs[r.start:r.stop]) for r in ctx.workers.chunks(n, minimum=8)]
-    results = [c for part in ctx.workers.map(_finish_chunk, calls) for c in part]
-    if product:
-        ctx.count("exp_short", n)
-    return EncryptedTensor(pk, object_array(results, n)).reshape(shape)
+
+def _ot_carry(ctx: S1Context, msg: Message, masks: list[int], k: int, product: bool) -> tuple[Message, list[int]]:
+    """Steps 2-4 on oblivious transfer (:mod:`~he_cnn.protocols.millionaire`): S2's final reply, and
+    S1's XOR share of the carry as the signs of :func:`_finish_chunk` (s = -1 where the share is 1:
+    S2's delta is then 1 - carry, as with DGK)."""
+    msg.meta["product"] = product
+    low = (1 << k) - 1
+    reply, cmp = millionaire.s1_start(ctx, msg, [m & low for m in masks], k)  # M mod 2^k = r mod 2^k (k <= l)
+    final, share = millionaire.s1_finish(ctx, reply, cmp, {})
+    ctx.count("ot_bit", len(masks) * k)
+    return final, [-1 if v else 1 for v in share.tolist()]
 
 
 def reply_fields(l: int, k: int, product: bool) -> list[str]:
@@ -295,6 +319,11 @@ def s2_compare_zero(cloud: "KeyCloud", msg: Message) -> Message:
     with cloud.tracer.op("s2_zero"):
         delta = [v for part in cloud.workers.map(_zero_chunk, calls) for v in part]
     cloud.observe("delta", delta, 1, 0)
+    return _result_reply(cloud, d, l, k, product, delta)
+
+
+def _result_reply(cloud: "KeyCloud", d: list[int], l: int, k: int, product: bool, delta: list[int]) -> Message:
+    """S2's step 4 after it has delta (DGK: its zero tests; OT: its share of the carry)."""
     alpha = [di >> k for di in d]
     if k < l:
         fields = {"alpha_minus_delta": [a - dl for a, dl in zip(alpha, delta)], "delta": delta}
@@ -304,6 +333,34 @@ def s2_compare_zero(cloud: "KeyCloud", msg: Message) -> Message:
         if product:
             fields["e_d"] = [v * di for v, di in zip(e, d)]
     return encrypted_reply(cloud, fields)
+
+
+def s2_compare_ot(cloud: "KeyCloud", msg: Message) -> Message:
+    d, l = read_revealed(cloud, msg, "d")
+    k, product = msg.get("low", int), msg.get("product", bool)
+    if not 0 <= k <= l or (product and k != l):
+        raise ProtocolError(f"cannot compare the low {k} bits of {l}-bit values{' with the product' if product else ''}")
+    reply, cmp = millionaire.s2_start(cloud, msg, d, l, k, product)
+    return _ot_reply(cloud, reply, cmp)
+
+
+def s2_compare_ot_level(cloud: "KeyCloud", msg: Message) -> Message:
+    cmp = cloud.tickets.pop(msg.get("ticket", str), "comparison_ot")
+    return _ot_reply(cloud, millionaire.s2_level(cloud, msg, cmp), cmp)
+
+
+def _ot_reply(cloud: "KeyCloud", reply: Message, cmp: "millionaire.S2Comparison") -> Message:
+    """A ticket for the next level, or, once the circuit is done, the result fields beside the openings."""
+    if not cmp.state.done:
+        reply.meta["ticket"] = cloud.tickets.put("comparison_ot", cmp)
+        return reply
+    delta = cmp.state.result().tolist()
+    cloud.observe("ot_delta", delta, 1, 0)
+    final = _result_reply(cloud, cmp.d, cmp.l, cmp.k, cmp.product, delta)
+    final.meta.update(reply.meta, final=True)
+    final.blobs.update(reply.blobs)
+    final.widths.update(reply.widths)
+    return final
 
 
 def secure_compare(ctx: S1Context, x: EncryptedTensor, bits: int) -> EncryptedTensor:
