@@ -43,9 +43,14 @@ pytestmark = pytest.mark.slow
 #: the family-wise false-alarm rate of the leakage statistics (Bonferroni-split over the tests)
 P_FAMILY = 1e-3
 #: the steps S2 handles in one query of the tiny model, in order, and how many values each reveals
-# conv (x, then its packed cross terms z), a 2x2 pool (two levels), ReLU, dense (x, z), the result
-QUERY_STEPS = ["x", "z", "d", "delta", "d", "delta", "d", "delta", "x", "z", "y"]
-SIZES = {0: 64, 2: 128, 3: 128, 4: 64, 5: 64, 6: 32, 7: 32, 8: 32, 10: 3}
+# conv (x, then its packed cross terms z), a 2x2 pool (two levels), ReLU, dense (x, z), the result;
+# "bits" stands for the bits S2 sees of one comparison: with DGK its zero-test results ("delta"), with
+# OT the extension columns, S1's e bits and openings, and S2's share of the carry (ot_u, ot_e,
+# ot_open..., ot_delta), all of which must be fair coins
+QUERY_STEPS = ["x", "z", "d", "bits", "d", "bits", "d", "bits", "x", "z", "y"]
+SIZES = {0: 64, 2: 128, 4: 64, 6: 32, 8: 32, 10: 3}
+#: per comparison, the record holding one bit per compared element (DGK: the zero test; OT: S2's share)
+RESULT_BITS = {"dgk": "delta", "ot": "ot_delta"}
 #: the z reveals: (output positions P, channels C); each channel's P values fill whole packs
 Z_SHAPES = {1: (64, 2), 9: (1, 3)}
 
@@ -68,12 +73,28 @@ def read_records(path: Path, start: int, end: int) -> list[dict]:
         return [json.loads(line) for line in f.read(end - start).splitlines()]
 
 
-@pytest.fixture(scope="module")
-def recorded(tmp_path_factory):
-    """Upload with the owner CLI, four queries; per image its reply and what S2 recorded during it."""
-    root = tmp_path_factory.mktemp("leakage")
+def collapse(records: list[dict]) -> list[dict]:
+    """The records with each comparison's run of bit records (kappa 0) merged into one "bits" record."""
+    out: list[dict] = []
+    for r in records:
+        if r["kappa"] == 0 and out and out[-1]["step"] == "bits":
+            out[-1]["values"] = out[-1]["values"] + r["values"]
+            out[-1]["parts"].append(r)
+        elif r["kappa"] == 0:
+            out.append({"step": "bits", "bits": 1, "kappa": 0, "values": list(r["values"]), "parts": [r]})
+        else:
+            out.append(r)
+    return out
+
+
+@pytest.fixture(scope="module", params=["ot", "dgk"])
+def recorded(request, tmp_path_factory):
+    """Upload with the owner CLI, four queries; per image its reply and what S2 recorded during it
+    (once with each comparison protocol, S1 started with ``--comparison``)."""
+    root = tmp_path_factory.mktemp(f"leakage-{request.param}")
     record = root / "s2-plaintexts.jsonl"
-    pair = CloudPair(root, s2_record=record)
+    pair = CloudPair(root, s2_record=record, s1_args=["--comparison", request.param])
+    pair.comparison = request.param
     try:
         model = tiny_model()
         model_path = root / "tiny.json"
@@ -87,7 +108,7 @@ def recorded(tmp_path_factory):
         for name, pixels in images().items():
             start = record.stat().st_size
             vector, _, raw = classify(pair.s1_url, model_id, cloud_key, user, pixels)
-            runs[name] = (pixels, vector, raw, read_records(record, start, record.stat().st_size))
+            runs[name] = (pixels, vector, raw, collapse(read_records(record, start, record.stat().st_size)))
         yield pair, model, setup_records, user, runs
         REPORT["leakage: images queried over HTTP"] += len(runs)
         REPORT["leakage: plaintexts S2 obtained (recorded)"] += sum(len(r["values"]) for *_, rs in runs.values()
@@ -98,12 +119,19 @@ def recorded(tmp_path_factory):
 
 def scaled(records: list[dict]) -> np.ndarray:
     """Every masked value, divided by its mask range 2^(bits+1+kappa): uniform on [0, 1) if hidden."""
-    return np.array([v / 2 ** (r["bits"] + 1 + r["kappa"]) for r in records if r["step"] != "delta"
+    return np.array([v / 2 ** (r["bits"] + 1 + r["kappa"]) for r in records if r["kappa"]
                      for v in r["values"]])
 
 
 def zero_test_bits(records: list[dict]) -> np.ndarray:
-    return np.array([v for r in records if r["step"] == "delta" for v in r["values"]])
+    """Every bit S2 saw of the comparisons (DGK: zero-test results; OT: everything it saw of the OT)."""
+    return np.array([v for r in records if r["step"] in ("bits", "delta") for v in r["values"]])
+
+
+def result_bits(records: list[dict], comparison: str) -> int:
+    """How many one-bit-per-element results (zero tests, or S2's carry shares) the comparisons gave."""
+    return sum(len(p["values"]) for r in records if r["step"] == "bits" for p in r["parts"]
+               if p["step"] == RESULT_BITS[comparison])
 
 
 def test_queries_are_exact_and_s2_sees_only_masked_values(recorded):
@@ -113,6 +141,9 @@ def test_queries_are_exact_and_s2_sees_only_masked_values(recorded):
         assert_exact(model, pixels, vector)
         assert [r["step"] for r in records] == QUERY_STEPS
         assert {i: len(records[i]["values"]) for i in SIZES} == SIZES
+        for i in (3, 5, 7):  # one result bit per compared element
+            assert sum(len(p["values"]) for p in records[i]["parts"]
+                       if p["step"] == RESULT_BITS[pair.comparison]) == SIZES[i - 1]
         for i, (positions, channels) in Z_SHAPES.items():
             check_z_count(len(records[i]["values"]), positions, channels, records[i]["bits"], records[i]["kappa"],
                           pair.key_bits)
@@ -135,11 +166,11 @@ def leakage_p_values(setup_records: list[dict], runs: dict[str, list[dict]]) -> 
 
 
 def test_what_s2_sees_does_not_depend_on_the_image(recorded):
-    _, _, setup_records, _, runs = recorded
+    pair, _, setup_records, _, runs = recorded
     records = {name: run[3] for name, run in runs.items()}
     z_values = {name: sum(len(r["values"]) for r in rs if r["step"] == "z") for name, rs in records.items()}
-    assert all(len(scaled(r)) == 323 + z_values[name] and len(zero_test_bits(r)) == 224
-               for name, r in records.items())
+    assert all(len(scaled(r)) == 323 + z_values[name] and result_bits(r, pair.comparison) == 224
+               and len(zero_test_bits(r)) >= 224 for name, r in records.items())
     p = leakage_p_values(setup_records, records)
     assert len(p) == 15
     failed = {name: value for name, value in p.items() if value <= P_FAMILY / len(p)}
