@@ -7,6 +7,7 @@ Usage (from the repository root, with the project's venv; ``python bench/bench.p
     python -m bench.bench                          # 1024, 2048, 3072-bit keys; writes docs/benchmarks.md
     python -m bench.bench --keys 1024 2048 --json bench/results.json
     python -m bench.bench --quick --keys 1024 --images 1     # smoke run, a few minutes
+    python -m bench.bench --quick --keys 1024 --images 1 --no-http --no-baseline --comparison dgk --workers 1 2
 
 What one run measures (everything also goes to ``--json FILE``):
 
@@ -14,10 +15,24 @@ What one run measures (everything also goes to ``--json FILE``):
   with seed 0 on the digits and cached in ``$HECNN_CACHE_DIR/models`` or ``~/.cache/he-cnn/models``,
   shared with ``he-cnn demo``) on the first ``--images`` digits test images: plaintext float torch and
   plaintext integer reference, per image;
-* secure inference **in-process** (S1 and S2 objects in this process, ``--workers`` processes):
-  one-time set-up (key generation, model encryption, set-up round), then per image the offline
-  phase (``prepare_query`` and the randomness pools filled to exactly what one query consumes) and
-  the online latency, with the decrypted class vector checked against the integer reference;
+* secure inference **in-process** (S1 and S2 objects in this process, the largest ``--workers`` count of
+  processes): one-time set-up (key generation, model encryption, set-up round), then per image the
+  offline phase (``prepare_query`` and the randomness pools filled to exactly what one query consumes)
+  and the online latency, with the decrypted class vector checked against the integer reference;
+  **for each comparison protocol** of ``--comparison`` (``S1Context.comparison``: ``ot``, ``dgk``; a
+  protocol that fails is reported and the others go on); the per-layer figures are the first listed
+  protocol's that ran;
+* **sustained throughput, offline phase included** (``--batch N``, default 4 images, ``--quick`` 2):
+  N images through ``--batch-threads`` concurrent queries with no prepared query and empty pools,
+  images per hour, per comparison protocol, at ``--batch-keys`` (default 2048 bits if measured);
+* **scaling over cores** (``--workers 1 2 ...``, default 1 and all cores): online latency and throughput
+  of the first protocol at each worker count, at the throughput run's key size, and the speed-up
+  over the fewest workers;
+* **the peer** (``--peer``, default on when ``tenseal`` imports; ``pip install he-cnn[peer]``):
+  TenSEAL's encrypted-MNIST design (``peer_tenseal.py``: one convolution, x^2, two dense layers, CKKS
+  N = 8192) trained on the same digits, per image client encryption / server evaluation /
+  decryption on the same test images, and ``--peer-batch`` images back to back for images per hour;
+  the report puts ours and the peer in one table with the ratios ours / peer;
 * **over HTTP** (``--http``): S2 as the real service (``python -m he_cnn serve s2``) and S1 here
   (same offline phase), and the **full service** as deployed (S1 and S2 services, upload and one
   classify request as the user sends it, after both services report their offline phase done);
@@ -30,7 +45,8 @@ What one run measures (everything also goes to ``--json FILE``):
 
 Defaults keep a quiet 2-core machine under ~20 minutes: 3 images at 1024 and 2048 bits, 1 image above
 2048 bits (``--images-large``), 1 image over HTTP per key (``--http-images``), the full service up to
-2048 bits (``--service-max-bits``); ``--batch N`` (default off) adds a throughput run of N images.
+2048 bits (``--service-max-bits``); the throughput run (``--batch``), the scaling run and the peer add a
+few minutes.
 Writes ``docs/benchmarks.md`` and ``docs/benchmark_layers.png`` unless ``--quick`` (then only if
 ``--markdown``/``--plot`` are given). matplotlib is an optional, bench-only dependency.
 """
@@ -74,7 +90,7 @@ from he_cnn.parties.key_cloud import KeyCloud  # noqa: E402
 from he_cnn.parties.compute_cloud import PreparedQuery, encrypt_model, prepare_query, secure_inference, setup_model  # noqa: E402
 from he_cnn.crypto.tensor import EncryptedTensor  # noqa: E402
 
-from bench import baseline, instrument, lowerbound, report  # noqa: E402
+from bench import baseline, instrument, lowerbound, peer_tenseal, report  # noqa: E402
 
 #: the default ICNN of the owner's pipeline (seed 0, 15 epochs, 6-bit weights)
 TRAIN_SETTINGS = TrainSettings()
@@ -187,8 +203,9 @@ def linear_draws(spec: dict, bits: int) -> tuple[int, int]:
     return s1, s2
 
 
-def accounting_run(im, x_int: np.ndarray, workers: Workers) -> dict:
-    """One query with a small key and empty pools: what a query draws from each randomness pool.
+def accounting_run(im, x_int: np.ndarray, workers: Workers, comparison: str = "dgk") -> dict:
+    """One query with a small key and empty pools: what a query draws from each randomness pool
+    (``comparison``: the comparison protocol, ``S1Context.comparison``; each draws differently).
 
     DGK draws and Paillier replies do not depend on the key size; the number of packs does, so the
     reveals (count, bits) are recorded and packs recomputed for each key, and so are the linear layers'
@@ -199,7 +216,8 @@ def accounting_run(im, x_int: np.ndarray, workers: Workers) -> dict:
     uk = generate_keypair(1024)
     cloud = KeyCloud.create(kp)
     cloud.workers = workers
-    ctx = S1Context(kp.public, cloud.dgk_public, InProcessChannel(cloud.handle), workers=workers, tracer=prof)
+    ctx = S1Context(kp.public, cloud.dgk_public, InProcessChannel(cloud.handle), workers=workers, tracer=prof,
+                    comparison=comparison)
     em = encrypt_model(im, kp.public)
     st = setup_model(ctx, em)
     ex = EncryptedTensor.encrypt(kp.public, x_int)
@@ -230,14 +248,14 @@ def pool_needs(acct: dict, bits: int, http: bool) -> dict[str, int]:
 # -- one query ------------------------------------------------------------------------------------
 
 def profiled_context(pk: PublicKey, dgk: DGKPublicKey, channel: Channel, workers: Workers,
-                     cloud: KeyCloud | None = None) -> S1Context:
-    """An S1 context whose tracer is a fresh :class:`instrument.Profiler`, which its channel and, in
-    process, S2 report to as well."""
+                     cloud: KeyCloud | None = None, comparison: str = "dgk") -> S1Context:
+    """An S1 context (comparison protocol ``comparison``) whose tracer is a fresh
+    :class:`instrument.Profiler`, which its channel and, in process, S2 report to as well."""
     prof = instrument.Profiler()
     channel.tracer = prof
     if cloud is not None:
         cloud.tracer = prof
-    return S1Context(pk, dgk, channel, workers=workers, tracer=prof)
+    return S1Context(pk, dgk, channel, workers=workers, tracer=prof, comparison=comparison)
 
 
 def prepare_timed(ctx: S1Context, em, st) -> tuple[PreparedQuery, dict[str, float], dict[str, int]]:
@@ -300,7 +318,10 @@ def run_query(ctx: S1Context, em, st, pk, dgk, uk, im, x_int: np.ndarray, needs:
 
 # -- in-process, per key size ---------------------------------------------------------------------
 
-def run_inprocess(bits: int, im, ds, indices: list[int], acct: dict, args) -> dict:
+def run_inprocess(bits: int, im, ds, indices: list[int], accts: dict[str, dict], args) -> dict:
+    """One key size in-process: set-up, then the images for each comparison protocol of ``accts`` (its
+    accounting run's figures, or ``{"error": ...}``), the phe baseline, the bounds, the throughput runs
+    and, at ``args.scaling_bits``, the scaling run."""
     out: dict[str, Any] = {"bits": bits, "workers": args.workers}
     log(f"{bits}: generating the cloud Paillier key")
     t0 = time.perf_counter()
@@ -318,7 +339,7 @@ def run_inprocess(bits: int, im, ds, indices: list[int], acct: dict, args) -> di
     reset_peak()
     channel = InProcessChannel(cloud.handle)
     pk, dgk = kp.public, cloud.dgk_public
-    ctx = profiled_context(pk, dgk, channel, workers, cloud)
+    ctx = profiled_context(pk, dgk, channel, workers, cloud, comparison=args.comparison[0])  # set-up: no comparison
     log(f"{bits}: encrypting the model (owner)")
     t0 = time.perf_counter()
     em = encrypt_model(im, pk)
@@ -332,25 +353,40 @@ def run_inprocess(bits: int, im, ds, indices: list[int], acct: dict, args) -> di
     out["setup_rounds"], out["setup_bytes_to_s2"], out["setup_bytes_to_s1"] = stats.rounds, stats.bytes_to_s2, stats.bytes_to_s1
     log(f"{bits}: measuring primitive costs")
     prims = measure_primitives(kp, cloud, uk, args)
-    needs = pool_needs(acct, bits, http=False)
-    out["pool_needs_first"] = needs
-    images = []
     count = args.images if bits <= 2048 else min(args.images, args.images_large)
-    for n, i in enumerate(indices[:count], 1):
-        log(f"{bits}: image {n}/{count} (test #{i}): offline phase, then online")
-        x_int = quantize_image(ds.x_test[i], im.input_max)
-        q = run_query(ctx, em, st, pk, dgk, uk, im, x_int, needs, s2_user=cloud.user_key(uk.public.n).pool)
-        q["index"] = i
-        images.append(q)
-        needs = {k: q["pool_taken"][k] for k in needs}  # exact for the next image
-        log(f"{bits}: image {n}: online {q['online_seconds']:.2f} s, offline prepare {q['prepare_seconds']:.1f} s + "
-            f"pools {q['pool_fill_seconds']:.1f} s, {'exact' if q['exact'] else 'WRONG RESULT'}")
-    out["images"] = images
+    out["protocols"] = {}
+    primary = None
+    last_needs: dict[str, dict[str, int]] = {}
+    for proto, acct in accts.items():
+        if "error" in acct:
+            out["protocols"][proto] = {"error": f"accounting run failed: {acct['error']}"}
+            continue
+        try:
+            ctx = profiled_context(pk, dgk, channel, workers, cloud, comparison=proto)
+            needs = pool_needs(acct, bits, http=False)
+            entry: dict[str, Any] = {"pool_needs_first": needs}
+            entry["images"], last_needs[proto] = run_images(bits, proto, ctx, em, st, pk, dgk, uk, im, ds,
+                                                            indices[:count], needs, cloud)
+        except Exception as e:  # noqa: BLE001 - report it, measure the other protocols
+            traceback.print_exc()
+            out["protocols"][proto] = {"error": f"{type(e).__name__}: {e}"}
+            log(f"{bits}: comparison {proto!r} failed: {out['protocols'][proto]['error']}")
+            continue
+        out["protocols"][proto] = entry
+        if primary is None:  # the per-layer figures, bounds and baseline are the first protocol's
+            primary = proto
+            out["comparison"], out["pool_needs_first"], out["images"] = proto, needs, entry["images"]
+    if primary is None:
+        workers.shutdown()
+        out["error"] = "every comparison protocol failed: " + "; ".join(
+            f"{p}: {e['error']}" for p, e in out["protocols"].items())
+        return out
+    images = out["images"]
     out["memory_mib"] = {"s1_s2_process": mib(vm_hwm_kb()),
                          "workers": [mib(vm_hwm_kb(p)) for p in worker_pids(workers)],
                          "ru_maxrss_lifetime": mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)}
     if args.baseline:
-        out["baseline"] = run_baseline(bits, kp, cloud, em, st, im, ds, indices[0], workers, args)
+        out["baseline"] = run_baseline(bits, kp, cloud, em, st, im, ds, indices[0], workers, args, primary)
     log(f"{bits}: measuring primitive costs again (the bound takes the cheaper of the two)")
     again = measure_primitives(kp, cloud, uk, args)
     out["primitive_runs"] = [prims, again]
@@ -361,13 +397,88 @@ def run_inprocess(bits: int, im, ds, indices: list[int], acct: dict, args) -> di
     for layer in _mean_layers(images):
         entry = entries.get(layer.name, {"name": layer.name})
         lb = lowerbound.layer_bound(entry, spec, layer, bits, prims, workers.count, pk.ciphertext_bytes,
-                                    dgk.ciphertext_bytes, uk.public.ciphertext_bytes, prims["user_mulmod"])
+                                    dgk.ciphertext_bytes, uk.public.ciphertext_bytes, prims["user_mulmod"],
+                                    comparison=primary)
         out["bounds"].append({"name": layer.name, **lb})
     out["ciphertext_bytes"], out["dgk_ciphertext_bytes"] = pk.ciphertext_bytes, dgk.ciphertext_bytes
     if args.batch and bits in args.batch_keys:
-        out["batch"] = run_batch(bits, kp, cloud, em, st, uk, im, ds, indices, workers, args)
+        for proto, entry in out["protocols"].items():
+            if "images" not in entry:
+                continue
+            try:
+                entry["batch"] = run_batch(bits, kp, cloud, em, st, uk, im, ds, indices, workers, args, proto)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                entry["batch"] = {"error": f"{type(e).__name__}: {e}", "comparison": proto}
+        out["batch"] = out["protocols"][primary].get("batch")
+    if bits == args.scaling_bits and len(args.worker_counts) > 1:
+        try:
+            out["scaling"] = run_scaling(bits, kp, cloud, channel, em, st, uk, im, ds, indices, primary,
+                                         last_needs[primary], out, workers, args)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            out["scaling"] = {"error": f"{type(e).__name__}: {e}"}
     workers.shutdown()
     return out
+
+
+def run_images(bits: int, proto: str, ctx: S1Context, em, st, pk, dgk, uk, im, ds, indices: list[int],
+               needs: dict[str, int], cloud: KeyCloud) -> tuple[list[dict], dict[str, int]]:
+    """:func:`run_query` on each image of ``indices`` (offline phase, then timed online); the pools
+    are filled to ``needs`` for the first and to what the previous one took for the others. Returns
+    the rows and the last image's draws."""
+    images = []
+    for n, i in enumerate(indices, 1):
+        log(f"{bits}: {proto}, {ctx.workers.count} workers: image {n}/{len(indices)} (test #{i}): "
+            "offline phase, then online")
+        x_int = quantize_image(ds.x_test[i], im.input_max)
+        q = run_query(ctx, em, st, pk, dgk, uk, im, x_int, needs, s2_user=cloud.user_key(uk.public.n).pool)
+        q["index"] = i
+        images.append(q)
+        needs = {k: q["pool_taken"][k] for k in needs}  # exact for the next image
+        log(f"{bits}: {proto}, image {n}: online {q['online_seconds']:.2f} s, offline prepare "
+            f"{q['prepare_seconds']:.1f} s + pools {q['pool_fill_seconds']:.1f} s, "
+            f"{'exact' if q['exact'] else 'WRONG RESULT'}")
+    return images, needs
+
+
+def run_scaling(bits: int, kp, cloud: KeyCloud, channel: Channel, em, st, uk, im, ds, indices: list[int],
+                proto: str, needs: dict[str, int], main: dict, workers: Workers, args) -> dict:
+    """Online latency (``--scaling-images`` images, offline phase done first) and throughput (the
+    ``--batch`` run, offline included) of protocol ``proto`` for each of ``--workers``' counts, on the
+    key, model and set-up of the main run; the main run's own count reuses its figures."""
+    points = []
+    for count in args.worker_counts:
+        point: dict[str, Any] = {"workers": count}
+        own = count == args.workers
+        if own:
+            rows = main["protocols"][proto]["images"]
+            batch = main["protocols"][proto].get("batch")
+        else:
+            log(f"{bits}: scaling: {count} workers")
+            wk = Workers(count)
+            try:
+                wk.map(os.getpid, [()] * wk.count)
+                cloud.workers = wk
+                ctx = profiled_context(kp.public, cloud.dgk_public, channel, wk, cloud, comparison=proto)
+                rows, _ = run_images(bits, proto, ctx, em, st, kp.public, cloud.dgk_public, uk, im, ds,
+                                     indices[:args.scaling_images], needs, cloud)
+                batch = None
+                if args.batch:
+                    batch = run_batch(bits, kp, cloud, em, st, uk, im, ds, indices, wk, args, proto)
+            finally:
+                wk.shutdown()
+                cloud.workers = workers
+        if own and args.batch and not batch:
+            batch = run_batch(bits, kp, cloud, em, st, uk, im, ds, indices, workers, args, proto)
+        point["online_seconds"] = [q["online_seconds"] for q in rows]
+        point["online_mean"] = statistics.mean(point["online_seconds"]) if rows else None
+        point["exact"] = sum(q["exact"] for q in rows)
+        point["images_per_hour"] = (batch or {}).get("images_per_hour")
+        point["batch"] = batch
+        point["reused_main_run"] = own
+        points.append(point)
+    return {"bits": bits, "comparison": proto, "cores": default_worker_count(), "points": points}
 
 
 def measure_primitives(kp, cloud, uk, args) -> dict[str, float]:
@@ -388,7 +499,8 @@ def _mean_layers(images: list[dict]) -> list[_Layer]:
     return [_Layer(row["name"], row["kind"], row["ops"]) for row in images[0]["layers"]] if images else []
 
 
-def run_baseline(bits: int, kp, cloud, em, st, im, ds, index: int, workers: Workers, args) -> dict:
+def run_baseline(bits: int, kp, cloud, em, st, im, ds, index: int, workers: Workers, args,
+                 comparison: str = "dgk") -> dict:
     """The phe baseline on a subset of the first convolution and of the first plain ReLU, each paired
     with ours on the whole layer, run alternately ``args.baseline_pairs`` times (speed-up = the median of
     the pairs' ratios: this machine's speed drifts by tens of per cent within minutes, more than the gap
@@ -401,7 +513,8 @@ def run_baseline(bits: int, kp, cloud, em, st, im, ds, index: int, workers: Work
     relu = next((e for e in em.spec["layers"] if e["kind"] == "relu" and not e.get("shift")),
                 next(e for e in em.spec["layers"] if e["kind"] == "relu"))
     x_relu = EncryptedTensor.encrypt(kp.public, ref[relu["input"]])
-    ctx = S1Context(kp.public, cloud.dgk_public, InProcessChannel(cloud.handle), workers=workers)
+    ctx = S1Context(kp.public, cloud.dgk_public, InProcessChannel(cloud.handle), workers=workers,
+                    comparison=comparison)  # ours: the first comparison protocol that ran
     pools = [kp.public.pool, cloud.dgk_public.pool]
     conv_timer, relu_timer = PooledTimer(pools), PooledTimer(pools)
 
@@ -459,11 +572,14 @@ class PooledTimer:
         return seconds
 
 
-def run_batch(bits: int, kp, cloud, em, st, uk, im, ds, indices, workers: Workers, args) -> dict:
-    """Throughput: ``--batch`` images through ``--batch-threads`` concurrent queries, offline work inline."""
+def run_batch(bits: int, kp, cloud, em, st, uk, im, ds, indices, workers: Workers, args,
+              comparison: str = "dgk") -> dict:
+    """Throughput: ``--batch`` images through ``--batch-threads`` concurrent queries, offline work inline
+    (no prepared query, empty pools: what a service kept busy back to back pays per image)."""
     import threading
 
-    log(f"{bits}: throughput run, {args.batch} images, {args.batch_threads} concurrent queries")
+    log(f"{bits}: throughput run ({comparison}, {workers.count} workers), {args.batch} images, "
+        f"{args.batch_threads} concurrent queries, offline phase included")
     jobs = [indices[i % len(indices)] for i in range(args.batch)]
     lock = threading.Lock()
     results: list[dict] = []
@@ -471,7 +587,8 @@ def run_batch(bits: int, kp, cloud, em, st, uk, im, ds, indices, workers: Worker
     no_pool = {"paillier": 0, "dgk": 0, "user": 0}
 
     def worker() -> None:
-        ctx = S1Context(kp.public, cloud.dgk_public, InProcessChannel(cloud.handle), workers=workers)
+        ctx = S1Context(kp.public, cloud.dgk_public, InProcessChannel(cloud.handle), workers=workers,
+                        comparison=comparison)
         while True:
             with lock:
                 if not jobs:
@@ -494,23 +611,28 @@ def run_batch(bits: int, kp, cloud, em, st, uk, im, ds, indices, workers: Worker
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return {"images": args.batch, "threads": args.batch_threads, "wall_seconds": wall,
-            "images_per_hour": 3600 * len(results) / wall if wall else None,
-            "mean_latency": statistics.mean(r["latency"] for r in results) if results else None,
-            "exact": sum(r["exact"] for r in results), "errors": errors}
+    out = {"images": args.batch, "threads": args.batch_threads, "wall_seconds": wall, "comparison": comparison,
+           "workers": workers.count, "images_per_hour": 3600 * len(results) / wall if wall and results else None,
+           "mean_latency": statistics.mean(r["latency"] for r in results) if results else None,
+           "exact": sum(r["exact"] for r in results), "errors": errors}
+    log(f"{bits}: throughput ({comparison}, {workers.count} workers): "
+        + (f"{out['images_per_hour']:.0f} images/hour offline included" if out["images_per_hour"] else "no image done")
+        + (f"; {len(errors)} errors: {errors[0]}" if errors else ""))
+    return out
 
 
 # -- over HTTP ------------------------------------------------------------------------------------
 
-def run_http(bits: int, im, ds, indices: list[int], acct: dict, args) -> dict:
-    """S2 as the real service with S1 here; then the full service (S1 service too) as a user sees it."""
+def run_http(bits: int, im, ds, indices: list[int], acct: dict, args, comparison: str = "dgk") -> dict:
+    """S2 as the real service with S1 here (comparison protocol ``comparison``); then the full service
+    (S1 service too, with its own default comparison) as a user sees it."""
     try:
         from he_cnn.transport.http_channel import HTTPChannel, fetch_public_key, http_request
         from he_cnn.wire import Message, decode, encode
         from he_cnn.servers.launch import CloudProcess
     except Exception as e:  # noqa: BLE001 - the service may be mid-construction
         return {"bits": bits, "error": f"TODO: HTTP measurement unavailable ({type(e).__name__}: {e})"}
-    out: dict[str, Any] = {"bits": bits}
+    out: dict[str, Any] = {"bits": bits, "comparison": comparison}
     token, owner_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     forward = (lambda line: log(line)) if args.verbose else None
     procs: list[Any] = []
@@ -530,7 +652,7 @@ def run_http(bits: int, im, ds, indices: list[int], acct: dict, args) -> dict:
             uk = generate_keypair(min(bits, 2048))
             workers.map(os.getpid, [()] * workers.count)
             channel = HTTPChannel(s2_url, token, timeout=3600)
-            ctx = profiled_context(pk, dgk, channel, workers)
+            ctx = profiled_context(pk, dgk, channel, workers, comparison=comparison)
             t0 = time.perf_counter()
             em = encrypt_model(im, pk)
             out["model_encrypt_seconds"] = time.perf_counter() - t0
@@ -653,10 +775,15 @@ def machine_facts(args) -> dict:
         mpl = matplotlib.__version__
     except ImportError:
         mpl = None
+    try:
+        import tenseal
+        tenseal_version = getattr(tenseal, "__version__", "?")
+    except ImportError:
+        tenseal_version = None
     return {"cpu": cpu, "cores": default_worker_count(), "logical_cpus": os.cpu_count(), "mem_mib": mib(mem),
             "load_average_at_start": load, "python": platform.python_version(), "gmpy2": gmpy2.version(),
             "gmp": gmpy2.mp_version(), "phe": getattr(phe, "__version__", "?"), "numpy": np.__version__,
-            "torch": torch.__version__, "matplotlib": mpl, "platform": platform.platform(),
+            "torch": torch.__version__, "matplotlib": mpl, "tenseal": tenseal_version, "platform": platform.platform(),
             "command": ("python -m bench.bench " if __package__ else "python bench/bench.py ") + " ".join(sys.argv[1:])}
 
 
@@ -667,7 +794,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keys", type=int, nargs="+", default=[1024, 2048, 3072], help="cloud key sizes in bits")
     ap.add_argument("--images", type=int, default=None, help="test images per key size in-process (default 3; --quick 1)")
     ap.add_argument("--images-large", type=int, default=1, help="cap on images for keys above 2048 bits (default 1)")
-    ap.add_argument("--workers", type=int, default=default_worker_count(), help="process-pool size (default: all cores)")
+    ap.add_argument("--workers", type=int, nargs="+", default=None,
+                    help="process-pool sizes: the largest runs everything, each count gets the scaling run's "
+                         "online latency and throughput (default: 1 and all cores; one number: no scaling run)")
+    ap.add_argument("--scaling-images", type=int, default=1, help="images per worker count in the scaling run")
+    ap.add_argument("--comparison", nargs="+", choices=["ot", "dgk"], default=["ot", "dgk"],
+                    help="comparison protocols to measure (S1Context.comparison), each in the same run; the "
+                         "first that runs gives the per-layer figures and the scaling run (default: ot dgk)")
+    ap.add_argument("--peer", dest="peer", action="store_true", default=None,
+                    help="also run the peer, TenSEAL's encrypted-MNIST design (default: on when tenseal imports)")
+    ap.add_argument("--no-peer", dest="peer", action="store_false")
+    ap.add_argument("--peer-images", type=int, default=None, help="peer: images timed one by one (default --images)")
+    ap.add_argument("--peer-batch", type=int, default=None,
+                    help="peer: images back to back for images/hour (default 8; --quick 2)")
     ap.add_argument("--http", dest="http", action="store_true", default=True, help="also measure over HTTP (default)")
     ap.add_argument("--no-http", dest="http", action="store_false")
     ap.add_argument("--http-images", type=int, default=1, help="images per key with S1 here and the S2 service")
@@ -679,7 +818,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--baseline-elements", type=int, default=None, help="ReLU elements in the baseline (default 16)")
     ap.add_argument("--baseline-pairs", type=int, default=None,
                     help="alternating runs of the baseline and ours per layer (default 3; --quick 1)")
-    ap.add_argument("--batch", type=int, default=0, help="throughput run of N images (default 0 = off)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="throughput run, offline included: N images (default 4; --quick 2; 0 = off)")
     ap.add_argument("--batch-threads", type=int, default=2, help="concurrent queries in the throughput run")
     ap.add_argument("--batch-keys", type=int, nargs="+", default=None,
                     help="key sizes for the throughput run (default: 2048 if measured, else the smallest)")
@@ -693,7 +833,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--from-json", metavar="FILE", help="measure nothing: rebuild the report (text, --markdown, "
                     "--plot) from a previous --json FILE")
     args = ap.parse_args(argv)
+    args.worker_counts = sorted(set(args.workers or [1, default_worker_count()]))
+    if min(args.worker_counts) < 1:
+        ap.error("--workers: counts must be >= 1")
+    args.workers = max(args.worker_counts)  # the main run's
+    args.comparison = list(dict.fromkeys(args.comparison))
+    if args.peer is None:
+        args.peer = peer_available()
     args.images = args.images if args.images is not None else (1 if args.quick else 3)
+    args.peer_images = args.peer_images if args.peer_images is not None else args.images
+    args.peer_batch = args.peer_batch if args.peer_batch is not None else (2 if args.quick else 8)
+    args.batch = args.batch if args.batch is not None else (2 if args.quick else 4)
     args.baseline_block = args.baseline_block or (1 if args.quick else 2)
     args.baseline_elements = args.baseline_elements or (4 if args.quick else 16)
     args.baseline_pairs = args.baseline_pairs or (1 if args.quick else 3)
@@ -701,10 +851,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.plain_reps = 20 if args.quick else 100
     if args.batch_keys is None:
         args.batch_keys = [2048] if 2048 in args.keys else [min(args.keys)]
+    args.scaling_bits = args.batch_keys[0] if args.batch_keys[0] in args.keys else min(args.keys)
     if not args.quick:
         args.markdown = args.markdown or str(ROOT / "docs" / "benchmarks.md")
         args.plot = args.plot or str(ROOT / "docs" / "benchmark_layers.png")
     return args
+
+
+def peer_available() -> bool:
+    try:
+        import tenseal  # noqa: F401
+        return True
+    except ImportError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -716,7 +875,8 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs(results, args)
         return 0
     facts = machine_facts(args)
-    log(f"machine: {facts['cpu']}, {facts['cores']} cores; workers {args.workers}; keys {args.keys}")
+    log(f"machine: {facts['cpu']}, {facts['cores']} cores; workers {args.worker_counts}; keys {args.keys}; "
+        f"comparisons {args.comparison}; peer {'on' if args.peer else 'off'}")
     trained, train_info = obtain_model(args.cache_dir)
     im, tm, ds = trained.model, trained.float_model, trained.dataset
     indices = list(range(max(args.images, args.http_images, args.service_images, 1)))
@@ -725,22 +885,48 @@ def main(argv: list[str] | None = None) -> int:
                                          "pixels": int(np.prod(im.input_shape))}}
     log("plaintext: float torch and integer reference")
     results["plaintext"] = measure_plaintext(tm, im, ds, indices[:args.images], args.plain_reps)
-    log(f"accounting run ({ACCOUNTING_BITS}-bit toy key): what one query draws from the randomness pools")
+    if args.peer:
+        log("peer: TenSEAL's encrypted-MNIST design on the same digits")
+        try:
+            results["peer"] = peer_tenseal.run_peer(ds, images=args.peer_images, batch=args.peer_batch,
+                                                    threads=args.workers, log=log)
+        except Exception as e:  # noqa: BLE001 - report, do not lose the other results
+            traceback.print_exc()
+            results["peer"] = {"error": f"{type(e).__name__}: {e}"}
+        if "error" in results["peer"]:
+            log(f"peer: {results['peer']['error']}")
+    else:
+        results["peer"] = {"error": "not run (--no-peer)" if peer_available() else peer_tenseal.NOT_INSTALLED}
+    accts: dict[str, dict] = {}
+    results["accounting_by_protocol"] = {}
     acct_workers = Workers(args.workers)
-    acct = accounting_run(im, quantize_image(ds.x_test[indices[0]], im.input_max), acct_workers)
+    for proto in args.comparison:
+        log(f"accounting run ({proto}, {ACCOUNTING_BITS}-bit toy key): what one query draws from the randomness pools")
+        try:
+            acct = accounting_run(im, quantize_image(ds.x_test[indices[0]], im.input_max), acct_workers, proto)
+        except Exception as e:  # noqa: BLE001 - e.g. a protocol still under construction
+            traceback.print_exc()
+            accts[proto] = {"error": f"{type(e).__name__}: {e}"}
+            results["accounting_by_protocol"][proto] = accts[proto]
+            log(f"accounting run ({proto}) failed: {accts[proto]['error']}")
+            continue
+        accts[proto] = acct
+        summary = {k: v for k, v in acct.items() if k not in ("reveals", "spec")} | {"reveal_calls": len(acct["reveals"])}
+        results["accounting_by_protocol"][proto] = summary
+        results.setdefault("accounting", summary)
+        if not acct["exact"]:
+            log(f"WARNING: the accounting run's result ({proto}) differs from the reference")
     acct_workers.shutdown()
-    results["accounting"] = {k: v for k, v in acct.items() if k not in ("reveals", "spec")} | {"reveal_calls": len(acct["reveals"])}
-    if not acct["exact"]:
-        log("WARNING: the accounting run's result differs from the reference")
+    primary = next((p for p in args.comparison if "error" not in accts[p]), None)
     results["inprocess"], results["http"] = [], []
     for bits in args.keys:
         try:
-            results["inprocess"].append(run_inprocess(bits, im, ds, indices, acct, args))
+            results["inprocess"].append(run_inprocess(bits, im, ds, indices, accts, args))
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             results["inprocess"].append({"bits": bits, "error": f"{type(e).__name__}: {e}"})
-        if args.http:
-            results["http"].append(run_http(bits, im, ds, indices, acct, args))
+        if args.http and primary is not None:
+            results["http"].append(run_http(bits, im, ds, indices, accts[primary], args, primary))
     results["wall_seconds"] = time.perf_counter() - T_START
     summary = report.analyse(results)
     results["summary"] = summary
@@ -751,7 +937,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"wrote {args.json}")
     write_outputs(results, args)
     log(f"done in {results['wall_seconds'] / 60:.1f} min")
-    failures = [r for r in results["inprocess"] if "error" in r or not all(q["exact"] for q in r.get("images", []))]
+    failures = [r for r in results["inprocess"] if "error" in r or not all(
+        q["exact"] for p in (r.get("protocols") or {}).values() for q in p.get("images", []))]
     return 1 if failures else 0
 
 

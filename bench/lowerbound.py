@@ -25,6 +25,10 @@ from the offline pool, and prices them:
   blinding exponentiation, at S2 one zero test; per element 2 Paillier encryptions at S2 (2 mults each), a few
   multiplications at S1 and, for a ReLU or max (not a truncation), one exponentiation E(-e)^M by the
   (l + kappa + 2)-bit mask;
+* with the OT comparison (the default; ``comparison="ot"``) the per-bit DGK work is replaced by
+  :func:`~he_cnn.protocols.millionaire.rot_count` random OTs per pass (the extension's cost per OT at
+  each end, measured by :func:`measure_ot`) and their AND gates (numpy), 16 bytes per OT to S2 plus a
+  few bits per gate each way; the reveal, S2's replies and S1's finishing step are the same;
 * result for the user: a reveal of the class vector and 2 multiplications per value under each key.
 
 The bound is that work divided by the number of cores (S1 and S2 take turns, so each may use every
@@ -40,6 +44,7 @@ import time
 from typing import Any, Callable
 
 import gmpy2
+import numpy as np
 from gmpy2 import mpz
 
 from he_cnn.crypto.paillier import KAPPA
@@ -107,7 +112,54 @@ def measure_primitives(public, private, dgk_public, dgk_private, min_seconds: fl
         "fresh_randomizer_dgk": per_call(dgk_public.fresh_randomizer, min_seconds, 5),
         "full_exp_nsq": per_call(lambda: gmpy2.powmod(c, n, nsq), min_seconds, 2),
     }
+    prims.update(measure_ot(min_seconds))
     return {k: float(v) for k, v in prims.items()}
+
+
+#: OTs per timed extension batch (a comparison call of the ICNN extends 10^4..10^5 at once)
+OT_BATCH = 65_536
+
+
+def measure_ot(min_seconds: float = 0.3) -> dict[str, float]:
+    """Seconds per random OT of the extension (S1's side, S2's side) and per AND gate of the circuit
+    (both parties, numpy), on a link made once here; the base OTs are per link, not per query."""
+    from he_cnn.crypto import ot
+    from he_cnn.protocols import millionaire
+
+    sender = ot.BaseSender()
+    s = ot.random_bits(ot.KAPPA_OT)
+    bs, keys = ot.base_receive(int(sender.A), s)
+    receiver, ot_sender = ot.OTReceiver("bench", sender.keys([int(b) for b in bs])), ot.OTSender(s, keys)
+    batches: list = []
+
+    def s1_side() -> None:
+        batches.append(receiver.extend(OT_BATCH))
+
+    def s2_side() -> None:
+        b = batches.pop() if batches else receiver.extend(OT_BATCH)
+        ot_sender.extend(b.batch, b.count, b.u)
+
+    s1 = per_call(s1_side, min_seconds, 1) / OT_BATCH
+    s2 = per_call(s2_side, min_seconds, 1) / OT_BATCH
+    n, k = 4096, 16  # a circuit of this size, both parties, in plaintext with valid random OTs
+    total = millionaire.rot_count(n, k) - n * k
+    c, x0, x1 = ot.random_bits(total), ot.random_bits(total), ot.random_bits(total)
+    a = millionaire.bit_matrix(list(range(n)), k)
+
+    def circuit() -> None:
+        one = millionaire.CircuitState(0, a.copy(), a.copy(), millionaire.receiver_triples(c, np.where(c == 1, x1, x0)),
+                                       millionaire.level_widths(k))
+        two = millionaire.CircuitState(1, a.copy(), a.copy(), millionaire.sender_triples(x0, x1),
+                                       millionaire.level_widths(k))
+        pending = [two.open()]
+        while True:
+            ops = millionaire.s1_round(one, pending)
+            if not ops:
+                return
+            pending = millionaire.s2_round(two, ops)
+
+    gates = (millionaire.rot_count(n, k) - n * k) // 2
+    return {"ot_s1": s1, "ot_s2": s2, "and_gate": per_call(circuit, min_seconds, 1) / gates}
 
 
 def tensor_bits(spec: dict, tensor: str) -> int:
@@ -147,7 +199,7 @@ def linear_packing(entry: dict, spec: dict, bits: int, kappa: int = KAPPA) -> tu
 
 def layer_bound(entry: dict, spec: dict, layer, bits: int, prim: dict[str, float], cores: int,
                 ct_bytes: int, dgk_bytes: int, user_ct_bytes: int, user_mulmod: float,
-                kappa: int = KAPPA) -> dict[str, Any]:
+                kappa: int = KAPPA, comparison: str = "ot") -> dict[str, Any]:
     """Least work (S1, S2 single-core seconds), the bound on ``cores``, least bytes each way, and the
     operation counts behind them (``counts``: decryptions, encryptions, zero tests, exponentiations by
     exponent size, modular multiplications). A layer's work comes from its catalogue class's
@@ -196,20 +248,35 @@ def layer_bound(entry: dict, spec: dict, layer, bits: int, prim: dict[str, float
             s1 += r1 + m * (COMBINE_MULTS * mm + exp_bits * prim["exp_per_bit_nsq"])
             s2 += r2 + m * 2 * 2 * mm  # two fresh encryptions: E(-e), E(e d) or E(alpha - delta), E(delta)
             packs, reveal_mults = packs + p, reveal_mults + rm
-        blind_exps = sum(m * blinded_positions(low) for m, _, low in passes)
-        s1 += blind_exps * prim["dgk_blind_exp"] + compared_bits * BIT_MULTS * mmd
-        s2 += compared_bits * (mmd + prim["dgk_zero_test"])
         replies = sum(2 * m for m, _, _ in passes)
-        to_s2 = packs * ct_bytes + compared_bits * dgk_bytes
-        to_s1 = compared_bits * dgk_bytes + replies * ct_bytes
+        if comparison == "ot":  # per pass: rot_count random OTs (extension at both ends), their AND gates
+            from he_cnn.protocols.millionaire import rot_count
+
+            compared_bits = sum(m * low for m, _, low in passes)
+            rots = sum(rot_count(m, low) for m, _, low in passes)
+            gates = (rots - compared_bits) // 2
+            s1 += rots * prim["ot_s1"] + gates * prim["and_gate"] / 2
+            s2 += rots * prim["ot_s2"] + gates * prim["and_gate"] / 2
+            to_s2 = packs * ct_bytes + rots * 16 + (compared_bits + 2 * gates + 7) // 8
+            to_s1 = replies * ct_bytes + (2 * compared_bits + 2 * gates + 7) // 8
+            blind_exps = 0.0
+        else:
+            blind_exps = sum(m * blinded_positions(low) for m, _, low in passes)
+            s1 += blind_exps * prim["dgk_blind_exp"] + compared_bits * BIT_MULTS * mmd
+            s2 += compared_bits * (mmd + prim["dgk_zero_test"])
+            to_s2 = packs * ct_bytes + compared_bits * dgk_bytes
+            to_s1 = compared_bits * dgk_bytes + replies * ct_bytes
         elements = math.prod(shapes[entry["output"]])
         l = tensor_bits(spec, entry["input"])
         detail = {"comparisons": sum(m for m, _, _ in passes), "bits": l, "compared_bits": compared_bits,
                   "packs": packs, "shift": min(int(entry.get("shift", 0)), l)}
+        dgk = comparison != "ot"
         counts = {"decryptions": packs, "paillier_encryptions": replies,
-                  "dgk_encryptions": compared_bits, "dgk_zero_tests": compared_bits, "dgk_blind_exps": round(blind_exps),
+                  "dgk_encryptions": compared_bits * dgk, "dgk_zero_tests": compared_bits * dgk,
+                  "dgk_blind_exps": round(blind_exps),
                   "mulmod_nsq": reveal_mults + sum((COMBINE_MULTS + 8) * m for m, _, _ in passes),
-                  "mulmod_dgk": (1 + BIT_MULTS) * compared_bits,
+                  "mulmod_dgk": (1 + BIT_MULTS) * compared_bits * dgk,
+                  "random_ots": rots if not dgk else 0,
                   "exp_bits_online": {k: v for m, rb, low in passes if low == rb
                                       for k, v in ((rb + kappa + 2, m),)}}
     elif layer.kind == "to_user":

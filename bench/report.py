@@ -1,15 +1,20 @@
 """Turning the benchmark's raw results into figures, tables (text and Markdown), targets and a plot."""
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
 from he_cnn.trace import OP_KINDS as KINDS
 from bench.lowerbound import WINDOW, link_seconds
 
-TARGET_ONLINE_2048 = 10.0
-TARGET_SPEEDUP = 50.0
-TARGET_BOUND_RATIO = 3.0
+#: issue 15's targets, at TARGET_BITS (the cloud key), measured in one run
+TARGET_BITS = 2048
+TARGET_ONLINE_2048 = 2.0  # seconds per image online, and at most the peer's evaluation time
+TARGET_THROUGHPUT = 600.0  # images per hour, offline phase included
+TARGET_BOUND_RATIO = 3.0  # per layer, ours / the protocol's lower bound
+TARGET_SCALING = 0.6  # speed-up >= 0.6 x the ratio of worker counts (8 vs 2 workers: >= 2.4x)
+TARGET_SPEEDUP = 50.0  # a former target (speed-up over the per-element phe baseline), still reported
 LINK = "1 Gbit/s, 1 ms RTT"
 
 
@@ -19,6 +24,100 @@ def _mean(values: list[float]) -> float | None:
 
 
 # -- analysis -------------------------------------------------------------------------------------
+
+def protocol_rows(run: dict) -> dict[str, dict]:
+    """Per comparison protocol of an in-process run: online latency, rounds, bytes, offline phase,
+    the throughput run, or its error. A run saved before ``--comparison`` existed is one DGK run."""
+    protos = run.get("protocols")
+    if protos is None:
+        protos = {run.get("comparison", "dgk"): {"images": run.get("images") or [], "batch": run.get("batch")}}
+    out: dict[str, dict] = {}
+    for name, entry in protos.items():
+        imgs = entry.get("images") or []
+        row: dict[str, Any] = {"error": entry.get("error")}
+        if imgs:
+            online = [q["online_seconds"] for q in imgs]
+            nbytes = imgs[0]["bytes_to_s2"] + imgs[0]["bytes_to_s1"]
+            row.update({"online_mean": statistics.mean(online), "online_min": min(online), "online_max": max(online),
+                        "images": len(imgs), "exact": sum(q["exact"] for q in imgs), "rounds": imgs[0]["rounds"],
+                        "bytes": nbytes, "bytes_to_s2": imgs[0]["bytes_to_s2"], "bytes_to_s1": imgs[0]["bytes_to_s1"],
+                        "link_seconds": link_seconds(imgs[0]["rounds"], nbytes),
+                        "prepare_mean": _mean([q["prepare_seconds"] for q in imgs]),
+                        "pool_fill_mean": _mean([q["pool_fill_seconds"] for q in imgs])})
+        if entry.get("batch"):
+            row["batch"] = entry["batch"]
+        out[name] = row
+    return out
+
+
+def peer_summary(peer: dict | None) -> dict:
+    """The TenSEAL peer's figures (bench/peer_tenseal.py), or its error."""
+    if not peer:
+        return {"error": "not in this run"}
+    if peer.get("error"):
+        return {"error": peer["error"]}
+    imgs = peer.get("images") or []
+    batch = peer.get("batch") or {}
+    return {"eval_seconds": peer.get("eval_seconds"), "encrypt_seconds": peer.get("encrypt_seconds"),
+            "decrypt_seconds": peer.get("decrypt_seconds"), "images": len(imgs),
+            "argmax_matches": peer.get("argmax_matches"), "images_per_hour": batch.get("images_per_hour"),
+            "eval_images_per_hour": batch.get("eval_images_per_hour"), "batch_images": batch.get("images"),
+            "plain_test_accuracy": peer.get("plain_test_accuracy"), "model": peer.get("model"),
+            "threads": peer.get("threads"), "ckks": peer.get("ckks"), "tenseal": peer.get("tenseal"),
+            "input_ciphertext_bytes": peer.get("input_ciphertext_bytes"),
+            "output_ciphertext_bytes": peer.get("output_ciphertext_bytes"),
+            "max_rel_error": max((r.get("max_rel_error") or 0.0 for r in imgs), default=None),
+            "train_seconds": (peer.get("training") or {}).get("train_seconds")}
+
+
+def scaling_summary(results: dict) -> dict | None:
+    """The scaling run (``--workers`` counts): per count, online latency and throughput and the speed-up
+    over the fewest workers; None when only one count was measured."""
+    run = next((r for r in results.get("inprocess", []) if r.get("scaling")), None)
+    if run is None:
+        return None
+    sc = run["scaling"]
+    if sc.get("error"):
+        return {"bits": run["bits"], "error": sc["error"]}
+    points = sorted(sc["points"], key=lambda p: p["workers"])
+    base = points[0]
+    rows = []
+    for p in points:
+        ratio = p["workers"] / base["workers"]
+        so = base["online_mean"] / p["online_mean"] if base.get("online_mean") and p.get("online_mean") else None
+        st = (p["images_per_hour"] / base["images_per_hour"]
+              if base.get("images_per_hour") and p.get("images_per_hour") else None)
+        rows.append({"workers": p["workers"], "online_mean": p.get("online_mean"), "exact": p.get("exact"),
+                     "images": len(p.get("online_seconds") or []), "images_per_hour": p.get("images_per_hour"),
+                     "cores_ratio": ratio, "speedup_online": so, "speedup_throughput": st,
+                     "efficiency_online": so / ratio if so else None,
+                     "efficiency_throughput": st / ratio if st else None,
+                     "batch_errors": (p.get("batch") or {}).get("errors") or []})
+    return {"bits": sc.get("bits", run["bits"]), "comparison": sc.get("comparison"), "cores": sc.get("cores"),
+            "points": rows}
+
+
+def _scaling_target(sc: dict | None) -> dict:
+    t: dict[str, Any] = {"target": TARGET_SCALING}
+    if not sc or sc.get("error") or len(sc.get("points", [])) < 2:
+        t["note"] = (f"scaling run failed: {sc['error']}" if sc and sc.get("error")
+                     else "one worker count measured (give --workers 1 2 ...)")
+        return t
+    lo, hi = sc["points"][0], sc["points"][-1]
+    ratio = hi["workers"] / lo["workers"]
+    t.update({"bits": sc["bits"], "comparison": sc["comparison"], "from": lo["workers"], "to": hi["workers"],
+              "ratio": ratio, "needed": TARGET_SCALING * ratio, "projected": hi["workers"] <= 2})
+    for metric in ("online", "throughput"):
+        s = hi[f"speedup_{metric}"]
+        entry: dict[str, Any] = {"measured": s, "met": None if s is None else s >= TARGET_SCALING * ratio}
+        if s is not None and t["projected"] and ratio > 1:
+            # each doubling of the workers assumed to gain what lo -> hi gained per doubling
+            per_doubling = s ** (1 / math.log2(ratio))
+            entry["projected_8_vs_2"] = per_doubling ** 2
+            entry["projected_met"] = entry["projected_8_vs_2"] >= TARGET_SCALING * 4
+        t[metric] = entry
+    return t
+
 
 def layer_rows(run: dict) -> list[dict]:
     """Per layer, averaged over the run's images, with bound, bytes and link figures."""
@@ -113,7 +212,14 @@ def analyse(results: dict) -> dict:
                     "shift": b.get("shift", 0)}
         if run.get("batch"):
             key["batch"] = run["batch"]
+        key["protocols"] = protocol_rows(run)
+        key["comparison"] = run.get("comparison") or next(iter(key["protocols"]), "dgk")
         out["keys"][bits] = key
+    for run in results.get("inprocess", []):  # failed runs: each protocol's error
+        if run["bits"] in out["keys"] and "protocols" not in out["keys"][run["bits"]] and run.get("protocols"):
+            out["keys"][run["bits"]]["protocols"] = protocol_rows(run)
+    out["peer"] = peer_summary(results.get("peer"))
+    out["scaling"] = scaling_summary(results)
     for run in results.get("http", []):
         bits = run["bits"]
         entry = out["keys"].setdefault(bits, {})
@@ -138,15 +244,38 @@ def analyse(results: dict) -> dict:
                                 "upload_and_setup_seconds": svc.get("upload_and_setup_seconds"),
                                 "memory_mib": svc.get("memory_mib")}
     # targets
-    k2048 = out["keys"].get(2048, {})
+    k2048 = out["keys"].get(TARGET_BITS, {})
     t = out["targets"]
+    measured = [b for b, k in out["keys"].items() if k.get("online_mean") is not None]
+    t["measured_bits"] = sorted(measured)
     if "online_mean" in k2048:
         v = k2048["online_mean"]
         t["online_2048"] = {"target": TARGET_ONLINE_2048, "measured": v, "met": v <= TARGET_ONLINE_2048,
-                            "factor": v / TARGET_ONLINE_2048}
+                            "factor": v / TARGET_ONLINE_2048, "comparison": k2048.get("comparison")}
     else:
         t["online_2048"] = {"target": TARGET_ONLINE_2048, "measured": None, "met": None,
-                            "note": "2048-bit keys not measured in this run"}
+                            "note": f"{TARGET_BITS}-bit keys not measured in this run"}
+    peer_eval = out["peer"].get("eval_seconds")
+    peer_iph = out["peer"].get("images_per_hour")
+    online, vs_peer, throughput = [], [], []
+    for name, pr in (k2048.get("protocols") or {}).items():
+        v = pr.get("online_mean")
+        online.append({"comparison": name, "measured": v, "met": None if v is None else v <= TARGET_ONLINE_2048,
+                       "factor": None if v is None else v / TARGET_ONLINE_2048, "error": pr.get("error")})
+        vs_peer.append({"comparison": name, "measured": v, "peer": peer_eval,
+                        "met": None if v is None or not peer_eval else v <= peer_eval,
+                        "factor": None if v is None or not peer_eval else v / peer_eval, "error": pr.get("error")})
+        b = pr.get("batch") or {}
+        iph = b.get("images_per_hour")
+        if b:
+            throughput.append({"comparison": name, "measured": iph, "peer": peer_iph,
+                               "met": None if iph is None else iph >= TARGET_THROUGHPUT,
+                               "factor": TARGET_THROUGHPUT / iph if iph else None,
+                               "error": b.get("error") or "; ".join(b.get("errors") or []) or None})
+    t["online_by_protocol"] = online
+    t["online_vs_peer"] = {"peer": peer_eval, "peer_error": out["peer"].get("error"), "protocols": vs_peer}
+    t["throughput"] = {"target": TARGET_THROUGHPUT, "protocols": throughput}
+    t["scaling"] = _scaling_target(out["scaling"])
     speedups = []
     for bits, key in out["keys"].items():
         for part, b in (key.get("baseline") or {}).items():
@@ -232,9 +361,108 @@ def _mb(b: float | None) -> float | None:
     return None if b is None else b / 2 ** 20
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def peer_tables(results: dict) -> list[Table]:
+    """Ours vs the TenSEAL peer (one table), the comparison protocols side by side, the sustained
+    throughput, the scaling curve and the peer's own per-image figures."""
+    s = results["summary"]
+    peer = s.get("peer") or {"error": "not in this run"}
+    pe, pi = peer.get("eval_seconds"), peer.get("images_per_hour")
+    out: list[Table] = []
+    rows = []
+    if not peer.get("error"):
+        rows.append(["peer: TenSEAL (CKKS N=8192)", pe, pe, None, pi, pi, None])
+    for bits, k in s["keys"].items():
+        for name, pr in (k.get("protocols") or {}).items():
+            if pr.get("online_mean") is None:
+                continue
+            iph = (pr.get("batch") or {}).get("images_per_hour")
+            rows.append([f"ours: {bits}-bit, {name}", pr["online_mean"], pe, _ratio(pr["online_mean"], pe),
+                         iph, pi, _ratio(iph, pi)])
+    if peer.get("error"):
+        note = f"peer: {peer['error']}. "
+    else:
+        note = (f"peer = TenSEAL {peer.get('tenseal')}'s encrypted-MNIST design (Tutorial 4) on the same digits: "
+                f"{peer.get('model')}; plaintext test accuracy {peer.get('plain_test_accuracy', 0):.2%}; "
+                f"TenSEAL threads {peer.get('threads') or 'all'}. ")
+    note += ("Online = ours in-process with the offline phase done (mean over the images), the peer's server "
+             "evaluation (mean); images/hour = ours from the throughput run (offline phase included, concurrent "
+             "queries, user encryption and decryption included), the peer's images back to back (client "
+             "encryption, evaluation, decryption; CKKS has no offline phase). ours/peer > 1 on latency or < 1 on "
+             "throughput: ours is slower. Not the same service: the peer's one server holds the model in "
+             "plaintext and its result is approximate; ours is two clouds, neither sees the image, the model or "
+             "the answer, and the result is exact.")
+    out.append(Table("ours vs peer (TenSEAL's encrypted-MNIST design), per image",
+                     ["who", "online s", "peer eval s", "ours/peer", "images/hour (offline incl.)",
+                      "peer images/hour", "ours/peer"], rows, note))
+    rows = []
+    for bits, k in s["keys"].items():
+        for name, pr in (k.get("protocols") or {}).items():
+            b = pr.get("batch") or {}
+            if pr.get("online_mean") is None:
+                rows.append([bits, name] + [None] * 9 + [pr.get("error")])
+                continue
+            rows.append([bits, name, f"{pr['online_mean']:.2f} ({pr['online_min']:.2f}-{pr['online_max']:.2f})",
+                         f"{pr['exact']}/{pr['images']}", pr["rounds"], _mb(pr["bytes"]), pr["link_seconds"],
+                         pr["prepare_mean"], pr["pool_fill_mean"], b.get("images_per_hour"),
+                         f"{b['exact']}/{b['images']}" if "exact" in b else None,
+                         pr.get("error") or b.get("error") or "; ".join((b.get("errors") or [])[:1]) or None])
+    if rows:
+        out.append(Table("comparison protocols side by side (in-process, per image)",
+                         ["bits", "comparison", "online s", "exact", "rounds", "MB/image", "+link s",
+                          "offline prepare s", "offline pools s", "images/hour (offline incl.)", "batch exact",
+                          "error"], rows,
+                         "comparison = S1Context.comparison (ot: oblivious-transfer millionaires'; dgk: DGK/Veugen). "
+                         "The per-layer tables below are the first protocol's of each key size."))
+    rows = []
+    for bits, k in s["keys"].items():
+        for name, pr in (k.get("protocols") or {}).items():
+            b = pr.get("batch")
+            if b:
+                rows.append([bits, name, b.get("workers"), b.get("images"), b.get("threads"), b.get("wall_seconds"),
+                             b.get("images_per_hour"), b.get("mean_latency"), b.get("exact"),
+                             b.get("error") or "; ".join((b.get("errors") or [])[:2]) or None])
+    if rows:
+        out.append(Table("sustained throughput, offline phase included (images back to back)",
+                         ["bits", "comparison", "workers", "images", "threads", "wall s", "images/hour",
+                          "mean latency s", "exact", "errors"], rows,
+                         f"target >= {TARGET_THROUGHPUT:.0f} images/hour at {TARGET_BITS} bits. Each query runs "
+                         "with no prepared query and empty randomness pools, so its offline work (prepare_query, "
+                         "every randomizer) runs inline: what a service kept busy pays per image."))
+    sc = s.get("scaling")
+    if sc and not sc.get("error"):
+        rows = [[p["workers"], p["online_mean"], p["speedup_online"], p["efficiency_online"], p["images_per_hour"],
+                 p["speedup_throughput"], p["efficiency_throughput"], f"{p['exact']}/{p['images']}"]
+                for p in sc["points"]]
+        out.append(Table(f"scaling over cores ({sc['bits']}-bit keys, {sc['comparison']}; machine: {sc.get('cores')} cores)",
+                         ["workers", "online s", "speed-up", "/ workers ratio", "images/hour (offline incl.)",
+                          "speed-up", "/ workers ratio", "exact"], rows,
+                         f"speed-up over {sc['points'][0]['workers']} worker(s); '/ workers ratio' = speed-up divided "
+                         f"by the ratio of worker counts (target >= {TARGET_SCALING})."))
+    elif sc:
+        out.append(Table("scaling over cores", ["error"], [[sc["error"]]]))
+    rows = [[f"#{r['index']}", r["label"], r["plain_pred"], r["enc_pred"], r["argmax_match"], r.get("max_rel_error"),
+             _s(r["encrypt_seconds"]), _s(r["eval_seconds"]), _s(r["decrypt_seconds"])]
+            for r in (results.get("peer") or {}).get("images") or []]
+    if rows:
+        out.append(Table("peer (TenSEAL), per image", ["image", "label", "plain pred", "encrypted pred", "argmax same",
+                                                       "max rel. error", "client encrypt", "server eval",
+                                                       "client decrypt"], rows,
+                         f"CKKS N = {(peer.get('ckks') or {}).get('poly_modulus_degree')}, moduli "
+                         f"{(peer.get('ckks') or {}).get('coeff_mod_bit_sizes')} bits, scale 2^{(peer.get('ckks') or {}).get('scale_bits')}; input ciphertext {(peer.get('input_ciphertext_bytes') or 0) / 1024:,.0f} KB, "
+                         f"output {(peer.get('output_ciphertext_bytes') or 0) / 1024:,.0f} KB; training "
+                         f"{peer.get('train_seconds') or 0:.1f} s. max rel. error = max |encrypted - plain logit| / "
+                         "max |plain logit| (TenSEAL resets the scale to 2^26 after each rescale by a prime just "
+                         "below it: a few per cent systematic gain, see bench/peer_tenseal.py)."))
+    return out
+
+
 def tables(results: dict) -> list[Table]:
     s = results["summary"]
-    out: list[Table] = []
+    out: list[Table] = peer_tables(results)
     plain = results.get("plaintext", {})
     if plain:
         out.append(Table("plaintext, per image", ["image", "label", "float pred", "int pred", "float torch", "integer reference"],
@@ -255,7 +483,8 @@ def tables(results: dict) -> list[Table]:
                      st["keygen_paillier_seconds"] + st["keygen_dgk_seconds"], st["model_encrypt_seconds"],
                      st["setup_seconds"], k["rounds"], _mb(k["bytes"]), k["link_seconds"],
                      mem.get("s1_s2_process"), max(mem.get("workers") or [0])])
-    out.append(Table("secure inference per key size (seconds; online = per image with the offline phase done)",
+    out.append(Table("secure inference per key size, first comparison protocol (seconds; online = per image with the "
+                     "offline phase done)",
                      ["bits", "online in-process", "exact", "offline prepare", "offline pools", "online HTTP",
                       "service e2e", "keygen", "model encrypt", "set-up", "rounds", "MB/image", "+link",
                       "peak MiB", "worker MiB"], rows,
@@ -274,7 +503,7 @@ def tables(results: dict) -> list[Table]:
         rows.append(["total", "", k["online_mean"], k["prepare_mean"], k["rounds"], _kb(k["bytes_to_s2"]),
                      _kb(k["bytes_to_s1"]), k["bound"], k["bound_ratio"], _kb(k["min_bytes"]),
                      k["bytes"] / k["min_bytes"] if k["min_bytes"] else None, None, k["link_seconds"]])
-        out.append(Table(f"{bits}-bit keys: per layer, in-process (mean of {k['images']} images)",
+        out.append(Table(f"{bits}-bit keys: per layer, in-process, {k.get('comparison', 'dgk')} (mean of {k['images']} images)",
                          ["layer", "kind", "online s", "offline s", "rounds", "KB->S2", "KB->S1", "bound s",
                           "ours/bound", "min KB", "bytes/min", "B/elt", "+link s"], rows,
                          f"offline = this layer's share of prepare_query; bound = least work of the protocol at "
@@ -349,30 +578,65 @@ def tables(results: dict) -> list[Table]:
     if rows:
         out.append(Table("in-process vs HTTP (S1 here, S2 service), online seconds per layer",
                          ["bits", "layer", "in-process", "HTTP", "of which S2+network", "rounds"], rows))
-    rows = []
-    for bits, k in s["keys"].items():
-        if k.get("batch"):
-            b = k["batch"]
-            rows.append([bits, b["images"], b["threads"], b["wall_seconds"], b["images_per_hour"], b["mean_latency"],
-                         b["exact"], "; ".join(b["errors"][:2])])
-    if rows:
-        out.append(Table("throughput (offline work inline, concurrent queries)",
-                         ["bits", "images", "threads", "wall s", "images/hour", "mean latency s", "exact", "errors"], rows))
     return out
+
+
+def _unmeasured(results: dict, what: str) -> str:
+    """'not measured' plus, for information, the figure at the largest key size that was."""
+    s = results["summary"]
+    bits = [b for b in s["targets"].get("measured_bits", []) if b != TARGET_BITS]
+    if not bits:
+        return "not measured in this run"
+    k = s["keys"][max(bits)]
+    figures = []
+    for name, pr in (k.get("protocols") or {}).items():
+        if what == "online" and pr.get("online_mean") is not None:
+            figures.append(f"{name} {pr['online_mean']:.2f} s")
+        elif what == "throughput" and (pr.get("batch") or {}).get("images_per_hour"):
+            figures.append(f"{name} {pr['batch']['images_per_hour']:.0f} images/hour")
+    return ("not measured in this run" + (f" (for information, {max(bits)} bits: " + ", ".join(figures) + ")"
+                                          if figures else ""))
 
 
 def target_lines(results: dict) -> list[str]:
     t = results["summary"]["targets"]
     lines = []
-    o = t["online_2048"]
-    if o.get("measured") is None:
-        lines.append(f"online <= {o['target']:.0f} s at 2048 bits: not measured in this run")
-    else:
-        lines.append(f"online <= {o['target']:.0f} s at 2048 bits: {o['measured']:.2f} s -> "
-                     + ("MET" if o["met"] else f"MISSED by {o['factor']:.1f}x (+{o['measured'] - o['target']:.1f} s)"))
-    for sp in t["phe_speedup"]["layers"]:
-        lines.append(f">= {TARGET_SPEEDUP:.0f}x vs phe, {sp['bits']} bits, {sp['layer']}: {sp['speedup']:.1f}x -> "
-                     + ("MET" if sp["met"] else f"MISSED by {TARGET_SPEEDUP / sp['speedup']:.1f}x"))
+    B = TARGET_BITS
+    if not t["online_by_protocol"]:
+        lines.append(f"online <= {TARGET_ONLINE_2048:.1f} s at {B} bits: {_unmeasured(results, 'online')}")
+    for o in t["online_by_protocol"]:
+        head = f"online <= {TARGET_ONLINE_2048:.1f} s at {B} bits ({o['comparison']}): "
+        if o["measured"] is None:
+            lines.append(head + f"not measured ({o.get('error') or 'no image'})")
+        else:
+            lines.append(head + f"{o['measured']:.2f} s -> " + (
+                "MET" if o["met"] else f"MISSED by {o['factor']:.1f}x (+{o['measured'] - TARGET_ONLINE_2048:.2f} s)"))
+    vp = t["online_vs_peer"]
+    if vp["peer"] is None:
+        lines.append(f"online <= TenSEAL's evaluation time at {B} bits: no peer figure ({vp.get('peer_error')})")
+    elif not vp["protocols"]:
+        lines.append(f"online <= TenSEAL's evaluation time ({vp['peer']:.2f} s in this run) at {B} bits: "
+                     + _unmeasured(results, "online"))
+    for o in vp["protocols"] if vp["peer"] is not None else []:
+        head = f"online <= TenSEAL's evaluation time ({vp['peer']:.2f} s in this run) at {B} bits ({o['comparison']}): "
+        if o["measured"] is None:
+            lines.append(head + f"not measured ({o.get('error') or 'no image'})")
+        else:
+            lines.append(head + f"{o['measured']:.2f} s -> " + (
+                "MET" if o["met"] else f"MISSED by {o['factor']:.1f}x (+{o['measured'] - vp['peer']:.2f} s)"))
+    tp = t["throughput"]
+    if not tp["protocols"]:
+        lines.append(f"throughput (offline included) >= {TARGET_THROUGHPUT:.0f} images/hour at {B} bits: "
+                     + _unmeasured(results, "throughput"))
+    for o in tp["protocols"]:
+        head = f"throughput (offline included) >= {TARGET_THROUGHPUT:.0f} images/hour at {B} bits ({o['comparison']}): "
+        if o["measured"] is None:
+            lines.append(head + f"no image done ({o.get('error') or '?'})")
+        else:
+            lines.append(head + f"{o['measured']:.0f} images/hour -> "
+                         + ("MET" if o["met"] else f"MISSED by {o['factor']:.1f}x ({o['measured'] - TARGET_THROUGHPUT:+.0f})")
+                         + (f"; peer {o['peer']:.0f} images/hour" if o.get("peer") else ""))
+    lines.append(_scaling_line(t["scaling"]))
     lb = t["lower_bound"]
     if lb["layers"]:
         for bits in sorted({r["bits"] for r in lb["layers"]}):
@@ -383,6 +647,29 @@ def target_lines(results: dict) -> list[str]:
                          f"layers within; worst {worst['layer']} at {worst['ratio']:.1f}x"
                          + (": MISSED on " + ", ".join(f"{r['layer']} {r['ratio']:.1f}x" for r in missed) if missed else ": MET"))
     return lines
+
+
+def _scaling_line(sc: dict) -> str:
+    head = f"scaling >= {TARGET_SCALING} x the ratio of worker counts"
+    if "ratio" not in sc:
+        return f"{head}: not measured ({sc.get('note')})"
+    head += (f" ({sc['bits']} bits, {sc['comparison']}, {sc['from']} -> {sc['to']} workers: needs "
+             f">= {sc['needed']:.2f}x)")
+    parts = []
+    for metric in ("online", "throughput"):
+        m = sc.get(metric) or {}
+        if m.get("measured") is None:
+            parts.append(f"{metric} not measured")
+            continue
+        text = f"{metric} {m['measured']:.2f}x -> " + (
+            "MET" if m["met"] else f"MISSED by {sc['needed'] / m['measured']:.2f}x")
+        if "projected_8_vs_2" in m:
+            text += (f"; projected 8 vs 2 workers (each doubling gaining what {sc['from']} -> {sc['to']} did): "
+                     f"{m['projected_8_vs_2']:.2f}x vs >= {TARGET_SCALING * 4:.1f}x -> "
+                     + ("MET (projected)" if m["projected_met"]
+                        else f"MISSED by {TARGET_SCALING * 4 / m['projected_8_vs_2']:.2f}x (projected)"))
+        parts.append(text)
+    return f"{head}: " + "; ".join(parts)
 
 
 def text_report(results: dict) -> str:
@@ -475,7 +762,8 @@ def _why(results: dict) -> list[str]:
         levers = []
     if o.get("measured") is not None and not o["met"]:
         para = (
-            f"**Online latency at 2048 bits: {o['measured']:.1f} s, {o['factor']:.1f}x the 10 s target.** "
+            f"**Online latency at 2048 bits ({o.get('comparison') or k.get('comparison', 'dgk')}): {o['measured']:.1f} s, "
+            f"{o['factor']:.1f}x the {TARGET_ONLINE_2048:g} s target.** "
             f"Comparisons (ReLU and max-pool layers, {comparisons:,} comparisons of {bits_compared:,} bits in all) "
             f"take {comp:.1f} s ({comp / online:.0%}), the linear layers {lin:.1f} s ({lin / online:.0%}). "
             f"Largest operation kinds: {top}. The protocol's least work on this machine (the lower bound) is "
@@ -484,15 +772,15 @@ def _why(results: dict) -> list[str]:
         )
         if k["bound"] > TARGET_ONLINE_2048:
             para += ("So the target cannot be met by implementation work alone: even a perfect implementation of "
-                     "this protocol needs more than 10 s on this machine. The protocol's work must fall:")
+                     f"this protocol needs more than {TARGET_ONLINE_2048:g} s on this machine. The protocol's work must fall:")
         else:
-            para += ("The bound is below 10 s, so the rest of the gap is implementation overhead in the comparisons; "
+            para += (f"The bound is below {TARGET_ONLINE_2048:g} s, so the rest of the gap is implementation overhead in the comparisons; "
                      "the levers, largest first:")
         out.append(para)
         out += [f"- {lv}" for lv in levers]
     elif o.get("measured") is not None:
         out.append(
-            f"**Online latency at 2048 bits: {o['measured']:.1f} s, within the 10 s target.** Comparisons "
+            f"**Online latency at 2048 bits: {o['measured']:.1f} s, within the {TARGET_ONLINE_2048:g} s target.** Comparisons "
             f"({comparisons:,} comparisons of {bits_compared:,} bits in all) take {comp:.1f} s ({comp / online:.0%}), "
             f"the linear layers {lin:.1f} s ({lin / online:.0%}). Largest operation kinds: {top}. The lower bound "
             f"is {k['bound']:.1f} s ({comp_bound:.1f} s comparisons, {lin_bound:.1f} s linear); ours is "
@@ -537,13 +825,13 @@ def _why(results: dict) -> list[str]:
                            f"(+{part['ours_offline']:.2f} s offline) = **{sp['speedup']:.1f}x** "
                            f"({sp['speedup'] / cores:.1f}x per core); ours / bound {row['ratio']:.1f}x; "
                            f"phe / bound {cap:.0f}x" if cap else "")
-        text = (f"**Speed-up over phe on {layer} (target 50x, phe on one core, ours on {cores}).** "
+        text = (f"**Speed-up over phe on {layer} (a former target: 50x; phe on one core, ours on {cores}).** "
                 + "; ".join(figures) + ". ")
         known = [c for c in caps if c]
         if known and max(known) < TARGET_SPEEDUP:
             text += "phe / bound stays below 50x: even a perfect implementation of this protocol could not reach it. "
         elif known:
-            text += ("Where phe / bound exceeds 50x the target is within this protocol's reach and the gap is our "
+            text += ("Where phe / bound exceeds 50x that mark is within this protocol's reach and the gap is our "
                      "distance from the bound. ")
         shifted = [p.get("shift") for sp in sps for p in s["keys"][sp["bits"]]["baseline"].values()
                    if p["layer"] == layer and p.get("shift")]
@@ -588,6 +876,47 @@ def _why(results: dict) -> list[str]:
     return out
 
 
+def _why_service(results: dict) -> list[str]:
+    """What a service pays: throughput with the offline phase, the peer, the scaling curve."""
+    s = results["summary"]
+    out: list[str] = []
+    peer = s.get("peer") or {}
+    for bits, k in s["keys"].items():
+        for name, pr in (k.get("protocols") or {}).items():
+            b = pr.get("batch") or {}
+            if not b.get("images_per_hour") or pr.get("online_mean") is None:
+                continue
+            per_image = (pr["prepare_mean"] or 0) + (pr["pool_fill_mean"] or 0) + pr["online_mean"]
+            text = (f"**Throughput, {bits} bits, {name}: {b['images_per_hour']:.0f} images/hour with the offline phase "
+                    f"included** ({b['images']} images, {b['threads']} concurrent queries, {b.get('workers')} workers; "
+                    f"{3600 / b['images_per_hour']:.1f} s of wall time per image). Measured one by one, an image costs "
+                    f"{pr['prepare_mean'] or 0:.1f} s of prepare_query and {pr['pool_fill_mean'] or 0:.1f} s of "
+                    f"randomness pools offline plus {pr['online_mean']:.1f} s online, {per_image:.1f} s in all "
+                    f"({3600 / per_image:.0f} images/hour if nothing overlapped); the offline phase is "
+                    f"{1 - pr['online_mean'] / per_image:.0%} of it.")
+            if bits == TARGET_BITS and b["images_per_hour"] < TARGET_THROUGHPUT:
+                text += (f" Reaching {TARGET_THROUGHPUT:.0f} images/hour means {3600 / TARGET_THROUGHPUT:.0f} s of "
+                         "this machine per image, offline included.")
+            if peer.get("images_per_hour"):
+                text += (f" The peer does {peer['images_per_hour']:.0f} images/hour on the same machine "
+                         f"(ours/peer {b['images_per_hour'] / peer['images_per_hour']:.2f}).")
+            out.append(text)
+    if peer.get("eval_seconds"):
+        out.append(
+            f"**The peer (TenSEAL's encrypted-MNIST design) evaluates an image in {peer['eval_seconds']:.2f} s**, with "
+            f"client encryption {peer['encrypt_seconds'] * 1e3:.0f} ms and decryption {peer['decrypt_seconds'] * 1e3:.1f} ms "
+            f"and no offline phase: one CKKS ciphertext of {(peer.get('input_ciphertext_bytes') or 0) / 2 ** 20:.2f} MB, "
+            f"a square activation instead of ReLU and max-pooling, one server that holds the model in plaintext, "
+            f"approximate logits (argmax equal to the plaintext model's on {peer.get('argmax_matches')}/"
+            f"{peer.get('images')} images; plaintext accuracy {peer.get('plain_test_accuracy', 0):.2%}).")
+    sc = s["targets"].get("scaling") or {}
+    if "ratio" in sc:
+        out.append(f"**Scaling over cores:** {_scaling_line(sc)}."
+                   + (" Only 1 and 2 workers were measured here, so the 8-vs-2 figure is a projection, not a "
+                      "measurement." if sc.get("projected") else ""))
+    return out
+
+
 def markdown_report(results: dict) -> str:
     m = results["machine"]
     s = results["summary"]
@@ -605,7 +934,9 @@ def markdown_report(results: dict) -> str:
         f"load average at start {' '.join(m['load_average_at_start'])}",
         f"- Python {m['python']}, gmpy2 {m['gmpy2']} ({m['gmp']}), phe {m['phe']}, numpy {m['numpy']}, torch {m['torch']}, "
         f"matplotlib {m['matplotlib'] or 'not installed'} (optional, bench only)",
-        f"- workers: {results['args']['workers']}; images: {results['args']['images']} per key "
+        f"- workers: {results['args']['workers']} (scaling run: {results['args'].get('worker_counts') or '-'}); "
+        f"comparison protocols: {', '.join(results['args'].get('comparison') or ['dgk'])}; "
+        f"peer: TenSEAL {m.get('tenseal') or ('not installed' if 'tenseal' in m else 'not recorded')}; images: {results['args']['images']} per key "
         f"(at most {results['args']['images_large']} above 2048 bits); total run {results.get('wall_seconds', 0) / 60:.1f} min",
         f"- model: default ICNN, seed 0, float test accuracy {results['model'].get('float_test_accuracy', 0):.2%}, "
         f"integer {results['model'].get('integer_test_accuracy', 0):.2%}",
@@ -622,7 +953,7 @@ def markdown_report(results: dict) -> str:
                         f"cores at start); every timing below is noisy and pessimistic.**"]
     lines += [f"- {line}" for line in target_lines(results)]
     lines += ["", "## Why, and what would close the gaps", ""]
-    for para in _why(results):
+    for para in _why(results) + _why_service(results):
         lines += [para, ""]
     lines += ["## Results", ""]
     if results.get("plot"):
@@ -658,8 +989,21 @@ def markdown_report(results: dict) -> str:
         " are filled before each timed query (its `/v1/health` says when). The full service (S1 and S2 services,"
         " upload, one classify request) is timed after both report their offline phase done (prepared query,"
         " full pools); the time waited is reported too.",
-        "- **Throughput** (`--batch N`): N images through concurrent queries with the offline work inline"
-        " (no prepared queries, empty pools): what a service kept busy back to back sustains.",
+        "- **Throughput** (`--batch N`, default 4): N images through `--batch-threads` concurrent queries with"
+        " the offline work inline (no prepared queries, empty pools), per comparison protocol: what a service"
+        " kept busy back to back sustains, offline phase included.",
+        "- **Comparison protocols** (`--comparison ot dgk`): the in-process images and the throughput run are"
+        " measured for each `S1Context.comparison`; the per-layer tables, bounds and the phe baseline are the"
+        " first protocol's that ran.",
+        "- **Scaling** (`--workers 1 2 ...`): the first protocol's online latency (`--scaling-images`, offline"
+        " phase done first) and throughput run at each worker count, on the same key, model and set-up;"
+        " the speed-up is over the fewest workers. With only 1 and 2 workers measured, the 8-vs-2 figure is"
+        " projected (each doubling assumed to gain what 1 -> 2 did).",
+        "- **Peer** (`--peer`, `bench/peer_tenseal.py`): TenSEAL's Tutorial 4 design (Conv2d(1, 4) -> x^2 ->"
+        " Linear -> x^2 -> Linear; kernel 4, stride 2 on our 16x16 images) trained in plaintext on the same"
+        " digits (seed 0), evaluated on the same test images with CKKS (N = 8192, moduli [31, 26 x 6, 31],"
+        " scale 2^26, Galois keys, im2col encoding); the server's evaluation is timed per image, and images"
+        " back to back (encrypt, evaluate, decrypt) give its images/hour.",
         "",
     ]
     return "\n".join(lines)
