@@ -3,15 +3,17 @@
 A :class:`Workers` object maps a top-level function over chunks of work in a process pool (forked,
 so workers start in milliseconds and inherit the loaded code) or, with one worker or one chunk,
 in the calling process. Each party owns its own ``Workers`` (S1 in its context, S2 in its
-KeyCloud); protocol code passes it down explicitly, never through a global. S1 and S2 never compute
-at the same time (every round waits for the other side), so each may use every core in its turn.
+KeyCloud); protocol code passes it down explicitly, never through a global. Within one query S1 and S2
+never compute at the same time (every round waits for the other side), so each may use every core in
+its turn. A service shares its workers between the queries it runs at once and its randomness pool
+filler (:mod:`servers.pools`), which uses :meth:`Workers.submit`; tasks run in submission order.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
 import threading
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any, Callable, Sequence
 
 from gmpy2 import mpz
@@ -64,6 +66,23 @@ class Workers:
         pool = self._executor()
         futures = [pool.submit(fn, *args) for args in calls]
         return [f.result() for f in futures]
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """fn(*args) in a worker process (a finished future computed here when ``count == 1``).
+
+        Unlike :meth:`map`, one call also goes to a worker: background work (the pool filler,
+        :mod:`servers.pools`) must leave the calling process's GIL to the request threads. Tasks run in
+        submission order (the executor's queue is FIFO), so a caller that submits small tasks delays
+        other callers' tasks by at most one task per worker.
+        """
+        if self.count <= 1:
+            done: Future = Future()
+            try:
+                done.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 -- handed to the caller through the future
+                done.set_exception(e)
+            return done
+        return self._executor().submit(fn, *args)
 
     def _executor(self) -> Executor:
         with self._lock:

@@ -1,6 +1,7 @@
 """The clouds' settings as frozen dataclasses (filled from CLI flags or ``HECNN_S1_*`` / ``HECNN_S2_*``).
 
-Tokens are excluded from ``repr`` so a config can be logged safely. ``validate`` raises
+Tokens are excluded from ``repr`` so a config can be logged safely. S1's load limits must leave a
+request thread free (``max_concurrent + max_queue < threads``): a waiting query holds a thread. ``validate`` raises
 :class:`~he_cnn.errors.BadRequest` with what is wrong, which the CLI shows as one line.
 """
 from __future__ import annotations
@@ -21,6 +22,21 @@ DEFAULT_S1_MAX_BODY = 64 * MIB
 #: the largest protocol round (DGK bit ciphertexts of a whole ReLU layer) is tens of MiB
 DEFAULT_S2_MAX_BODY = 256 * MIB
 DEFAULT_THREADS = 8
+#: comparison protocols S1 can run (``S1Context.comparison``): oblivious-transfer millionaires' or DGK/Veugen
+COMPARISONS = ("ot", "dgk")
+DEFAULT_COMPARISON = "ot"
+#: queries S1 runs at once. Two, whatever the worker count: a query alternates between S1 and S2 (each
+#: round waits for the other cloud), so a second query in flight keeps both clouds' workers busy while
+#: the first waits; a third only splits the same workers (and the one GIL of S1's request threads) three
+#: ways, which makes every query slower without raising throughput, and holds one more query's
+#: ciphertexts and prepared masks in memory
+DEFAULT_MAX_CONCURRENT = 2
+#: queries that may wait for a place (first come, first served); any more get 429 with Retry-After.
+#: Four waiting behind two running is two to three query times of waiting, and with the default 8
+#: request threads leaves two threads for health checks, model lists and uploads
+DEFAULT_MAX_QUEUE = 4
+#: request threads a cloud keeps free of queries (health checks, uploads, the model list)
+SPARE_THREADS = 1
 
 
 def _check_common(role: str, host: str, port: int, max_body_bytes: int, threads: int, workers: int,
@@ -77,6 +93,11 @@ class S1Config:
     workers: int = 1
     #: prepare each model's next query (its query-independent part) in the background
     precompute: bool = True
+    #: comparison protocol of every query (``S1Context.comparison``): "ot" or "dgk"
+    comparison: str = DEFAULT_COMPARISON
+    #: queries run at once, and queries that may wait for a place (beyond both: 429 with Retry-After)
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    max_queue: int = DEFAULT_MAX_QUEUE
 
     def validate(self) -> "S1Config":
         _check_common("S1", self.host, self.port, self.max_body_bytes, self.threads, self.workers,
@@ -87,4 +108,16 @@ class S1Config:
             raise BadRequest(f"S1: peer timeout must be positive, got {self.peer_timeout}")
         if self.owner_token == self.cloud_token:
             raise BadRequest("S1: the owner token and the cloud token must differ")
+        if self.comparison not in COMPARISONS:
+            raise BadRequest(f"S1: comparison must be one of {', '.join(COMPARISONS)}, got {self.comparison!r}")
+        if self.max_concurrent < 1 or self.max_queue < 0:
+            raise BadRequest(f"S1: max concurrent queries must be at least 1 and the queue at least 0, got "
+                             f"{self.max_concurrent} and {self.max_queue}")
+        if self.max_concurrent + self.max_queue + SPARE_THREADS > self.threads:
+            # a waiting query holds a request thread: with no thread left, further requests would wait in
+            # the WSGI server's own queue, unbounded and unanswered, health checks included
+            raise BadRequest(f"S1: {self.max_concurrent} running + {self.max_queue} waiting queries need at "
+                             f"least {self.max_concurrent + self.max_queue + SPARE_THREADS} request threads "
+                             f"(one left for health checks and uploads), got {self.threads}; raise --threads "
+                             "or lower --max-concurrent / --max-queue")
         return self

@@ -31,6 +31,7 @@ from he_cnn.user.keys import create_user_key
 from he_cnn.user.query import Session
 
 from he_cnn.console import run_step
+from .config import COMPARISONS, DEFAULT_COMPARISON
 from .launch import CloudProcess, wait_offline
 
 #: longest wait for the clouds' offline phase before a query (a 2048-bit query's randomness takes ~30 s)
@@ -54,8 +55,8 @@ def pick_test_images(trained: TrainedModel, count: int) -> list[int]:
     return [int(i) for i in order[:count]]
 
 
-def run_demo(images: int, key_bits: int, epochs: int, use_cache: bool, verbose: bool, warm: bool = True
-             ) -> dict[str, Any]:
+def run_demo(images: int, key_bits: int, epochs: int, use_cache: bool, verbose: bool, warm: bool = True,
+             comparison: str = DEFAULT_COMPARISON) -> dict[str, Any]:
     def note(message: str) -> None:
         click.echo(message, err=True)
 
@@ -74,7 +75,8 @@ def run_demo(images: int, key_bits: int, epochs: int, use_cache: bool, verbose: 
                  f"{trained.integer_accuracy:.2%} on {len(trained.dataset.y_test)} test images")
             s2_url = s2.wait_ready()
             note(f"S2: listening on {s2_url}")
-            s1 = CloudProcess("S1", ["--data-dir", str(work / "s1"), "--peer-url", s2_url, "--quiet"],
+            s1 = CloudProcess("S1", ["--data-dir", str(work / "s1"), "--peer-url", s2_url, "--comparison", comparison,
+                                     "--quiet"],
                               {"HECNN_S1_CLOUD_TOKEN": cloud_token, "HECNN_S1_OWNER_TOKEN": owner_token},
                               on_log=forward)
             s1_url = s1.wait_ready()
@@ -116,6 +118,7 @@ def run_demo(images: int, key_bits: int, epochs: int, use_cache: bool, verbose: 
     total = sum(r["seconds"] for r in rows)
     return {
         "key_bits": key_bits,
+        "comparison": comparison,
         "model_id": uploaded["model_id"],
         "float_accuracy": trained.float_accuracy,
         "integer_accuracy": trained.integer_accuracy,
@@ -156,10 +159,13 @@ def print_report(report: dict[str, Any]) -> None:
 @click.option("--warm/--cold", default=True, show_default=True,
               help="Before each query, wait until both clouds have done their offline phase (prepared query, "
                    "full randomness pools), as an idle service has; --cold queries at once.")
-def demo(images: int, key_bits: int, epochs: int, cache: bool, as_json: bool, verbose: bool, warm: bool) -> None:
+@click.option("--comparison", type=click.Choice(COMPARISONS), default=DEFAULT_COMPARISON, show_default=True,
+              help="S1's comparison protocol (he-cnn serve s1 --comparison).")
+def demo(images: int, key_bits: int, epochs: int, cache: bool, as_json: bool, verbose: bool, warm: bool,
+         comparison: str) -> None:
     """Run S1 and S2 on localhost, upload the owner's model, classify test images as the user, compare
     each answer with the plaintext integer reference, and stop the clouds."""
-    report = run_step(lambda: run_demo(images, key_bits, epochs, cache, verbose, warm))
+    report = run_step(lambda: run_demo(images, key_bits, epochs, cache, verbose, warm, comparison))
     if as_json:
         click.echo(json.dumps(report))
     else:

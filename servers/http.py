@@ -1,22 +1,29 @@
 """What both Flask apps share: JSON errors with the right status, bearer tokens, wire responses.
 
-Every error leaves a cloud as ``{"error": code, "message": one line}``. The code and status of a he-cnn
+Every error leaves a cloud as ``{"error": code, "message": one line}`` (a 429 ``service_busy`` also with
+a ``Retry-After`` header). The code and status of a he-cnn
 error are its class's ``code`` and ``status`` (:mod:`he_cnn.errors` holds them all). An error that S2
 sent back to S1 (tagged ``peer_code`` by :class:`~he_cnn.transport.http_channel.HTTPChannel`) becomes
 :class:`~he_cnn.errors.PeerError` (502), unless its class is ``relayed_as_is`` (a violated bound, 422,
 is about the request, not the peer). Anything unexpected is logged with its traceback on the server
 and answered with a bare 500, never a traceback. Tokens are compared in constant time and never
-logged or echoed.
+logged or echoed. :class:`QueryGate` bounds the queries a service runs at once and the queue before them.
 """
 from __future__ import annotations
 
 import hmac
 import logging
+import math
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from typing import Iterator
 
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, Unauthorized
 
-from he_cnn.errors import BadRequest, HECNNError, PeerError
+from he_cnn.errors import BadRequest, HECNNError, PeerError, ServiceBusy
 from he_cnn.transport.http_channel import WIRE_CONTENT_TYPE
 from he_cnn.parallel import Workers
 
@@ -65,7 +72,9 @@ def register_error_handlers(app: Flask) -> None:
         status, code = status_of(e)
         if status >= 500:
             log.warning("%s %s -> %d %s: %s", request.method, request.path, status, code, one_line(str(e)))
-        return error_response(status, code, str(e))
+        retry_after = getattr(e, "retry_after", None)
+        headers = {"Retry-After": str(int(retry_after))} if status == 429 and retry_after is not None else None
+        return error_response(status, code, str(e), headers)
 
     @app.errorhandler(Exception)
     def unexpected(e: Exception) -> Response:
@@ -121,3 +130,109 @@ def shutdown_app(app: Flask) -> None:
     for name in ("he_cnn.s1.offline", "he_cnn.pools", "he_cnn.workers"):
         if name in app.extensions:
             app.extensions[name].shutdown()
+
+
+#: what a query is assumed to take before the gate has seen one finish (a 2048-bit ICNN query on an idle
+#: 2-core machine takes 6-11 s; the estimate is replaced by measured durations as soon as there are some)
+DEFAULT_QUERY_SECONDS = 10.0
+#: finished queries whose durations the Retry-After estimate averages
+DURATION_HISTORY = 16
+
+
+class _Ticket:
+    """A place in the gate: waiting (``granted`` unset) or running since ``started``."""
+
+    __slots__ = ("granted", "started")
+
+    def __init__(self) -> None:
+        self.granted = threading.Event()
+        self.started = 0.0
+
+
+class QueryGate:
+    """At most ``max_concurrent`` queries at once, at most ``max_queue`` more waiting (first come, first
+    served); any further one is refused at once with :class:`~he_cnn.errors.ServiceBusy` (429).
+
+    Never an unbounded queue: a waiting query holds a request thread, so the service's configuration
+    keeps ``max_concurrent + max_queue`` below its thread count (``S1Config.validate``), and requests
+    beyond the gate's capacity are answered rather than piling up in the WSGI server. A finishing query
+    hands its place directly to the longest-waiting one, so a newcomer never overtakes the queue.
+
+    ``retry_after`` for a refused query is an honest estimate from the durations of the last
+    ``DURATION_HISTORY`` queries (``DEFAULT_QUERY_SECONDS`` before any): the time until the running query
+    that started first is expected to finish -- then the head of the queue moves up and a waiting place
+    frees, which is all a retry needs to be admitted. The refusal's message adds the expected wait for a
+    query admitted then (its queue position over ``max_concurrent``, times the mean duration).
+    """
+
+    def __init__(self, max_concurrent: int, max_queue: int, default_seconds: float = DEFAULT_QUERY_SECONDS):
+        if max_concurrent < 1 or max_queue < 0:
+            raise ValueError(f"max_concurrent must be >= 1 and max_queue >= 0, got {max_concurrent}, {max_queue}")
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        self.default_seconds = default_seconds
+        self._lock = threading.Lock()
+        self._running: list[_Ticket] = []
+        self._waiting: deque[_Ticket] = deque()
+        self._durations: deque[float] = deque(maxlen=DURATION_HISTORY)
+        self.refused = 0
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Run the body as one of the admitted queries; raises ServiceBusy if the gate is full."""
+        ticket = self._admit()
+        try:
+            yield
+        finally:
+            self._release(ticket)
+
+    def _admit(self) -> _Ticket:
+        ticket = _Ticket()
+        with self._lock:
+            if len(self._running) < self.max_concurrent and not self._waiting:
+                ticket.started = time.monotonic()
+                self._running.append(ticket)
+                return ticket
+            if len(self._waiting) >= self.max_queue:
+                self.refused += 1
+                wait = self._retry_after_locked()
+                served = (len(self._waiting) + 1) / self.max_concurrent * self._mean_locked()
+                raise ServiceBusy(f"the service is busy: {len(self._running)} queries running, "
+                                  f"{len(self._waiting)} waiting (the limits are {self.max_concurrent} and "
+                                  f"{self.max_queue}); retry in {wait} s (a query admitted then waits about "
+                                  f"{math.ceil(served)} s before it runs)", retry_after=wait)
+            self._waiting.append(ticket)
+        ticket.granted.wait()  # _release hands the place over and sets started
+        return ticket
+
+    def _release(self, ticket: _Ticket) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._running.remove(ticket)
+            self._durations.append(now - ticket.started)
+            if self._waiting:
+                head = self._waiting.popleft()
+                head.started = now
+                self._running.append(head)
+                head.granted.set()
+
+    def _mean_locked(self) -> float:
+        return sum(self._durations) / len(self._durations) if self._durations else self.default_seconds
+
+    def _retry_after_locked(self) -> int:
+        mean, now = self._mean_locked(), time.monotonic()
+        remaining = min((max(0.0, mean - (now - t.started)) for t in self._running), default=0.0)
+        return max(1, math.ceil(remaining))
+
+    def retry_after(self) -> int:
+        """Seconds until a place is expected to free up (what a refusal would say now)."""
+        with self._lock:
+            return self._retry_after_locked()
+
+    def status(self) -> dict:
+        """For the health endpoint: queries waiting and running, the limits, and the mean duration."""
+        with self._lock:
+            return {"queue": len(self._waiting), "running": len(self._running),
+                    "limits": {"max_concurrent": self.max_concurrent, "max_queue": self.max_queue},
+                    "mean_query_seconds": round(self._mean_locked(), 3) if self._durations else None,
+                    "refused": self.refused}

@@ -3,10 +3,18 @@
 S1 never holds a secret key. It learns the cloud public key from S2, pins it in its data directory
 (``cloud-key.hecn``) and from then on refuses an S2 that presents another key. Per request it builds a
 fresh :class:`~he_cnn.protocols.common.S1Context` over a fresh :class:`~he_cnn.transport.http_channel.HTTPChannel`
-and runs the same protocol code as the in-process tests.
+and runs the same protocol code as the in-process tests, with the comparison protocol of
+``--comparison`` (``S1Context.comparison``: "ot" by default, or "dgk").
+
+Under load, a :class:`~servers.http.QueryGate` runs at most ``--max-concurrent`` classifications at once
+and lets at most ``--max-queue`` more wait, first come first served; any further one is answered at
+once with 429 ``service_busy`` and a ``Retry-After`` header (seconds, estimated from recent query
+durations). The pool filler (:mod:`servers.pools`) learns each query's draw at its end.
 
 Endpoints:
-  ``GET  /v1/health``                    S1 status, and whether S2 answers
+  ``GET  /v1/health``                    S1 status, whether S2 answers, queries running and waiting
+                                         (``running``, ``queue``, ``limits``), the pool levels (``pools``:
+                                         [size, target] per pool; ``pool_detail``: the same by name, and more)
   ``GET  /v1/public-key``                S2's public key, relayed (users only talk to S1)
   ``POST /v1/models``                    owner token; body = ``EncryptedModel.serialize()``; 201 + summary
   ``GET  /v1/models``                    the stored models
@@ -29,13 +37,14 @@ from he_cnn.transport.http_channel import CloudPublicKey, HTTPChannel, fetch_pub
 from he_cnn.crypto.paillier import MAX_USER_KEY_BITS, MIN_KEY_BITS, PublicKey, UserKeys
 from he_cnn.parallel import INLINE, Workers
 from he_cnn.protocols.common import S1Context
+from he_cnn.protocols.millionaire import OTLink
 from he_cnn.parties.compute_cloud import (EncryptedModel, InferenceResult, ModelSetup, PreparedQuery, prepare_query,
                                  secure_inference, setup_model)
 from he_cnn.crypto.tensor import EncryptedTensor
 from he_cnn.wire import Message, decode, encode
 
 from .config import S1Config
-from .http import new_app, request_body, require_bearer, wire_response, worker_pool
+from .http import QueryGate, new_app, request_body, require_bearer, wire_response, worker_pool
 from .model_store import ModelStore, StoredModel
 from .pools import USER_KEY_POOL, PoolFiller, pool_target
 from .storage import DataDirError, atomic_write, ensure_private_dir
@@ -54,6 +63,9 @@ class PeerLink:
     def __init__(self, config: S1Config, workers: Workers = INLINE):
         self.url = config.peer_url.rstrip("/")
         self.workers = workers
+        self.comparison = config.comparison
+        #: the OT link to S2, shared by every query (its base OTs are made once, on first use)
+        self.ot_link = OTLink()
         self.timeout = config.peer_timeout
         self._token = config.cloud_token
         self._key_path = Path(config.data_dir) / CLOUD_KEY_FILE
@@ -108,7 +120,8 @@ class PeerLink:
         key, _ = self.public_key()
         channel = HTTPChannel(self.url, self._token, self.timeout)
         try:
-            yield S1Context(key.paillier, key.dgk, channel, workers=self.workers)
+            yield S1Context(key.paillier, key.dgk, channel, workers=self.workers, comparison=self.comparison,
+                            ot_link=self.ot_link)
         finally:
             channel.close()
 
@@ -182,10 +195,12 @@ def health() -> Response:
     peer, store = _service()
     pinned = peer.pinned
     pools = current_app.extensions.get("he_cnn.pools")
+    gate: QueryGate = current_app.extensions["he_cnn.s1.gate"]
     return jsonify({"status": "ok", "role": "s1", "models": len(store),
                     "key_id": pinned.key_id if pinned else None, "s2": peer.check_peer_key(),
                     "prepared": current_app.extensions["he_cnn.s1.offline"].ready_count(),
-                    "pools": pools.status() if pools else None})
+                    "pools": pools.status() if pools else None, "pool_detail": pools.detail() if pools else None,
+                    "comparison": peer.comparison, **gate.status()})
 
 
 @bp.get("/public-key")
@@ -236,13 +251,17 @@ def classify(model_id: str) -> Response:
     key, _ = peer.public_key()
     image, user_key = read_query(decode(body), stored.model, key.paillier, current_app.extensions["he_cnn.s1.user_keys"])
     offline = current_app.extensions["he_cnn.s1.offline"]
-    taken = offline.take(stored)
-    try:
-        result = run_with_setup(peer, store, stored, image, user_key, taken)
-    except HECNNError as e:
-        peer.raise_explained(e)
-    finally:
-        offline.refill(stored)
+    pools: PoolFiller | None = current_app.extensions.get("he_cnn.pools")
+    with current_app.extensions["he_cnn.s1.gate"].slot():  # ServiceBusy (429) when running and queue are full
+        taken = offline.take(stored)
+        try:
+            result = run_with_setup(peer, store, stored, image, user_key, taken)
+        except HECNNError as e:
+            peer.raise_explained(e)
+        finally:
+            offline.refill(stored)
+            if pools is not None:
+                pools.mark_query()  # what this query drew sets the pools' low watermarks
     reply = Message(meta={"model_id": stored.model_id, **query_stats(result),
                           "offline_seconds": round(taken[1].seconds, 4) if taken else None})
     reply.arrays["class_vector"] = result.output.data
@@ -335,10 +354,13 @@ def create_app(config: S1Config) -> Flask:
     for stored in store.all():
         offline.refill(stored)
     app.extensions["he_cnn.s1.user_keys"] = user_keys = UserKeys()
-    if peer.pinned is not None:  # S1 draws DGK randomizers for blinding and Paillier ones for re-randomising
+    app.extensions["he_cnn.s1.gate"] = QueryGate(config.max_concurrent, config.max_queue)
+    if peer.pinned is not None:  # S1 draws Paillier randomizers for re-randomising, DGK ones for blinding
         target = pool_target()  # (and, per user key, one randomizer per class to re-randomise the answer)
-        app.extensions["he_cnn.pools"] = PoolFiller(app, [(peer.pinned.dgk.pool, target),
-                                                           (peer.pinned.paillier.pool, target // 12)],
+        pools = [(peer.pinned.paillier.pool, target // 12, "paillier")]
+        if config.comparison == "dgk":  # the OT comparison draws no DGK randomizers: no pool to fill
+            pools.append((peer.pinned.dgk.pool, target, "dgk"))
+        app.extensions["he_cnn.pools"] = PoolFiller(app, pools, workers=peer.workers,
                                                     more=(lambda: user_keys.pools(USER_KEY_POOL)) if target else None)
     app.register_blueprint(bp)
     log.info("S1 ready: %d models from %s, S2 at %s", loaded, data_dir, peer.url)

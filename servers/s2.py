@@ -6,7 +6,11 @@ does not parse or does not hold a consistent key stops the start with a clear me
 set-up S1 runs (the masked weights K + B) is written to ``<data dir>/setups/`` as a wire file when it
 arrives and reloaded at start, so a restart of S2 does not break the models S1 holds.
 
-Endpoints: ``GET /v1/health``, ``GET /v1/public-key`` (wire message, see
+S2 fills its Paillier randomness pool on its workers (:mod:`servers.pools`), its DGK pool only after it
+has served a DGK comparison step (``compare_bits``: S1 runs ``--comparison dgk``), and tells the filler
+where each query ends (the ``to_user`` step).
+
+Endpoints: ``GET /v1/health`` (also the pool levels and the rounds running), ``GET /v1/public-key`` (wire message, see
 :func:`he_cnn.transport.http_channel.public_key_message`), ``POST /v1/rounds/<step>`` (cloud token; the body is
 the wire request of one protocol round, the reply its wire answer).
 """
@@ -16,6 +20,7 @@ import hashlib
 import json
 import logging
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,7 @@ from he_cnn.crypto.dgk import DGKPrivateKey, DGKPublicKey
 from he_cnn.errors import HECNNError, ProtocolError, UnknownSetup
 from he_cnn.transport.http_channel import public_key_message
 from he_cnn.crypto.paillier import generate_keypair, keypair_from_primes
-from he_cnn.protocols import linear
+from he_cnn.protocols import comparison, linear, output
 from he_cnn.protocols.linear import LinearGeometry
 from he_cnn.parties.key_cloud import KeyCloud
 from he_cnn.crypto.tensor import as_int_array
@@ -171,10 +176,12 @@ def _cloud() -> KeyCloud:
 @bp.get("/health")
 def health() -> Response:
     cloud = _cloud()
-    pools = current_app.extensions.get("he_cnn.pools")
+    pools: PoolFiller | None = current_app.extensions.get("he_cnn.pools")
     return jsonify({"status": "ok", "role": "s2", "key_id": cloud.keys.public.key_id,
                     "key_bits": cloud.keys.public.bits, "setups": len(cloud.setups),
-                    "pools": pools.status() if pools else None})
+                    "pools": pools.status() if pools else None, "pool_detail": pools.detail() if pools else None,
+                    "running": pools.running() if pools else None,
+                    "dgk_comparisons_served": bool(current_app.extensions["he_cnn.s2.dgk_served"].is_set())})
 
 
 @bp.get("/public-key")
@@ -188,11 +195,28 @@ def protocol_round(step: str) -> Response:
     body = request_body()
     cloud = _cloud()
     try:
-        return wire_response(cloud.handle(step, body))
+        reply = cloud.handle(step, body)
     except ProtocolError as e:
         if step == linear.STEP and _refers_to_unknown_setup(cloud, body):
             raise UnknownSetup(f"unknown model set-up: {e}") from e
         raise
+    _after_step(step)
+    return wire_response(reply)
+
+
+def _after_step(step: str) -> None:
+    """What the pool filler learns from a served step: the first DGK comparison switches the DGK pool on
+    (S1 runs ``--comparison dgk``; with the OT comparison S2 never pre-computes DGK randomizers), and
+    the answer to the user ends a query (each pool's draw per query sets its low watermark)."""
+    pools: PoolFiller | None = current_app.extensions.get("he_cnn.pools")
+    if step == comparison.BITS_STEP:
+        served = current_app.extensions["he_cnn.s2.dgk_served"]
+        if not served.is_set():
+            served.set()
+            if pools is not None:
+                pools.activate("dgk")
+    elif step == output.STEP and pools is not None:
+        pools.mark_query()
 
 
 def _refers_to_unknown_setup(cloud: KeyCloud, body: bytes) -> bool:
@@ -219,10 +243,11 @@ def create_app(config: S2Config, key_cloud: KeyCloud | None = None) -> Flask:
     app.extensions["he_cnn.s2"] = cloud
     app.extensions["he_cnn.s2.config"] = config
     app.extensions["he_cnn.s2.public_key"] = public_key_message(cloud.keys.public, cloud.dgk_public)
+    app.extensions["he_cnn.s2.dgk_served"] = threading.Event()  # set by the first DGK comparison step
     target = pool_target()
-    app.extensions["he_cnn.pools"] = PoolFiller(
-        app, [(cloud.dgk_public.pool, target), (cloud.keys.public.pool, target // 5)],
-        more=(lambda: cloud.user_keys.pools(USER_KEY_POOL)) if target else None)
+    app.extensions["he_cnn.pools"] = PoolFiller(  # the DGK pool only once a DGK comparison came (_after_step)
+        app, [(cloud.keys.public.pool, target // 5, "paillier"), (cloud.dgk_public.pool, target, "dgk", False)],
+        more=(lambda: cloud.user_keys.pools(USER_KEY_POOL)) if target else None, workers=cloud.workers)
     app.register_blueprint(bp)
     log.info("S2 ready: key %s (%d bits), %d set-ups from %s", cloud.keys.public.key_id, cloud.keys.public.bits,
              loaded, data_dir)

@@ -4,6 +4,10 @@ Settings come from flags or from ``HECNN_S1_*`` / ``HECNN_S2_*`` environment var
 variables for tokens: command lines are visible to other users in ``ps``). When the socket is bound,
 one line ``S1 listening on http://host:port`` goes to stderr (with the real port when ``--port 0``
 asked for a free one), so scripts can wait for it. SIGTERM and Ctrl-C stop the server cleanly.
+
+``he-cnn serve s1`` also takes ``--comparison {ot,dgk}`` (the comparison protocol of every query; "ot"
+by default) and the load limits ``--max-concurrent`` (queries at once, default 2) and ``--max-queue``
+(queries waiting, default 4; beyond both, 429 with ``Retry-After``; see :class:`servers.http.QueryGate`).
 """
 from __future__ import annotations
 
@@ -23,8 +27,8 @@ from he_cnn.transport.http_channel import DEFAULT_TIMEOUT
 from he_cnn.crypto.paillier import DEFAULT_KEY_BITS
 from he_cnn.parallel import default_worker_count
 
-from .config import (DEFAULT_S1_MAX_BODY, DEFAULT_S1_PORT, DEFAULT_S2_MAX_BODY, DEFAULT_S2_PORT, DEFAULT_THREADS,
-                     S1Config, S2Config)
+from .config import (COMPARISONS, DEFAULT_COMPARISON, DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUE, DEFAULT_S1_MAX_BODY,
+                     DEFAULT_S1_PORT, DEFAULT_S2_MAX_BODY, DEFAULT_S2_PORT, DEFAULT_THREADS, S1Config, S2Config)
 from .http import shutdown_app
 
 
@@ -144,14 +148,24 @@ def serve_s2(build_app: Callable[[S2Config], Flask] | None, host: str, port: int
               default=DEFAULT_TIMEOUT, show_default=True, help="Seconds to wait for one protocol round at S2.")
 @click.option("--precompute/--no-precompute", envvar="HECNN_S1_PRECOMPUTE", default=True, show_default=True,
               help="Prepare each model's next query (the image-independent work) in the background.")
+@click.option("--comparison", envvar="HECNN_S1_COMPARISON", type=click.Choice(COMPARISONS), default=DEFAULT_COMPARISON,
+              show_default=True, help="Comparison protocol of ReLU and max-pooling: oblivious-transfer millionaires' "
+                                      "(ot) or DGK/Veugen (dgk, public-key work per compared bit).")
+@click.option("--max-concurrent", envvar="HECNN_S1_MAX_CONCURRENT", type=click.IntRange(1, 256),
+              default=DEFAULT_MAX_CONCURRENT, show_default=True,
+              help="Queries classified at once (two keep both clouds busy: each query alternates between them).")
+@click.option("--max-queue", envvar="HECNN_S1_MAX_QUEUE", type=click.IntRange(0, 256), default=DEFAULT_MAX_QUEUE,
+              show_default=True, help="Queries that may wait for a place, first come first served; any more get "
+                                      "429 with Retry-After. Running + waiting must stay below --threads.")
 def serve_s1(host: str, port: int, data_dir: Path, cloud_token: str, max_body_bytes: int, threads: int,
              workers: int, verbose: bool, peer_url: str, owner_token: str, peer_timeout: float,
-             precompute: bool) -> None:
+             precompute: bool, comparison: str, max_concurrent: int, max_queue: int) -> None:
     """Start S1, the compute cloud: stores encrypted models, classifies encrypted images with S2."""
     from .s1 import create_app
 
     _setup_logging(verbose)
     config = S1Config(data_dir=data_dir, peer_url=peer_url, owner_token=owner_token, cloud_token=cloud_token,
                       host=host, port=port, max_body_bytes=max_body_bytes, threads=threads, peer_timeout=peer_timeout,
-                      workers=workers, precompute=precompute)
+                      workers=workers, precompute=precompute, comparison=comparison,
+                      max_concurrent=max_concurrent, max_queue=max_queue)
     _start("S1", lambda: create_app(config), host, port, threads)

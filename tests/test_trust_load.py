@@ -27,7 +27,9 @@ PEER_TIMEOUT = 2.0
 
 
 def start_service(root, *s1_args: str):
-    pair = CloudPair(root, s1_args=["--threads", "8", *s1_args])
+    # all eight users' queries are admitted (2 run, the rest wait in S1's queue): the test is about
+    # exact answers under concurrency; refusals (429) are tested in test_service_load.py
+    pair = CloudPair(root, s1_args=["--threads", "12", "--max-queue", "8", *s1_args])
     try:
         model = tiny_model()
         return pair, model, pair.upload(model)

@@ -21,7 +21,7 @@ import gmpy2
 from gmpy2 import mpz
 
 from he_cnn.errors import HECNNError, InvalidCiphertext
-from he_cnn.crypto.paillier import FixedBaseTable, RandomnessPool
+from he_cnn.crypto.paillier import FixedBaseTable, PoolRecipe, RandomnessPool
 
 #: plaintext modulus, a prime: must exceed every c_j of the comparison (at most 2 l + 1; max_bits keeps the
 #: older, stricter 3 (l + 2) + 3: 211 allows 67 bits), and small, because S1 blinds every compared bit by an
@@ -53,7 +53,7 @@ class DGKPublicKey:
 
     def __post_init__(self) -> None:
         self.n, self.g, self.h = mpz(self.n), mpz(self.g), mpz(self.h)
-        self.pool = RandomnessPool(self._pool_entry)
+        self.pool = RandomnessPool(self._pool_entry, self.pool_recipe)
         if not (self.n > 3 and 1 < self.g < self.n and 1 < self.h < self.n and self.u > 2 and self.t > 0):
             raise HECNNError("malformed DGK public key")
 
@@ -94,6 +94,12 @@ class DGKPublicKey:
         if self._table is None:
             self._table = FixedBaseTable(self.h, self.n, (5 * self.t) // 2)
         return self._table.power(secrets.randbits((5 * self.t) // 2))
+
+    def pool_recipe(self) -> PoolRecipe:
+        """What a worker process needs to compute :meth:`_pool_entry` values (all of it public key):
+        h^r as bytes, and with ``pool_pairs`` g h^r after it (:func:`~he_cnn.crypto.paillier.pool_values`)."""
+        return PoolRecipe(int(self.h), int(self.n), (5 * self.t) // 2, 8, self.ciphertext_bytes,
+                          multiplier=int(self.g) if self.pool_pairs else 0, as_bytes=True)
 
     def g_power(self, m: int) -> mpz:
         """g^m for a small signed m (cached)."""

@@ -35,6 +35,7 @@ MIN_KEY_BITS = 1024
 RANDOMIZER_EXPONENT_BITS = 256
 #: statistical security parameter: masks hide values up to statistical distance 2^-KAPPA
 KAPPA = 40
+_BASE_LOCK = threading.Lock()
 
 def random_below(bound: int) -> mpz:
     """A uniform integer in [0, bound) from the operating system's CSPRNG."""
@@ -100,16 +101,96 @@ class FixedBaseTable:
         return acc
 
 
+@dataclass(frozen=True)
+class PoolRecipe:
+    """How to compute a pool's values in another process: everything public, nothing secret.
+
+    A value is ``base^e mod modulus`` for a fresh uniform e of ``exponent_bits`` bits, as ``width``
+    big-endian bytes; with ``multiplier`` (non-zero) it is followed by ``multiplier * base^e mod
+    modulus`` (S2's DGK pool entries: h^r beside g h^r). ``as_bytes`` says whether the pool holds the
+    bytes themselves (DGK) or the integer (Paillier). The base h of a key is public information in the
+    sense that matters here: it is an N-th residue (Paillier) or the DGK key's published h, it hides no
+    key material, and it stays inside the party's own processes anyway.
+    """
+
+    base: int
+    modulus: int
+    exponent_bits: int
+    window: int
+    width: int
+    multiplier: int = 0
+    as_bytes: bool = False
+
+    def table_bytes(self) -> int:
+        """Memory of the fixed-base table a worker builds for this recipe."""
+        return -(-self.exponent_bits // self.window) * (1 << self.window) * self.width
+
+    def unpack(self, blob: bytes) -> list[Any]:
+        """The pool values in a blob :func:`pool_values` returned."""
+        step = self.width * (2 if self.multiplier else 1)
+        if self.as_bytes:
+            return [blob[i:i + step] for i in range(0, len(blob), step)]
+        return [mpz.from_bytes(blob[i:i + self.width], "big") for i in range(0, len(blob), step)]
+
+
+#: fixed-base tables of the recipes this process has computed values for, most recently used last:
+#: a worker process builds a key's table on its first chunk and reuses it for every later one
+_TABLES: "OrderedDict[tuple[int, int, int, int], tuple[FixedBaseTable, int]]" = OrderedDict()
+#: memory the cached tables may take together in one process (a 2048-bit key's Paillier table is 4 MiB,
+#: its DGK table 4.4 MiB, a user key's 0.5 MiB)
+TABLE_CACHE_BYTES = 48 << 20
+_TABLES_LOCK = threading.Lock()
+
+
+def _cached_table(recipe: PoolRecipe) -> FixedBaseTable:
+    """The recipe's fixed-base table, from this process's cache (least recently used tables go first)."""
+    key = (recipe.base, recipe.modulus, recipe.exponent_bits, recipe.window)
+    with _TABLES_LOCK:
+        if key in _TABLES:
+            _TABLES.move_to_end(key)
+            return _TABLES[key][0]
+    table = FixedBaseTable(mpz(recipe.base), mpz(recipe.modulus), recipe.exponent_bits, recipe.window)
+    with _TABLES_LOCK:
+        _TABLES[key] = (table, recipe.table_bytes())
+        while len(_TABLES) > 1 and sum(size for _, size in _TABLES.values()) > TABLE_CACHE_BYTES:
+            _TABLES.popitem(last=False)
+    return table
+
+
+def pool_values(recipe: PoolRecipe, count: int) -> bytes:
+    """``count`` fresh pool values of ``recipe`` as one blob (:meth:`PoolRecipe.unpack` reads it).
+
+    A top-level function for :meth:`he_cnn.parallel.Workers.submit`: the worker builds the recipe's
+    fixed-base table on its first call and keeps it in a module-level cache (``_TABLES``), so every
+    later chunk costs ``exponent_bits / window`` multiplications per value. The exponents come from the
+    operating system's CSPRNG in one read (safe in forked workers: nothing is inherited).
+    """
+    table = _cached_table(recipe)
+    width, modulus = recipe.width, mpz(recipe.modulus)
+    multiplier = mpz(recipe.multiplier)
+    out = []
+    for e in random_ints(count, recipe.exponent_bits):
+        value = table.power(e)
+        out.append(value.to_bytes(width, "big"))
+        if multiplier:
+            out.append((multiplier * value % modulus).to_bytes(width, "big"))
+    return b"".join(out)
+
+
 class RandomnessPool:
     """Randomizers computed ahead of time (offline), handed out once each (online: free).
 
     ``take`` falls back to computing one on the spot when the pool is empty, so the pool only ever
     changes speed, never results. Each value is used once: deque.popleft is atomic across threads.
     A value is whatever ``make`` returns (an integer for Paillier, bytes for DGK: ``DGKPublicKey._pool_entry``).
+    ``recipe`` (optional) returns a :class:`PoolRecipe` that computes the same values in another
+    process (:func:`pool_values`), which :meth:`extend` then appends: how a service's pool filler uses
+    every worker (:mod:`servers.pools`).
     """
 
-    def __init__(self, make: Callable[[], Any]):
+    def __init__(self, make: Callable[[], Any], recipe: Callable[[], PoolRecipe] | None = None):
         self._make = make
+        self._recipe = recipe
         self._ready: deque[Any] = deque()
         #: how many values were handed out (pooled or not): tells how large a pool a query needs
         self.taken = 0
@@ -122,9 +203,17 @@ class RandomnessPool:
             return self._make()
 
     def fill(self, count: int) -> None:
-        """Top the pool up to ``count`` values."""
+        """Top the pool up to ``count`` values (computed here, in the calling thread)."""
         while len(self._ready) < count:
             self._ready.append(self._make())
+
+    def recipe(self) -> PoolRecipe | None:
+        """How a worker process computes this pool's values, or None if only ``make`` can."""
+        return self._recipe() if self._recipe is not None else None
+
+    def extend(self, values: Iterable[Any]) -> None:
+        """Append values computed elsewhere (from :func:`pool_values` through :meth:`PoolRecipe.unpack`)."""
+        self._ready.extend(values)
 
     def __len__(self) -> int:
         return len(self._ready)
@@ -139,12 +228,14 @@ class PublicKey:
     randomizer_window: int = field(default=8, repr=False, kw_only=True)
     nsq: mpz = field(init=False)
     _randomizer: FixedBaseTable | None = field(default=None, init=False, repr=False)
+    #: h = r0^N mod N^2, the base of every randomizer (chosen on first use)
+    _base: mpz | None = field(default=None, init=False, repr=False)
     pool: RandomnessPool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.n = mpz(self.n)
         self.nsq = self.n * self.n
-        self.pool = RandomnessPool(self.fresh_randomizer)
+        self.pool = RandomnessPool(self.fresh_randomizer, self.pool_recipe)
         if self.n.bit_length() < 16 or self.n % 2 == 0:
             raise HECNNError(f"not a Paillier modulus: {self.n.bit_length()}-bit even or tiny number")
 
@@ -203,13 +294,27 @@ class PublicKey:
         """A fresh N-th residue: from the precomputed pool, or computed now if the pool is empty."""
         return self.pool.take()
 
+    def randomizer_base(self) -> mpz:
+        """h = r0^N mod N^2 for a random r0, chosen once per key object (all its randomizers are powers of h)."""
+        if self._base is None:
+            with _BASE_LOCK:  # two threads must not pick two bases (the pool filler's workers use this one)
+                if self._base is None:
+                    r0 = random_below(self.n - 2) + 2
+                    self._base = gmpy2.powmod(r0, self.n, self.nsq)
+        return self._base
+
     def fresh_randomizer(self) -> mpz:
         """A new N-th residue ``h^e`` (short exponent, fixed-base table built on first use)."""
         if self._randomizer is None:
-            r0 = random_below(self.n - 2) + 2
-            h = gmpy2.powmod(r0, self.n, self.nsq)
-            self._randomizer = FixedBaseTable(h, self.nsq, RANDOMIZER_EXPONENT_BITS, self.randomizer_window)
+            self._randomizer = FixedBaseTable(self.randomizer_base(), self.nsq, RANDOMIZER_EXPONENT_BITS,
+                                              self.randomizer_window)
         return self._randomizer.power(secrets.randbits(RANDOMIZER_EXPONENT_BITS))
+
+    def pool_recipe(self) -> PoolRecipe:
+        """What a worker process needs to compute :meth:`fresh_randomizer` values (h is an N-th residue
+        of a random r0: public, it reveals nothing of the key or of r0)."""
+        return PoolRecipe(int(self.randomizer_base()), int(self.nsq), RANDOMIZER_EXPONENT_BITS,
+                          self.randomizer_window, self.ciphertext_bytes)
 
     def plain_term(self, v: int) -> mpz:
         """The deterministic part ``1 + m N`` of an encryption of v (also how plaintexts are added)."""
