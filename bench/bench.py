@@ -82,6 +82,7 @@ from he_cnn.crypto.paillier import KAPPA, PublicKey, RandomnessPool, generate_ke
 from he_cnn.training.icnn import ICNN  # noqa: E402
 from he_cnn.parallel import Workers, default_worker_count  # noqa: E402
 from he_cnn.protocols.common import S1Context, slot_bits, slots_per_pack  # noqa: E402
+from he_cnn.protocols.millionaire import OTLink  # noqa: E402
 from he_cnn.protocols.comparison import secure_relu  # noqa: E402
 from he_cnn.protocols.linear import precompute_linear, secure_linear  # noqa: E402
 from he_cnn.graph.reference import classify_reference, run_reference  # noqa: E402
@@ -217,7 +218,7 @@ def accounting_run(im, x_int: np.ndarray, workers: Workers, comparison: str = "d
     cloud = KeyCloud.create(kp)
     cloud.workers = workers
     ctx = S1Context(kp.public, cloud.dgk_public, InProcessChannel(cloud.handle), workers=workers, tracer=prof,
-                    comparison=comparison)
+                    comparison=comparison, ot_link=ot_link(cloud))
     em = encrypt_model(im, kp.public)
     st = setup_model(ctx, em)
     ex = EncryptedTensor.encrypt(kp.public, x_int)
@@ -247,6 +248,15 @@ def pool_needs(acct: dict, bits: int, http: bool) -> dict[str, int]:
 
 # -- one query ------------------------------------------------------------------------------------
 
+#: one OT link per S2 (in-process cloud object or HTTP channel), shared by every context of this run, as
+#: the S1 service shares one: the base OTs are a once-per-link set-up, not per-query work
+_OT_LINKS: dict[int, OTLink] = {}
+
+
+def ot_link(peer: Any) -> OTLink:
+    return _OT_LINKS.setdefault(id(peer), OTLink())
+
+
 def profiled_context(pk: PublicKey, dgk: DGKPublicKey, channel: Channel, workers: Workers,
                      cloud: KeyCloud | None = None, comparison: str = "dgk") -> S1Context:
     """An S1 context (comparison protocol ``comparison``) whose tracer is a fresh
@@ -255,7 +265,8 @@ def profiled_context(pk: PublicKey, dgk: DGKPublicKey, channel: Channel, workers
     channel.tracer = prof
     if cloud is not None:
         cloud.tracer = prof
-    return S1Context(pk, dgk, channel, workers=workers, tracer=prof, comparison=comparison)
+    return S1Context(pk, dgk, channel, workers=workers, tracer=prof, comparison=comparison,
+                     ot_link=ot_link(cloud if cloud is not None else channel))
 
 
 def prepare_timed(ctx: S1Context, em, st) -> tuple[PreparedQuery, dict[str, float], dict[str, int]]:
@@ -514,7 +525,7 @@ def run_baseline(bits: int, kp, cloud, em, st, im, ds, index: int, workers: Work
                 next(e for e in em.spec["layers"] if e["kind"] == "relu"))
     x_relu = EncryptedTensor.encrypt(kp.public, ref[relu["input"]])
     ctx = S1Context(kp.public, cloud.dgk_public, InProcessChannel(cloud.handle), workers=workers,
-                    comparison=comparison)  # ours: the first comparison protocol that ran
+                    comparison=comparison, ot_link=ot_link(cloud))  # ours: the first comparison protocol that ran
     pools = [kp.public.pool, cloud.dgk_public.pool]
     conv_timer, relu_timer = PooledTimer(pools), PooledTimer(pools)
 
@@ -588,7 +599,7 @@ def run_batch(bits: int, kp, cloud, em, st, uk, im, ds, indices, workers: Worker
 
     def worker() -> None:
         ctx = S1Context(kp.public, cloud.dgk_public, InProcessChannel(cloud.handle), workers=workers,
-                        comparison=comparison)
+                        comparison=comparison, ot_link=ot_link(cloud))
         while True:
             with lock:
                 if not jobs:
@@ -708,7 +719,8 @@ def run_service(bits, im, ds, indices, em, pk, uk, s2, s2_url, token, owner_toke
     """The deployed service: owner upload to S1 (S1 runs the set-up with S2), user classify requests."""
     out: dict[str, Any] = {}
     log(f"{bits}: service: starting S1")
-    s1 = CloudProcess("S1", ["--data-dir", f"{tmp}/s1", "--peer-url", s2_url, "--quiet"],
+    s1 = CloudProcess("S1", ["--data-dir", f"{tmp}/s1", "--peer-url", s2_url, "--quiet",
+                             "--comparison", args.comparison[0]],
                       {"HECNN_S1_CLOUD_TOKEN": token, "HECNN_S1_OWNER_TOKEN": owner_token, "PYTHONPATH": str(ROOT)},
                       on_log=forward, cwd=ROOT)
     procs.append(s1)

@@ -118,8 +118,13 @@ class ModelSetup:
 
 
 def setup_model(ctx: S1Context, model: EncryptedModel, setup_id: str | None = None) -> ModelSetup:
+    """The one-time set-up with S2: the linear layers' masked weights, and (for the OT comparison) the
+    OT link's base OTs if the context's link has none yet, so that no query pays for them."""
     setup_id = setup_id or new_setup_id()
-    return ModelSetup(setup_id, setup_linear_layers(ctx, setup_id, list(model.linear.values())))
+    setup = ModelSetup(setup_id, setup_linear_layers(ctx, setup_id, list(model.linear.values())))
+    if ctx.comparison == "ot":
+        ctx.ot_link.receiver(ctx)
+    return setup
 
 
 @dataclass
