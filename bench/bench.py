@@ -475,8 +475,9 @@ def run_scaling(bits: int, kp, cloud: KeyCloud, channel: Channel, em, st, uk, im
                 rows, _ = run_images(bits, proto, ctx, em, st, kp.public, cloud.dgk_public, uk, im, ds,
                                      indices[:args.scaling_images], needs, cloud)
                 batch = None
-                if args.batch:
-                    batch = run_batch(bits, kp, cloud, em, st, uk, im, ds, indices, wk, args, proto)
+                if args.batch:  # enough concurrent queries to keep the cores busy: one per two workers
+                    batch = run_batch(bits, kp, cloud, em, st, uk, im, ds, indices, wk, args, proto,
+                                      threads=max(args.batch_threads, count // 2))
             finally:
                 wk.shutdown()
                 cloud.workers = workers
@@ -584,10 +585,15 @@ class PooledTimer:
 
 
 def run_batch(bits: int, kp, cloud, em, st, uk, im, ds, indices, workers: Workers, args,
-              comparison: str = "dgk") -> dict:
-    """Throughput: ``--batch`` images through ``--batch-threads`` concurrent queries, offline work inline
-    (no prepared query, empty pools: what a service kept busy back to back pays per image)."""
+              comparison: str = "dgk", threads: int | None = None) -> dict:
+    """Throughput: ``--batch`` images through ``--batch-threads`` concurrent queries (``threads`` if
+    given, and then at least two images per thread), offline work inline (no prepared query, empty
+    pools: what a service kept busy back to back pays per image)."""
     import threading
+
+    args = argparse.Namespace(**vars(args))
+    if threads is not None:
+        args.batch_threads, args.batch = threads, max(args.batch, 2 * threads)
 
     log(f"{bits}: throughput run ({comparison}, {workers.count} workers), {args.batch} images, "
         f"{args.batch_threads} concurrent queries, offline phase included")
