@@ -447,6 +447,7 @@ def run_images(bits: int, proto: str, ctx: S1Context, em, st, pk, dgk, uk, im, d
         q["index"] = i
         images.append(q)
         needs = {k: q["pool_taken"][k] for k in needs}  # exact for the next image
+        _DRAWS[(id(pk), proto)] = max(needs.values())  # the throughput run's pool watermark
         log(f"{bits}: {proto}, image {n}: online {q['online_seconds']:.2f} s, offline prepare "
             f"{q['prepare_seconds']:.1f} s + pools {q['pool_fill_seconds']:.1f} s, "
             f"{'exact' if q['exact'] else 'WRONG RESULT'}")
@@ -621,13 +622,16 @@ def run_batch(bits: int, kp, cloud, em, st, uk, im, ds, indices, workers: Worker
                 with lock:
                     errors.append(f"{type(e).__name__}: {e}")
 
+    pools = [kp.public.pool] + ([cloud.dgk_public.pool] if comparison == "dgk" else [])
     t0 = time.perf_counter()
+    filler = WorkerFiller(pools, workers, watermark=args.batch_threads * needs_per_query(kp, cloud, comparison))
     threads = [threading.Thread(target=worker) for _ in range(args.batch_threads)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    filler.stop()
     out = {"images": args.batch, "threads": args.batch_threads, "wall_seconds": wall, "comparison": comparison,
            "workers": workers.count, "images_per_hour": 3600 * len(results) / wall if wall and results else None,
            "mean_latency": statistics.mean(r["latency"] for r in results) if results else None,
@@ -636,6 +640,55 @@ def run_batch(bits: int, kp, cloud, em, st, uk, im, ds, indices, workers: Worker
         + (f"{out['images_per_hour']:.0f} images/hour offline included" if out["images_per_hour"] else "no image done")
         + (f"; {len(errors)} errors: {errors[0]}" if errors else ""))
     return out
+
+
+def needs_per_query(kp, cloud, comparison: str) -> int:
+    """Randomizers of the largest pool one query drew so far (learned from the main run's queries)."""
+    return max(1, _DRAWS.get((id(kp.public), comparison), 1000))
+
+
+#: pool draws of one query by (key object, protocol), recorded by run_images' queries
+_DRAWS: dict[tuple[int, str], int] = {}
+
+
+class WorkerFiller:
+    """The service's pool filling (:class:`he_cnn.servers.pools.PoolFiller`, busy mode) for the in-process
+    throughput run: while queries run, a thread keeps each pool above ``watermark`` values by chunks
+    computed in the worker processes (:func:`~he_cnn.crypto.paillier.pool_values`), on at most half
+    the workers, so the offline randomness is paid inside the measured wall time, where the service
+    pays it, and not by the query threads' GIL."""
+
+    CHUNK = 128
+
+    def __init__(self, pools: list[RandomnessPool], workers: Workers, watermark: int):
+        import threading
+
+        self.pools = [p for p in pools if p.recipe() is not None]
+        self.workers, self.watermark = workers, watermark
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        if self.pools and workers.count > 1:
+            self._thread.start()
+
+    def _run(self) -> None:
+        from he_cnn.crypto.paillier import pool_values
+
+        tasks = max(1, self.workers.count // 2)
+        while not self._stop.is_set():
+            low = [p for p in self.pools if len(p) < self.watermark]
+            if not low:
+                self._stop.wait(0.02)
+                continue
+            for pool in low:
+                recipe = pool.recipe()
+                futures = [self.workers.submit(pool_values, recipe, self.CHUNK) for _ in range(tasks)]
+                for future in futures:
+                    pool.extend(recipe.unpack(future.result()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 # -- over HTTP ------------------------------------------------------------------------------------

@@ -1024,9 +1024,8 @@ def plot_layers(results: dict, path: str) -> str | None:
     if not keys:
         return "no per-layer breakdown in this run"
     fig, axes = plt.subplots(len(keys), 1, figsize=(12, 3.6 * len(keys)), squeeze=False)
-    colors = dict(zip(KINDS, ["#9ecae1", "#3182bd", "#08306b", "#74c476", "#006d2c", "#d9d9d9", "#737373",
-                              "#fee391", "#fe9929", "#cc4c02", "#e7298a", "#c994c7", "#bdbdbd", "#525252",
-                              "#fb6a4a"]))
+    palette = plt.get_cmap("tab20").colors  # one colour per operation kind, however many there are
+    colors = {kind: palette[i % len(palette)] for i, kind in enumerate(KINDS)}
     for ax, (bits, k) in zip(axes[:, 0], keys):
         rows = k["layers"]
         names = [r["name"] for r in rows]

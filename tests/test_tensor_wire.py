@@ -160,11 +160,11 @@ def test_wire_refuses_non_json_constants(constant):
         decode(struct.pack(">4sHI", b"HECN", 1, len(header)) + header)
 
 
-@pytest.mark.parametrize("shape", [(1, 19, 3), (3, 17, 4), (8, 5, 6), (2, 1, 2)])
+@pytest.mark.parametrize("shape", [(1, 19, 3), (3, 17, 4), (8, 5, 6), (2, 1, 2), (1, 6, 9), (3, 4, 5)])
 def test_matmul_split_over_workers_matches_plaintext(kp, shape):
-    """matmul_plain splits by rows (P a multiple of the workers, or many rows) or by the shared
-    dimension F (few rows: the parts' products are multiplied); both give the exact product, signed
-    weights and long exponents included."""
+    """matmul_plain splits by rows (P a multiple of the workers, or many rows), by output columns
+    (few rows, C >= 2 workers), or by the shared dimension F (few rows and columns: the parts' products
+    are multiplied); all give the exact product, signed weights and long exponents included."""
     from he_cnn.parallel import Workers
 
     p, f, c = shape

@@ -78,6 +78,8 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool, lo
         raise ProtocolError(f"cannot split {l}-bit values at bit {k}{' with the product' if product else ''}")
     if ctx.comparison not in COMPARISONS:
         raise ProtocolError(f"unknown comparison protocol {ctx.comparison!r}; expected one of {COMPARISONS}")
+    if ctx.comparison == "ot" and k > millionaire.MAX_BITS:
+        raise BoundExceeded(f"comparison of {k}-bit values exceeds the OT comparison's limit of {millionaire.MAX_BITS} bits")
     if ctx.comparison == "dgk" and k + 1 > ctx.dgk_key.max_bits:
         raise BoundExceeded(f"comparison of {k}-bit values exceeds the DGK key's limit of {ctx.dgk_key.max_bits} bits")
     shape = x.shape
@@ -340,6 +342,8 @@ def s2_compare_ot(cloud: "KeyCloud", msg: Message) -> Message:
     k, product = msg.get("low", int), msg.get("product", bool)
     if not 0 <= k <= l or (product and k != l):
         raise ProtocolError(f"cannot compare the low {k} bits of {l}-bit values{' with the product' if product else ''}")
+    if k > millionaire.MAX_BITS:
+        raise BoundExceeded(f"comparison of {k}-bit values exceeds the OT comparison's limit of {millionaire.MAX_BITS} bits")
     reply, cmp = millionaire.s2_start(cloud, msg, d, l, k, product)
     return _ot_reply(cloud, reply, cmp)
 

@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from he_cnn.protocols.common import S1Context
 
 BASE_STEP = "ot_base"
+#: widest comparison the OT circuit takes (bounds S2's memory per element; the ICNN compares <= 24 bits)
+MAX_BITS = 256
 START_STEP = "compare_ot"
 LEVEL_STEP = "compare_ot_level"
 
