@@ -417,7 +417,8 @@ def run_inprocess(bits: int, im, ds, indices: list[int], accts: dict[str, dict],
             if "images" not in entry:
                 continue
             try:
-                entry["batch"] = run_batch(bits, kp, cloud, em, st, uk, im, ds, indices, workers, args, proto)
+                entry["batch"] = run_batch(bits, kp, cloud, em, st, uk, im, ds, indices, workers, args, proto,
+                                           threads=max(args.batch_threads, workers.count // 2))
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 entry["batch"] = {"error": f"{type(e).__name__}: {e}", "comparison": proto}
