@@ -45,6 +45,7 @@ from he_cnn.transport.http_channel import HTTPChannel, parse_public_key
 from he_cnn.crypto.paillier import generate_keypair
 from he_cnn.protocols.common import S1Context
 from he_cnn.protocols.comparison import secure_relu
+from he_cnn.protocols.millionaire import OTLink
 from he_cnn.protocols.smp import secure_multiply
 from he_cnn.parties.key_cloud import KeyCloud
 from he_cnn.parties.compute_cloud import encrypt_model, secure_inference, setup_model
@@ -145,6 +146,25 @@ class Capture(Channel):
         return self.inner._exchange(step, payload)
 
 
+class Held(Exception):
+    """Raised by :class:`Hold` in place of sending the held step."""
+
+
+class Hold(Channel):
+    """Passes every round to ``inner`` except the first request of ``step``, which it keeps (``body``)
+    and does not send."""
+
+    def __init__(self, inner: Channel, step: str):
+        super().__init__()
+        self.inner, self.step, self.body = inner, step, b""
+
+    def _exchange(self, step: str, payload: bytes) -> bytes:
+        if step == self.step:
+            self.body = payload
+            raise Held(step)
+        return self.inner._exchange(step, payload)
+
+
 class World:
     """What the hostile cases need: keys, the tiny model, valid requests, and the two clouds."""
 
@@ -156,10 +176,23 @@ class World:
         self.model = tiny_model()
         self.s1, self.s2 = s1, s2
         capture = Capture(s2_channel)
-        ctx = S1Context(cloud_pk, dgk_pk, capture)
+        ctx = S1Context(cloud_pk, dgk_pk, capture)  # the default comparison: on OT
         small = EncryptedTensor.encrypt(cloud_pk, np.array([3, -5, 7, 0], dtype=object))
         secure_multiply(ctx, small, small, 4, 4)
-        secure_relu(ctx, small, 4)  # a small comparison: its compare_bits / compare_zero pair
+        secure_relu(ctx, small, 4)  # a small comparison: its ot_base, compare_ot / compare_ot_level rounds
+        # and with DGK: its compare_bits / compare_zero pair
+        secure_relu(S1Context(cloud_pk, dgk_pk, capture, comparison="dgk"), small, 4)
+        ot_link = OTLink()
+
+        def fresh_compare_ot() -> bytes:
+            """A valid first OT comparison round on a fresh batch of the link (S2 takes a batch once):
+            made by S1's code and held back instead of sent."""
+            hold = Hold(s2_channel, "compare_ot")
+            try:
+                secure_relu(S1Context(cloud_pk, dgk_pk, hold, ot_link=ot_link), small, 4)
+            except Held:
+                pass
+            return hold.body
         encrypted = encrypt_model(self.model, cloud_pk)
         setup = setup_model(ctx, encrypted)
         secure_inference(ctx, encrypted, setup, EncryptedTensor.encrypt(cloud_pk, random_image(0)), self.user.public)
@@ -167,10 +200,10 @@ class World:
         cloud = {"Authorization": f"Bearer {cloud_token}"}
         self.owner_headers = {"Authorization": f"Bearer {owner_token}"}
 
-        def second_round(step: str, first: str) -> Callable[[], bytes]:
+        def second_round(step: str, first: str, first_body: Callable[[], bytes] | None = None) -> Callable[[], bytes]:
             def valid() -> bytes:  # the recorded request under a fresh ticket (S2 uses each once)
                 msg = decode(rounds[step])
-                msg.meta["ticket"] = fresh_ticket(first, rounds[first])
+                msg.meta["ticket"] = fresh_ticket(first, first_body() if first_body else rounds[first])
                 return encode(msg)
             return valid
 
@@ -188,6 +221,8 @@ class World:
             round_("linear_cross", {"z"}, valid=second_round("linear_cross", "linear")),
             round_("compare_bits", {"d"}), round_("compare_zero", dgk={"blinded"},
                                                   valid=second_round("compare_zero", "compare_bits")),
+            round_("ot_base"), round_("compare_ot", {"d"}, valid=fresh_compare_ot),
+            round_("compare_ot_level", valid=second_round("compare_ot_level", "compare_ot", fresh_compare_ot)),
             round_("to_user", {"y"}),
             round_("no_such_step", valid=fixed(rounds["smp"])),
             Endpoint("S1 upload", "/v1/models", fixed(self.upload_body), self.owner_headers, s1_limit,
@@ -457,7 +492,10 @@ MESSAGE = ["field removed", "field of the wrong type", "field out of range", "ar
 #: the message kinds each endpoint's valid request offers (checked against message_kinds())
 MESSAGE_KINDS = {
     "S2 smp": MESSAGE, "S2 linear_setup": MESSAGE, "S2 linear": MESSAGE, "S2 linear_cross": MESSAGE,
-    "S2 compare_bits": MESSAGE,
+    "S2 compare_bits": MESSAGE, "S2 compare_ot": MESSAGE,
+    "S2 ot_base": ["field removed", "field of the wrong type"],
+    "S2 compare_ot_level": ["field removed", "field of the wrong type", "array removed", "array short",
+                            "array long", "negative ciphertext"],
     "S2 to_user": MESSAGE, "S2 no_such_step": [],
     "S2 compare_zero": [k for k in MESSAGE if k not in ("field out of range", "non-unit ciphertext",
                                                         "ciphertext under another key")]
@@ -467,6 +505,7 @@ MESSAGE_KINDS = {
 }
 STATE_KINDS = {"S2 linear": ["unknown set-up id", "unknown layer", "unknown input ticket"], "S2 compare_zero": ["ticket used twice", "unknown ticket"],
                "S2 linear_cross": ["ticket used twice", "unknown ticket"],
+               "S2 compare_ot_level": ["ticket used twice", "unknown ticket"],
                "S1 classify": ["unknown model"]}
 
 

@@ -119,7 +119,7 @@ def recorded(request, tmp_path_factory):
 
 def scaled(records: list[dict]) -> np.ndarray:
     """Every masked value, divided by its mask range 2^(bits+1+kappa): uniform on [0, 1) if hidden."""
-    return np.array([v / 2 ** (r["bits"] + 1 + r["kappa"]) for r in records if r["kappa"]
+    return np.array([v / 2 ** (r["bits"] + 1 + r["kappa"]) for r in records if r["step"] not in ("bits", "delta")
                      for v in r["values"]])
 
 

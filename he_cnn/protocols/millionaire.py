@@ -235,6 +235,8 @@ def set_openings(msg: Message, ops: list[np.ndarray]) -> None:
 def read_openings(msg: Message, state: CircuitState, first_level: int) -> list[np.ndarray]:
     """The openings in ``msg``, checked against the sizes the circuit expects from ``first_level`` on."""
     sizes = msg.get("openings", list)
+    if not all(type(v) is int for v in sizes):
+        raise ProtocolError("opening sizes must be integers")
     if len(sizes) > len(state.widths) - first_level:
         raise ProtocolError(f"{len(sizes)} levels of openings, but only {len(state.widths) - first_level} remain")
     expected = [state.opening_size(first_level + i) for i in range(len(sizes))]
@@ -306,7 +308,12 @@ def s2_base(cloud: "KeyCloud", msg: Message) -> Message:
 
 
 def s2_link(cloud: "KeyCloud", session: str) -> ot.OTSender:
-    link = cloud.ot_links.get(session)
+    """S2's end of the link ``session``, moved to the back of the eviction order (least recently used
+    links go first when S2 holds :data:`MAX_LINKS`)."""
+    with cloud._lock:
+        link = cloud.ot_links.pop(session, None)
+        if link is not None:
+            cloud.ot_links[session] = link
     if link is None:
         raise UnknownOTSession("S2 does not know this OT link (restarted?): S1 makes a new one")
     return link
