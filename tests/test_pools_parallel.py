@@ -22,15 +22,9 @@ from he_cnn.crypto.dgk import generate_dgk_keypair
 from he_cnn.crypto.paillier import PoolRecipe, generate_keypair, pool_values
 from he_cnn.servers.http import worker_pool
 from he_cnn.servers.pools import BUSY_CHUNK, PoolFiller
+from waiting import wait_for
 
 
-def wait_for(condition, seconds: float = 60.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def carmichael(keys) -> mpz:

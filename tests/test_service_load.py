@@ -11,7 +11,6 @@ tests' tiny network (1024-bit keys, about a second per query).
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from click.testing import CliRunner
@@ -33,6 +32,7 @@ from he_cnn.servers.http import QueryGate, shutdown_app
 from he_cnn.transport.http_channel import parse_public_key
 from he_cnn.user.query import query_message
 from he_cnn.wire import decode
+from waiting import wait_for
 from trust_support import random_image, tiny_model
 
 CLOUD_TOKEN = "load-cloud-token-" + "c" * 16
@@ -42,13 +42,6 @@ WIRE = "application/octet-stream"
 POOL = 240
 
 
-def wait_for(condition, seconds: float = 60.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 class HeldRounds:

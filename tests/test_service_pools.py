@@ -8,15 +8,9 @@ from he_cnn.servers import s2 as s2_app
 from he_cnn.servers.config import S2Config
 from he_cnn.servers.http import shutdown_app
 from he_cnn.servers.pools import CHUNK, USER_KEY_POOL, PoolFiller
+from waiting import wait_for
 
 
-def wait_for(condition, seconds=10.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_pools_fill_only_while_the_cloud_is_quiet():
