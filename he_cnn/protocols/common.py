@@ -23,7 +23,7 @@ from he_cnn.transport.channel import Channel
 from he_cnn.crypto.dgk import DGKPublicKey
 from he_cnn.errors import BoundExceeded, ProtocolError
 from he_cnn.crypto.paillier import KAPPA, PrivateKey, PublicKey, keypair_from_primes, random_ints
-from he_cnn.parallel import INLINE, Workers
+from he_cnn.parallel import INLINE, Workers, from_blob, to_blob
 from he_cnn.protocols.millionaire import OTLink  # (millionaire needs this module for typing only)
 from he_cnn.trace import NULL_TRACER, Tracer
 from he_cnn.crypto.tensor import EncryptedTensor, object_array
@@ -207,14 +207,38 @@ def ciphertext_field(msg: Message, name: str, cts: Sequence[mpz], width: int) ->
     msg.widths[name] = width
 
 
-def encrypted_reply(cloud: "KeyCloud", fields: dict[str, Sequence[int]], meta: dict | None = None) -> Message:
-    """S2: a reply whose fields are fresh Paillier encryptions of the given signed integers."""
+#: fewest values a reply field must have before its encryptions go to the workers
+PARALLEL_ENCRYPTIONS = 64
+
+
+def encrypted_reply(cloud: "KeyCloud", fields: dict[str, Sequence[int]], meta: dict | None = None,
+                    shapes: dict[str, tuple[int, ...]] | None = None) -> Message:
+    """S2: a reply whose fields are fresh Paillier encryptions of the given signed integers.
+
+    The randomizers come from the key's pool here, in order; with several workers and enough values
+    the multiplications run there (:func:`_encrypt_chunk`) and the ciphertexts come back as the
+    fixed-width bytes the wire sends, so the request thread does not hold the GIL for them."""
     pk = cloud.keys.public
+    width = pk.ciphertext_bytes
     msg = Message(meta=dict(meta or {}))
     with cloud.tracer.op("s2_encrypt"):
         for name, values in fields.items():
-            ciphertext_field(msg, name, [pk.encrypt(int(v)) for v in values], pk.ciphertext_bytes)
+            values = [int(v) for v in values]
+            shape = (shapes or {}).get(name, (len(values),))
+            if cloud.workers.count == 1 or len(values) < PARALLEL_ENCRYPTIONS:
+                ciphertext_field(msg, name, [pk.encrypt(v) for v in values], width)
+                msg.arrays[name] = msg.arrays[name].reshape(shape)
+                continue
+            randomizers = [pk.randomizer() for _ in values]
+            calls = [(pk.n, pk.nsq, values[r.start:r.stop], to_blob(randomizers[r.start:r.stop], width), width)
+                     for r in cloud.workers.chunks(len(values), minimum=PARALLEL_ENCRYPTIONS // 2)]
+            msg.set_blob(name, b"".join(cloud.workers.map(_encrypt_chunk, calls)), width, shape)
     return msg
+
+
+def _encrypt_chunk(n: mpz, nsq: mpz, values: list[int], randomizers: bytes, width: int) -> bytes:
+    """E(v) = (1 + (v mod N) N) r mod N^2 for each value with its randomizer, as fixed-width bytes."""
+    return to_blob([(1 + v % n * n) * r % nsq for v, r in zip(values, from_blob(randomizers, width))], width)
 
 
 def read_ciphertexts(pk: PublicKey, msg: Message, name: str, shape: tuple[int, ...]) -> EncryptedTensor:

@@ -337,9 +337,7 @@ def s2_linear(cloud: "KeyCloud", msg: Message) -> Message:
         y = np.dot(x_cols, weights)
         cols = _pack_rows(x_cols, k, slot)
     meta["ticket"] = cloud.tickets.put("linear", (y, slot))
-    reply = encrypted_reply(cloud, {"cols": cols.reshape(-1)}, meta)
-    reply.arrays["cols"] = reply.arrays["cols"].reshape(cols.shape)
-    return reply
+    return encrypted_reply(cloud, {"cols": cols.reshape(-1)}, meta, shapes={"cols": cols.shape})
 
 
 def s2_linear_cross(cloud: "KeyCloud", msg: Message) -> Message:
