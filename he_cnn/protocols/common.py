@@ -90,18 +90,21 @@ def pack_masked(ctx: S1Context, values: EncryptedTensor, masks: Sequence[int], l
         raise ProtocolError(f"{len(masks)} masks for {flat.size} values")
     ctx.tracer.reveal(flat.size, l)
     n_packs = -(-flat.size // k)
-    calls = [(pk.n, nsq, flat[r.start * k:r.stop * k], list(masks[r.start * k:r.stop * k]), slot, k)
-             for r in ctx.workers.chunks(n_packs, minimum=1)]
     with ctx.tracer.op("s1_pack"):
-        packs = [pk.rerandomize(c) for part in ctx.workers.map(_pack_chunk, calls) for c in part]
+        randomizers = [pk.randomizer() for _ in range(n_packs)]  # drawn here, in order; used in the workers
+        calls = [(pk.n, nsq, flat[r.start * k:r.stop * k], list(masks[r.start * k:r.stop * k]), slot, k,
+                  randomizers[r.start:r.stop]) for r in ctx.workers.chunks(n_packs, minimum=1)]
+        packs = [c for part in ctx.workers.map(_pack_chunk, calls) for c in part]
     ctx.count("pack_values", flat.size)
     ctx.count("rerandomize", len(packs))
     return object_array(packs, len(packs))
 
 
-def _pack_chunk(n: mpz, nsq: mpz, values: np.ndarray, masks: list[int], slot: int, k: int) -> list[mpz]:
-    """Horner packing of consecutive groups of k masked values (not yet re-randomised): the ciphertexts
-    shifted and multiplied, the masks packed in the clear and added once per pack."""
+def _pack_chunk(n: mpz, nsq: mpz, values: np.ndarray, masks: list[int], slot: int, k: int,
+                randomizers: list[mpz]) -> list[mpz]:
+    """Horner packing of consecutive groups of k masked values, each pack re-randomised with its
+    randomizer: the ciphertexts shifted and multiplied, the masks packed in the clear and added once
+    per pack."""
     shift = mpz(1) << slot
     packs = []
     for start in range(0, len(values), k):
@@ -111,7 +114,7 @@ def _pack_chunk(n: mpz, nsq: mpz, values: np.ndarray, masks: list[int], slot: in
                 acc = gmpy2.powmod(acc, shift, nsq)
             acc = acc * values[i] % nsq
             mask = (mask << slot) + masks[i]
-        packs.append(acc * (1 + mask % n * n) % nsq)
+        packs.append(acc * (1 + mask % n * n) % nsq * randomizers[len(packs)] % nsq)
     return packs
 
 
