@@ -158,7 +158,7 @@ def test_s2_refuses_inconsistent_ot_messages(keys1024, key_cloud):
         millionaire.s2_base(key_cloud, Message(meta={"A": "1"}))
     msg = Message(meta={"ot_count": 7, "ot_session": "x", "ot_batch": 0})
     with pytest.raises(ProtocolError, match="OTs for"):
-        millionaire.s2_start(key_cloud, msg, [1, 2], 20, 3, False)
+        millionaire.s2_start(key_cloud, msg, None, [1, 2], 20, 3, False)
 
 
 def ot_view(key_cloud, keys1024, x, bits, repeats=3):

@@ -138,8 +138,8 @@ def _ot_carry(ctx: S1Context, msg: Message, masks: list[int], k: int, product: b
     S2's delta is then 1 - carry, as with DGK)."""
     msg.meta["product"] = product
     low = (1 << k) - 1
-    reply, cmp = millionaire.s1_start(ctx, msg, [m & low for m in masks], k)  # M mod 2^k = r mod 2^k (k <= l)
-    final, share = millionaire.s1_finish(ctx, reply, cmp, {})
+    reply, state = millionaire.s1_start(ctx, msg, [m & low for m in masks], k)  # M mod 2^k = r mod 2^k (k <= l)
+    final, share = millionaire.s1_finish(ctx, reply, state)
     ctx.count("ot_bit", len(masks) * k)
     return final, [-1 if v else 1 for v in share.tolist()]
 
@@ -338,13 +338,15 @@ def _result_reply(cloud: "KeyCloud", d: list[int], l: int, k: int, product: bool
 
 
 def s2_compare_ot(cloud: "KeyCloud", msg: Message) -> Message:
+    # the link first: a request on a link S2 no longer knows is refused before anything is decrypted
+    link = millionaire.s2_link(cloud, msg.get("ot_session", str)) if msg.get("ot_count", int) else None
     d, l = read_revealed(cloud, msg, "d")
     k, product = msg.get("low", int), msg.get("product", bool)
     if not 0 <= k <= l or (product and k != l):
         raise ProtocolError(f"cannot compare the low {k} bits of {l}-bit values{' with the product' if product else ''}")
     if k > millionaire.MAX_BITS:
         raise BoundExceeded(f"comparison of {k}-bit values exceeds the OT comparison's limit of {millionaire.MAX_BITS} bits")
-    reply, cmp = millionaire.s2_start(cloud, msg, d, l, k, product)
+    reply, cmp = millionaire.s2_start(cloud, msg, link, d, l, k, product)
     return _ot_reply(cloud, reply, cmp)
 
 

@@ -321,17 +321,9 @@ def s2_link(cloud: "KeyCloud", session: str) -> ot.OTSender:
 
 # -- the comparison's rounds ------------------------------------------------------------------------
 
-@dataclass
-class S1Comparison:
-    """What S1 needs to drive one batched comparison after its first request."""
-
-    state: CircuitState
-    b: np.ndarray
-
-
-def s1_start(ctx: "S1Context", msg: Message, b_values: Sequence[int], k: int) -> tuple[Message, "S1Comparison"]:
-    """Add the OT fields to the comparison's first request (the reveal ``msg``); returns S2's reply and
-    S1's circuit state with its leaf shares."""
+def s1_start(ctx: "S1Context", msg: Message, b_values: Sequence[int], k: int) -> tuple[Message, CircuitState]:
+    """Add the OT fields to the comparison's first request (the reveal ``msg``) and send it; returns
+    S2's reply and S1's circuit state with its leaf shares."""
     n = len(b_values)
     b = bit_matrix(b_values, k)
     total = rot_count(n, k)
@@ -363,13 +355,13 @@ def s1_start(ctx: "S1Context", msg: Message, b_values: Sequence[int], k: int) ->
         else:
             lt = np.zeros((n, k), dtype=np.uint8)
             triples = (np.zeros(0, dtype=np.uint8),) * 3
-        state = CircuitState(0, lt, b.copy(), triples, level_widths(k))
-    return reply, S1Comparison(state, b)
+        state = CircuitState(0, lt, b, triples, level_widths(k))
+    return reply, state
 
 
-def s1_finish(ctx: "S1Context", first_reply: Message, cmp: S1Comparison, ticket_meta: dict) -> tuple[Message, np.ndarray]:
-    """Run the circuit's levels to the end; returns S2's final reply and S1's share of the carry."""
-    state, reply = cmp.state, first_reply
+def s1_finish(ctx: "S1Context", reply: Message, state: CircuitState) -> tuple[Message, np.ndarray]:
+    """Run the circuit's levels to the end from S2's first reply; returns S2's final reply and S1's
+    share of the carry."""
     while True:
         with ctx.tracer.op("s1_ot"):
             received = read_openings(reply, state, state.completed)
@@ -380,7 +372,7 @@ def s1_finish(ctx: "S1Context", first_reply: Message, cmp: S1Comparison, ticket_
             return reply, state.result()
         if reply.meta.get("final"):
             raise ProtocolError("S2 ended the comparison before S1's last openings")
-        msg = Message(meta={"ticket": reply.get("ticket", str), **ticket_meta})
+        msg = Message(meta={"ticket": reply.get("ticket", str)})
         set_openings(msg, ops)
         reply = ctx.channel.request(LEVEL_STEP, msg)
 
@@ -396,10 +388,11 @@ class S2Comparison:
     state: CircuitState
 
 
-def s2_start(cloud: "KeyCloud", msg: Message, d: list[int], l: int, k: int, product: bool
-             ) -> tuple[Message, S2Comparison]:
-    """S2's answer to the first request: leaf messages and its first openings (or, for k <= 1, nothing
-    more: the caller adds the final fields)."""
+def s2_start(cloud: "KeyCloud", msg: Message, link: ot.OTSender | None, d: list[int], l: int, k: int,
+             product: bool) -> tuple[Message, S2Comparison]:
+    """S2's answer to the first request, on the OT link ``link`` (looked up before the reveal was
+    decrypted; None when the comparison needs no OT): leaf messages and its first openings (or, for
+    k <= 1, nothing more: the caller adds the final fields)."""
     n = len(d)
     total = msg.get("ot_count", int)
     if total != rot_count(n, k):
@@ -411,7 +404,8 @@ def s2_start(cloud: "KeyCloud", msg: Message, d: list[int], l: int, k: int, prod
     reply = Message()
     with cloud.tracer.op("s2_ot"):
         if total:
-            link = s2_link(cloud, msg.get("ot_session", str))
+            if link is None:
+                raise ProtocolError("an OT comparison without its OT link")
             u = msg.payload("ot_u")
             cloud.observe("ot_u", np.unpackbits(np.frombuffer(u[:512], dtype=np.uint8)).tolist(), 1, 0)
             x0, x1 = link.extend(msg.get("ot_batch", int), total, u)
