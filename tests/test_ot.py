@@ -63,14 +63,14 @@ def link():
     return ot.OTReceiver("test", pairs), ot.OTSender(s, keys)
 
 
-@pytest.mark.parametrize("count", [1, 127, 128, 129, 5000])
+@pytest.mark.parametrize("count", [1, 127, 128, 129, 5000, ot.SLICE + 300])
 def test_extension_gives_random_ots(link, count):
     receiver, sender = link
     batch = receiver.extend(count)
     x0, x1 = sender.extend(batch.batch, batch.count, batch.u)
     assert x0.shape == x1.shape == batch.choices.shape == batch.chosen.shape == (count,)
     assert (np.where(batch.choices == 1, x1, x0) == batch.chosen).all()
-    if count >= 5000:
+    if count >= 5000:  # (the last size spans two transposition slices)
         for bits in (x0, x1, x0 ^ x1, batch.choices):
             assert stats.binomtest(int(bits.sum()), count, 0.5).pvalue > P_THRESHOLD
 
@@ -144,6 +144,18 @@ def test_s1_makes_a_new_link_when_s2_forgot_it(keys1024, key_cloud):
     key_cloud.ot_links.clear()  # S2 restarted
     assert list(comparison.secure_relu(ctx, EncryptedTensor.encrypt(keys1024.public, x), 4)
                 .decrypt(keys1024.private)) == [5, 0, 0, 7, 0]
+    assert ctx.channel.stats.steps["ot_base"].rounds == 2
+
+
+def test_a_link_that_served_its_batches_is_renewed(keys1024, key_cloud, monkeypatch):
+    """S2 keeps a bounded record of used batches per link: past MAX_LINK_BATCHES it refuses the link as
+    unknown, and S1 makes a new one without the caller noticing."""
+    monkeypatch.setattr(ot, "MAX_LINK_BATCHES", 2)
+    ctx = ot_context(keys1024, key_cloud)
+    x = np.array([5, -3, 0, 7, -8], dtype=object)
+    for _ in range(3):
+        assert list(comparison.secure_relu(ctx, EncryptedTensor.encrypt(keys1024.public, x), 4)
+                    .decrypt(keys1024.private)) == [5, 0, 0, 7, 0]
     assert ctx.channel.stats.steps["ot_base"].rounds == 2
 
 

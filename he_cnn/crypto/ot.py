@@ -11,7 +11,10 @@ in the 3072-bit MODP group of RFC 3526 (group 15, about 128-bit security), one r
   S1: a random, A = g^a                                      -> A
   S2: for each i, b_i random, B_i = g^(b_i) A^(s_i)           -> B_i;   k_i = H(i, A, B_i, A^(b_i))
   S1: k_i^0 = H(i, A, B_i, B_i^a), k_i^1 = H(i, A, B_i, (B_i / A)^a)
-B_i is uniform in the group whatever s_i is (S1 learns nothing of s); k_i^(1-s_i) is computational
+Exponents are 256 bits (short exponents, as the Paillier randomizers'): g^b then is indistinguishable
+from a uniform group element under the short-exponent discrete-log assumption (a kangaroo search for
+a 256-bit logarithm costs ~2^128), so B_i hides s_i from S1 computationally at ~128 bits (a full-size
+b would make it perfect, at 12x the exponentiation cost); k_i^(1-s_i) is computational
 Diffie-Hellman to S2 (random-oracle model). ``cryptography``'s X25519 gives a Diffie-Hellman but no
 group addition (B = g^b A^s needs one), so this one part is gmpy2 arithmetic; the symmetric parts
 (PRG and hash) are AES from ``cryptography``.
@@ -40,7 +43,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from gmpy2 import mpz
 
-from he_cnn.errors import ProtocolError
+from he_cnn.errors import ProtocolError, UnknownOTSession
 
 #: computational security parameter: base OTs, seeds and hash blocks are 128 bits
 KAPPA_OT = 128
@@ -61,8 +64,12 @@ GROUP_BYTES = 384
 EXPONENT_BITS = 256
 #: the fixed AES key of the hash's permutation pi (public: GKWY20's fixed-key model)
 _PI_KEY = hashlib.sha256(b"he-cnn OT tccr hash v1").digest()[:16]
-#: most OTs in one extension batch (16 bytes each on the wire)
-MAX_BATCH = 1 << 22
+#: most OTs in one extension batch (16 bytes each on the wire: 256 MiB at the limit, beyond any body a
+#: cloud accepts; a batch is transposed and hashed in slices, so memory beyond the message is bounded)
+MAX_BATCH = 1 << 24
+#: batches one link serves; then S2 answers as for an unknown link and S1 makes a new one (bounds the
+#: record of used batch numbers S2 keeps per link: ~2,000 ICNN queries, 0.35 s of base OTs to renew)
+MAX_LINK_BATCHES = 1 << 16
 
 
 def _hash_key(i: int, *elements: mpz) -> bytes:
@@ -100,6 +107,8 @@ class BaseSender:
         out = []
         for i, b in enumerate(bs):
             b = group_element(b, "a base-OT reply")
+            if b == self.A:  # B / A = 1: k^1 would be public (an honest S2 never sends it)
+                raise ProtocolError("a base-OT reply equal to the sender's element")
             k0 = _hash_key(i, self.A, b, gmpy2.powmod(b, self._a, GROUP_P))
             k1 = _hash_key(i, self.A, b, gmpy2.powmod(b * a_inv % GROUP_P, self._a, GROUP_P))
             out.append((k0, k1))
@@ -144,17 +153,35 @@ def _columns(keys: list[bytes], batch: int, m: int) -> np.ndarray:
 def _transpose(columns: np.ndarray) -> np.ndarray:
     """(128, m/8) bit columns -> (m, 16) byte rows: bit i of row j is bit j of column i."""
     bits = np.unpackbits(columns, axis=1)  # (128, m)
-    return np.packbits(bits.T, axis=1)  # (m, 16)
+    return np.ascontiguousarray(np.packbits(bits, axis=0).T)  # byte b of row j packs bits 8b..8b+7 of column j
 
 
-def tccr_bits(rows: np.ndarray, batch: int) -> np.ndarray:
-    """The low bit of H(j, row_j) = pi(pi(x) xor j) xor pi(x) for each 16-byte row j (batch-tweaked)."""
+#: OTs transposed and hashed at a time: the transposition's bit array takes 128 bytes per OT
+SLICE = 1 << 16
+
+
+def _hashed(columns: np.ndarray, batch: int, xor_row: np.ndarray | None = None) -> list[np.ndarray]:
+    """tccr_bits of every row of the (128, m/8) columns, and with ``xor_row`` also of every row xored
+    with it; slice by slice, so that the transposition's memory stays bounded whatever m is."""
+    m = columns.shape[1] * 8
+    outs = [np.empty(m, dtype=np.uint8) for _ in range(1 if xor_row is None else 2)]
+    for start in range(0, m, SLICE):
+        rows = _transpose(columns[:, start // 8:(start + SLICE) // 8])
+        outs[0][start:start + rows.shape[0]] = tccr_bits(rows, batch, start)
+        if xor_row is not None:
+            outs[1][start:start + rows.shape[0]] = tccr_bits(rows ^ xor_row[None, :], batch, start)
+    return outs
+
+
+def tccr_bits(rows: np.ndarray, batch: int, start: int = 0) -> np.ndarray:
+    """The low bit of H(j, row_j) = pi(pi(x) xor j) xor pi(x) for each 16-byte row, row j of the batch
+    being ``rows[j - start]`` (the tweak j = (batch, index in the batch) is unique per link)."""
     m = rows.shape[0]
     pi = Cipher(algorithms.AES(_PI_KEY), modes.ECB()).encryptor()
     first = np.frombuffer(pi.update(np.ascontiguousarray(rows).tobytes()), dtype=np.uint8).reshape(m, 16)
     tweak = np.zeros((m, 2), dtype=">u8")
     tweak[:, 0] = batch
-    tweak[:, 1] = np.arange(m, dtype=np.uint64)
+    tweak[:, 1] = np.arange(start, start + m, dtype=np.uint64)
     second = np.frombuffer(pi.update((first ^ tweak.view(np.uint8).reshape(m, 16)).tobytes()),
                            dtype=np.uint8).reshape(m, 16)
     return (second[:, 15] ^ first[:, 15]) & 1
@@ -189,7 +216,7 @@ class OTReceiver:
         c = random_bits(m)
         t = _columns([k0 for k0, _ in self.keys], batch, m)
         u = t ^ _columns([k1 for _, k1 in self.keys], batch, m) ^ np.packbits(c)
-        chosen = tccr_bits(_transpose(t), batch)
+        (chosen,) = _hashed(t, batch)
         return ReceiverBatch(batch, count, u.tobytes(), c[:count], chosen[:count])
 
 
@@ -212,10 +239,10 @@ class OTSender:
         with self._lock:
             if batch in self.used:
                 raise ProtocolError(f"OT batch {batch} was already used on this link")
+            if len(self.used) >= MAX_LINK_BATCHES:
+                raise UnknownOTSession(f"this OT link has served its {MAX_LINK_BATCHES} batches: make a new one")
             self.used.add(batch)
         cols = np.frombuffer(u, dtype=np.uint8).reshape(KAPPA_OT, m // 8)
         q = _columns(self.keys, batch, m) ^ (cols * self.s[:, None].astype(np.uint8))
-        rows = _transpose(q)
-        x0 = tccr_bits(rows, batch)
-        x1 = tccr_bits(rows ^ np.packbits(self.s)[None, :], batch)
+        x0, x1 = _hashed(q, batch, np.packbits(self.s))
         return x0[:count], x1[:count]

@@ -1,8 +1,13 @@
-"""Secure comparison (DGK/Veugen), and on it SACT (ReLU) and SMAP (max-pooling).
+"""Secure comparison, and on it SACT (ReLU) and SMAP (max-pooling).
 
 ``secure_sign`` turns E(x), |x| < 2^l, into E(t) with t = [x >= 0], or into E(x * t) (the patent's
-SACT = SMP(E(x), E(t)), folded into the same two rounds).
+SACT = SMP(E(x), E(t)), folded into the comparison's last reply). How the two clouds get the carry of
+step 4 below is ``S1Context.comparison``: "ot" (the default; :mod:`he_cnn.protocols.millionaire`,
+a circuit on oblivious transfer: 1 + ceil(ceil(log2 k) / 2) requests for k compared bits, no
+public-key work per bit) or "dgk" (DGK/Veugen, steps 2-4 as below: two requests). "Rounds" below are
+the DGK ones; with OT each call takes ``millionaire.requests_needed(k)``.
 
+With DGK:
 Steps (z = x + 2^l in [0, 2^(l+1)), so t = floor(z / 2^l)):
   1. S1 reveals d = z + r (r uniform in [0, 2^(l+1+kappa)), packed)            -- step ``compare_bits``
   2. S2 decrypts d, keeps it under a ticket, and returns DGK encryptions of the l+1 bits of
@@ -34,7 +39,7 @@ Paillier encryptions; S1 ~l+kappa squarings (packing), per bit a few multiplicat
 randomizer, for max(p, l + 1 - p) of the l + 1 bits (p = popcount(rho'), ~60 %) an exponentiation by
 a blinding exponent below u, and for about half the bits a share of one batched inversion; then, for
 the product, one exponentiation by the (l+kappa+2)-bit M.
-Two rounds for a whole tensor.
+Two rounds for a whole tensor (DGK).
 S1 learns: nothing (Paillier and DGK ciphertexts only).
 S2 learns: d, statistically independent of x (distance 2^-kappa); whether one blinded c_j is zero,
 which is the bit delta XORed with S1's secret uniform sign, i.e. a uniform bit (and so is e); the

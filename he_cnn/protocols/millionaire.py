@@ -25,7 +25,7 @@ request carries S1's openings of two levels. A k-bit comparison takes 1 + ceil(L
 L = ceil(log2 k) (2 for k <= 4, 3 for k <= 16, 4 for k <= 64); the last reply is S2's encrypted
 result (as the DGK comparison's ``compare_zero`` reply), made with S2's share of the carry.
 
-Cost per element of k bits: k + 2 (2k - 3) random OTs (16 bytes each S1 -> S2 and a few AES blocks),
+Cost per element of k >= 2 bits: k + 2 (2k - 3) random OTs (1 for k = 1) (16 bytes each S1 -> S2 and a few AES blocks),
 a few bits per AND gate each way, and no public-key operation beyond the reveal and the reply.
 
 What each cloud learns (semi-honest; the proof is in docs/protocol.md): S2 sees u (each column masked
@@ -329,12 +329,12 @@ def s1_start(ctx: "S1Context", msg: Message, b_values: Sequence[int], k: int) ->
     total = rot_count(n, k)
     link = ctx.ot_link
     for attempt in (0, 1):
-        receiver = link.receiver(ctx)
+        receiver = link.receiver(ctx) if total else None  # a 0-bit comparison needs no OT (nor a link)
         with ctx.tracer.op("s1_ot"):
-            batch = receiver.extend(total) if total else None
+            batch = receiver.extend(total) if receiver else None
             leaves = n * k
             e = (b.reshape(-1) ^ batch.choices[:leaves]) if batch else np.zeros(0, dtype=np.uint8)
-            msg.meta.update({"ot_session": receiver.session, "ot_batch": batch.batch if batch else -1,
+            msg.meta.update({"ot_session": receiver.session if receiver else "", "ot_batch": batch.batch if batch else -1,
                              "ot_count": total})
             if batch:
                 msg.set_blob("ot_u", batch.u, 16, (len(batch.u) // 16,))
@@ -342,10 +342,10 @@ def s1_start(ctx: "S1Context", msg: Message, b_values: Sequence[int], k: int) ->
         try:
             reply = ctx.channel.request(START_STEP, msg)
             break
-        except UnknownOTSession:
-            link.forget(receiver)
-            if attempt:
+        except UnknownOTSession:  # S2 restarted, dropped the link, or the link served all its batches
+            if receiver is None or attempt:
                 raise
+            link.forget(receiver)
     ctx.count("ot", total)
     with ctx.tracer.op("s1_ot"):
         if batch:
