@@ -50,6 +50,7 @@ from gmpy2 import mpz
 from he_cnn.crypto.paillier import KAPPA
 from he_cnn.graph.layers import Cost, layer_from_spec, linear_siblings
 from he_cnn.protocols.common import slot_bits, slots_per_pack
+from he_cnn.protocols.millionaire import product_width, rot_count
 
 #: window of the shared-base exponentiation assumed by the bound (the engine's Straus window)
 WINDOW = 4
@@ -241,24 +242,30 @@ def layer_bound(entry: dict, spec: dict, layer, bits: int, prim: dict[str, float
         passes = cost.passes
         compared_bits = sum(m * (low + 1) for m, _, low in passes)
         packs = reveal_mults = 0
+        product_ots = 0
         for m, reveal_bits, low in passes:
             r1, r2, p, rm = _reveal(m, reveal_bits, bits, prim, kappa)
             product = low == reveal_bits  # a truncation pass needs no product, so no exponentiation
             exp_bits = reveal_bits + kappa + 2 if product else 0  # E(-e)^M
+            encryptions = 2  # E(-e), E(e d) or E(alpha - delta), E(delta)
+            if comparison == "ot" and product and product_width(reveal_bits, kappa):
+                product_ots += m * exp_bits  # e M by one OT per mask bit instead (millionaire.product_answer)
+                exp_bits, encryptions = 0, 1  # E(e d + R)
             s1 += r1 + m * (COMBINE_MULTS * mm + exp_bits * prim["exp_per_bit_nsq"])
-            s2 += r2 + m * 2 * 2 * mm  # two fresh encryptions: E(-e), E(e d) or E(alpha - delta), E(delta)
+            s2 += r2 + m * encryptions * 2 * mm
             packs, reveal_mults = packs + p, reveal_mults + rm
         replies = sum(2 * m for m, _, _ in passes)
         if comparison == "ot":  # per pass: rot_count random OTs (extension at both ends), their AND gates
-            from he_cnn.protocols.millionaire import rot_count
 
             compared_bits = sum(m * low for m, _, low in passes)
-            rots = sum(rot_count(m, low) for m, _, low in passes)
-            gates = (rots - compared_bits) // 2
+            circuit = sum(rot_count(m, low) for m, _, low in passes)
+            gates = (circuit - compared_bits) // 2
+            rots = circuit + product_ots
             s1 += rots * prim["ot_s1"] + gates * prim["and_gate"] / 2
             s2 += rots * prim["ot_s2"] + gates * prim["and_gate"] / 2
-            to_s2 = packs * ct_bytes + rots * 16 + (compared_bits + 2 * gates + 7) // 8
-            to_s1 = replies * ct_bytes + (2 * compared_bits + 2 * gates + 7) // 8
+            replies -= sum(m for m, rb, low in passes if low == rb and product_width(rb, kappa))
+            to_s2 = packs * ct_bytes + rots * 16 + (compared_bits + 2 * gates + product_ots + 7) // 8
+            to_s1 = replies * ct_bytes + (2 * compared_bits + 2 * gates + 7) // 8 + 32 * product_ots
             blind_exps = 0.0
         else:
             blind_exps = sum(m * blinded_positions(low) for m, _, low in passes)
@@ -278,6 +285,7 @@ def layer_bound(entry: dict, spec: dict, layer, bits: int, prim: dict[str, float
                   "mulmod_dgk": (1 + BIT_MULTS) * compared_bits * dgk,
                   "random_ots": rots if not dgk else 0,
                   "exp_bits_online": {k: v for m, rb, low in passes if low == rb
+                                      and not (not dgk and product_width(rb, kappa))
                                       for k, v in ((rb + kappa + 2, m),)}}
     elif layer.kind == "to_user":
         n = int(spec["num_classes"])

@@ -147,6 +147,37 @@ def test_s1_makes_a_new_link_when_s2_forgot_it(keys1024, key_cloud):
     assert ctx.channel.stats.steps["ot_base"].rounds == 2
 
 
+@pytest.mark.parametrize("bits", [1, 20, 37, 45])
+def test_relu_product_by_ot_or_by_exponentiation(keys1024, key_cloud, bits):
+    """The ReLU's product e M comes from bit OTs while the 128-bit pads hold it (masks up to 79 bits:
+    l <= 37 at kappa 40), else from S1's exponentiation E(-e)^M as with DGK; exact either way."""
+    ctx = ot_context(keys1024, key_cloud)
+    top = 2**bits - 1
+    x = np.array([v for v in [0, 1, -1, top, -top, -(2**bits), top // 2, -(top // 3)] + list(range(-5, 5))
+                  if -(2**bits) <= v < 2**bits], dtype=object)  # the declared range
+    out = comparison.secure_relu(ctx, EncryptedTensor.encrypt(keys1024.public, x), bits)
+    assert list(out.decrypt(keys1024.private)) == [max(int(v), 0) for v in x]
+    by_ot = millionaire.product_width(bits, ctx.kappa) is not None
+    assert by_ot == (bits <= 37)
+    assert ctx.ops.get("exp_short", 0) == (0 if by_ot else x.size)
+
+
+def test_the_product_answers_give_exactly_e_times_m():
+    rng = np.random.default_rng(5)
+    for l in (1, 24, 37):
+        width = millionaire.product_width(l, 40)
+        masks = [(1 << l) + int(v) for v in rng.integers(0, 2**min(l + 41, 62), 100)] + [(1 << l) + 2**(l + 41) - 1]
+        m_bits = millionaire.lsb_bits(masks, width)
+        n = len(masks)
+        c = ot.random_bits(n * width).reshape(n, width)
+        pads0, pads1 = (np.frombuffer(ot.os.urandom(n * width * 16), dtype=np.uint8).reshape(n, width, 16)
+                        for _ in range(2))
+        e = ot.random_bits(n)
+        answers, r_sums = millionaire.product_answer(pads0, pads1, m_bits ^ c, e)
+        sums = millionaire.product_sums(answers, m_bits, np.where(c[..., None] == 1, pads1, pads0))
+        assert [q - r for q, r in zip(sums, r_sums)] == [int(ei) * m for ei, m in zip(e, masks)]
+
+
 def test_a_link_that_served_its_batches_is_renewed(keys1024, key_cloud, monkeypatch):
     """S2 keeps a bounded record of used batches per link: past MAX_LINK_BATCHES it refuses the link as
     unknown, and S1 makes a new one without the caller noticing."""
@@ -192,7 +223,8 @@ def ot_view(key_cloud, keys1024, x, bits, repeats=3):
 
 
 def test_what_s2_sees_of_the_ot_is_uniform_and_independent_of_the_input(keys1024, key_cloud):
-    """S2's view of the OT comparison (u, e, S1's openings, its share of the carry) is fair coins, the
+    """S2's view of the OT comparison (u, e, the product OTs' corrections M_j xor c, S1's openings, its
+    share of the carry) is fair coins, the
     same for an all-zero tensor and a tensor of extremes, and fresh for every run of the same input."""
     bits = 12
     rng = np.random.default_rng(3)
@@ -200,7 +232,7 @@ def test_what_s2_sees_of_the_ot_is_uniform_and_independent_of_the_input(keys1024
     extremes = np.array([int(v) for v in rng.choice([-(2**bits), 2**bits - 1], 400)], dtype=object)
     view_zeros, view_extremes = ot_view(key_cloud, keys1024, zeros, bits), ot_view(key_cloud, keys1024, extremes, bits)
     p = {}
-    for step in ("ot_u", "ot_e", "ot_open", "ot_delta"):
+    for step in ("ot_u", "ot_e", "ot_m", "ot_open", "ot_delta"):
         for name, views in (("zeros", view_zeros), ("extremes", view_extremes)):
             for i, view in enumerate(views):
                 seen = view[step]
@@ -212,9 +244,9 @@ def test_what_s2_sees_of_the_ot_is_uniform_and_independent_of_the_input(keys1024
         a, b = view_zeros[0][step], view_extremes[0][step]
         table = [[int((a == 0).sum()), int((a == 1).sum())], [int((b == 0).sum()), int((b == 1).sum())]]
         p[f"{step} zeros vs extremes"] = stats.chi2_contingency(table).pvalue
-    # one family of 36 tests: an honest run fails with probability < P_THRESHOLD (Bonferroni)
+    # one family of 45 tests: an honest run fails with probability < P_THRESHOLD (Bonferroni)
     failed = {name: v for name, v in p.items() if v <= P_THRESHOLD / len(p)}
-    assert len(p) == 36 and not failed, failed
+    assert len(p) == 45 and not failed, failed
 
 
 def test_the_ot_uniformity_test_has_power():

@@ -161,21 +161,22 @@ SLICE = 1 << 16
 
 
 def _hashed(columns: np.ndarray, batch: int, xor_row: np.ndarray | None = None) -> list[np.ndarray]:
-    """tccr_bits of every row of the (128, m/8) columns, and with ``xor_row`` also of every row xored
+    """tccr_blocks of every row of the (128, m/8) columns, and with ``xor_row`` also of every row xored
     with it; slice by slice, so that the transposition's memory stays bounded whatever m is."""
     m = columns.shape[1] * 8
-    outs = [np.empty(m, dtype=np.uint8) for _ in range(1 if xor_row is None else 2)]
+    outs = [np.empty((m, 16), dtype=np.uint8) for _ in range(1 if xor_row is None else 2)]
     for start in range(0, m, SLICE):
         rows = _transpose(columns[:, start // 8:(start + SLICE) // 8])
-        outs[0][start:start + rows.shape[0]] = tccr_bits(rows, batch, start)
+        outs[0][start:start + rows.shape[0]] = tccr_blocks(rows, batch, start)
         if xor_row is not None:
-            outs[1][start:start + rows.shape[0]] = tccr_bits(rows ^ xor_row[None, :], batch, start)
+            outs[1][start:start + rows.shape[0]] = tccr_blocks(rows ^ xor_row[None, :], batch, start)
     return outs
 
 
-def tccr_bits(rows: np.ndarray, batch: int, start: int = 0) -> np.ndarray:
-    """The low bit of H(j, row_j) = pi(pi(x) xor j) xor pi(x) for each 16-byte row, row j of the batch
-    being ``rows[j - start]`` (the tweak j = (batch, index in the batch) is unique per link)."""
+def tccr_blocks(rows: np.ndarray, batch: int, start: int = 0) -> np.ndarray:
+    """H(j, row_j) = pi(pi(x) xor j) xor pi(x), 16 bytes, for each 16-byte row, row j of the batch
+    being ``rows[j - start]`` (the tweak j = (batch, index in the batch) is unique per link). A random
+    OT's bit is the low bit of its block; a whole block is a 128-bit pad (:func:`low_bits`)."""
     m = rows.shape[0]
     pi = Cipher(algorithms.AES(_PI_KEY), modes.ECB()).encryptor()
     first = np.frombuffer(pi.update(np.ascontiguousarray(rows).tobytes()), dtype=np.uint8).reshape(m, 16)
@@ -184,18 +185,28 @@ def tccr_bits(rows: np.ndarray, batch: int, start: int = 0) -> np.ndarray:
     tweak[:, 1] = np.arange(start, start + m, dtype=np.uint64)
     second = np.frombuffer(pi.update((first ^ tweak.view(np.uint8).reshape(m, 16)).tobytes()),
                            dtype=np.uint8).reshape(m, 16)
-    return (second[:, 15] ^ first[:, 15]) & 1
+    return second ^ first
+
+
+def low_bits(blocks: np.ndarray) -> np.ndarray:
+    """The OT bit of each hash block (its last byte's low bit)."""
+    return blocks[:, 15] & 1
 
 
 @dataclass
 class ReceiverBatch:
-    """S1's outputs of one batch: the message ``u`` for S2, the choice bits c and the chosen bits x_c."""
+    """S1's outputs of one batch: the message ``u`` for S2, the choice bits c, and for each OT the
+    chosen block x_c (``pads``, 16 bytes) and its bit (``chosen``)."""
 
     batch: int
     count: int
     u: bytes
     choices: np.ndarray
-    chosen: np.ndarray
+    pads: np.ndarray
+
+    @property
+    def chosen(self) -> np.ndarray:
+        return low_bits(self.pads)
 
 
 @dataclass
@@ -216,8 +227,8 @@ class OTReceiver:
         c = random_bits(m)
         t = _columns([k0 for k0, _ in self.keys], batch, m)
         u = t ^ _columns([k1 for _, k1 in self.keys], batch, m) ^ np.packbits(c)
-        (chosen,) = _hashed(t, batch)
-        return ReceiverBatch(batch, count, u.tobytes(), c[:count], chosen[:count])
+        (pads,) = _hashed(t, batch)
+        return ReceiverBatch(batch, count, u.tobytes(), c[:count], pads[:count])
 
 
 @dataclass
@@ -231,6 +242,11 @@ class OTSender:
 
     def extend(self, batch: int, count: int, u: bytes) -> tuple[np.ndarray, np.ndarray]:
         """(x_0, x_1), ``count`` bits each, for S1's message ``u`` of batch ``batch``."""
+        x0, x1 = self.extend_pads(batch, count, u)
+        return low_bits(x0), low_bits(x1)
+
+    def extend_pads(self, batch: int, count: int, u: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """(x_0, x_1) as whole hash blocks, (count, 16) bytes each (the bits are their low bits)."""
         if not 0 < count <= MAX_BATCH or not 0 <= batch < 1 << 62:
             raise ProtocolError(f"OT batch {batch} of {count} OTs is out of range (at most {MAX_BATCH})")
         m = padded(count)

@@ -92,21 +92,28 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool, lo
     n = xf.size
     msg, masks = masked_reveal(ctx, "d", xf, l)
     msg.meta["low"] = k
+    sums = None
     if ctx.comparison == "ot":
-        reply2, signs = _ot_carry(ctx, msg, masks, k, product)
+        reply2, signs, sums = _ot_carry(ctx, msg, masks, l, k, product)
     else:
         reply2, signs = _dgk_carry(ctx, msg, masks, n, l, k, product)
 
     pk = ctx.public_key
     with ctx.tracer.op("s1_validate"):
-        columns = [read_ciphertexts(pk, reply2, f, (n,)).data for f in reply_fields(l, k, product)]
+        fields = ["e_x"] if sums is not None else reply_fields(l, k, product)
+        columns = [read_ciphertexts(pk, reply2, f, (n,)).data for f in fields]
     if product:
         columns.append(xf.data)
-    calls = [(pk.n, pk.nsq, l, k, [list(c[r.start:r.stop]) for c in columns], masks[r.start:r.stop],
-              signs[r.start:r.stop]) for r in ctx.workers.chunks(n, minimum=8)]
-    results = [c for part in ctx.workers.map(_finish_chunk, calls) for c in part]
-    if product:
-        ctx.count("exp_short", n)
+    if sums is not None:  # the product's e M came by OT: no exponentiation (millionaire.product_answer)
+        calls = [(pk.n, pk.nsq, l, [list(c[r.start:r.stop]) for c in columns], masks[r.start:r.stop],
+                  signs[r.start:r.stop], sums[r.start:r.stop]) for r in ctx.workers.chunks(n, minimum=8)]
+        results = [c for part in ctx.workers.map(_finish_product_chunk, calls) for c in part]
+    else:
+        calls = [(pk.n, pk.nsq, l, k, [list(c[r.start:r.stop]) for c in columns], masks[r.start:r.stop],
+                  signs[r.start:r.stop]) for r in ctx.workers.chunks(n, minimum=8)]
+        results = [c for part in ctx.workers.map(_finish_chunk, calls) for c in part]
+        if product:
+            ctx.count("exp_short", n)
     return EncryptedTensor(pk, object_array(results, n)).reshape(shape)
 
 
@@ -137,16 +144,40 @@ def _dgk_carry(ctx: S1Context, msg: Message, masks: list[int], n: int, l: int, k
     return ctx.channel.request(ZERO_STEP, msg2), signs
 
 
-def _ot_carry(ctx: S1Context, msg: Message, masks: list[int], k: int, product: bool) -> tuple[Message, list[int]]:
-    """Steps 2-4 on oblivious transfer (:mod:`~he_cnn.protocols.millionaire`): S2's final reply, and
-    S1's XOR share of the carry as the signs of :func:`_finish_chunk` (s = -1 where the share is 1:
-    S2's delta is then 1 - carry, as with DGK)."""
+def _ot_carry(ctx: S1Context, msg: Message, masks: list[int], l: int, k: int, product: bool
+              ) -> tuple[Message, list[int], list[int] | None]:
+    """Steps 2-4 on oblivious transfer (:mod:`~he_cnn.protocols.millionaire`): S2's final reply, S1's
+    XOR share of the carry as the signs of :func:`_finish_chunk` (s = -1 where the share is 1: S2's
+    delta is then 1 - carry, as with DGK), and for a product (masks up to 79 bits) the sums
+    Q = R + e M of the product OTs (then S2's reply is E(e d + R): :func:`_finish_product_chunk`)."""
     msg.meta["product"] = product
     low = (1 << k) - 1
-    reply, state = millionaire.s1_start(ctx, msg, [m & low for m in masks], k)  # M mod 2^k = r mod 2^k (k <= l)
+    width = millionaire.product_width(l, ctx.kappa) if product else None
+    m_bits = millionaire.lsb_bits(masks, width) if width else None
+    reply, state, own = millionaire.s1_start(ctx, msg, [m & low for m in masks], k, m_bits)  # M mod 2^k = r mod 2^k
     final, share = millionaire.s1_finish(ctx, reply, state)
     ctx.count("ot_bit", len(masks) * k)
-    return final, [-1 if v else 1 for v in share.tolist()]
+    sums = None
+    if own is not None:
+        with ctx.tracer.op("s1_ot"):
+            n = len(masks)
+            data = final.payload("ot_p")
+            if len(data) != 2 * n * width * 16:
+                raise ProtocolError(f"product answers of {len(data)} bytes: expected {2 * n * width * 16}")
+            answers = np.frombuffer(data, dtype=np.uint8).reshape(2, n, width, 16)
+            sums = millionaire.product_sums(answers, own.m_bits, own.pads)
+    return final, [-1 if v else 1 for v in share.tolist()], sums
+
+
+def _finish_product_chunk(n: mpz, nsq: mpz, l: int, columns: list[list[mpz]], masks: list[int], signs: list[int],
+                          sums: list[int]) -> list[mpz]:
+    """S1's step 5 for a product whose e M came by OT: E(e x) = E(e d + R) E(-Q) with Q = R + e M
+    (one plaintext multiplication), then x t = e x (f = 0) or x - e x (f = 1, one batched inversion)."""
+    e_x, x = columns
+    flips = [((m >> l) - 1) & 1 ^ (s == -1) for m, s in zip(masks, signs)]
+    w = [c * ((1 + (-q) % n * n) % nsq) % nsq for c, q in zip(e_x, sums)]
+    inverted = iter(batch_invert([wi for wi, f in zip(w, flips) if f], nsq))
+    return [xi * next(inverted) % nsq if f else wi for wi, xi, f in zip(w, x, flips)]
 
 
 def reply_fields(l: int, k: int, product: bool) -> list[str]:
@@ -347,11 +378,12 @@ def s2_compare_ot(cloud: "KeyCloud", msg: Message) -> Message:
     link = millionaire.s2_link(cloud, msg.get("ot_session", str)) if msg.get("ot_count", int) else None
     d, l = read_revealed(cloud, msg, "d")
     k, product = msg.get("low", int), msg.get("product", bool)
+    width = millionaire.product_width(l, msg.get("kappa", int)) if product else None
     if not 0 <= k <= l or (product and k != l):
         raise ProtocolError(f"cannot compare the low {k} bits of {l}-bit values{' with the product' if product else ''}")
     if k > millionaire.MAX_BITS:
         raise BoundExceeded(f"comparison of {k}-bit values exceeds the OT comparison's limit of {millionaire.MAX_BITS} bits")
-    reply, cmp = millionaire.s2_start(cloud, msg, link, d, l, k, product)
+    reply, cmp = millionaire.s2_start(cloud, msg, link, d, l, k, product, width)
     return _ot_reply(cloud, reply, cmp)
 
 
@@ -367,7 +399,14 @@ def _ot_reply(cloud: "KeyCloud", reply: Message, cmp: "millionaire.S2Comparison"
         return reply
     delta = cmp.state.result().tolist()
     cloud.observe("ot_delta", delta, 1, 0)
-    final = _result_reply(cloud, cmp.d, cmp.l, cmp.k, cmp.product, delta)
+    if cmp.pads is not None:  # the product by OT: E(e d + R) and the answers that give S1 Q = R + e M
+        with cloud.tracer.op("s2_ot"):
+            e = np.array([(di >> cmp.l) & 1 ^ dl for di, dl in zip(cmp.d, delta)], dtype=np.uint8)
+            answers, r_sums = millionaire.product_answer(*cmp.pads, cmp.corrections, e)
+        final = encrypted_reply(cloud, {"e_x": [int(ei) * di + r for ei, di, r in zip(e.tolist(), cmp.d, r_sums)]})
+        final.set_blob("ot_p", answers.tobytes(), 16, (answers.size // 16,))
+    else:
+        final = _result_reply(cloud, cmp.d, cmp.l, cmp.k, cmp.product, delta)
     final.meta.update(reply.meta, final=True)
     final.blobs.update(reply.blobs)
     final.widths.update(reply.widths)

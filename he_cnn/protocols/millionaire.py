@@ -99,6 +99,80 @@ def bit_matrix(values: Sequence[int], k: int) -> np.ndarray:
     return np.array([[(int(x) >> (k - 1 - j)) & 1 for j in range(k)] for x in values], dtype=np.uint8).reshape(n, k)
 
 
+# -- the product's bit OTs: e * M without an exponentiation -------------------------------------------
+
+#: bits of slack in the product pads' masks rho_j < 2^(j + PRODUCT_SLACK): each term hides its bit
+#: product with statistical distance <= 2^-48, a whole element's (at most 79 terms) < 2^-41
+PRODUCT_SLACK = 48
+_LOW64 = (1 << 64) - 1
+
+
+def product_width(l: int, kappa: int) -> int | None:
+    """Bits of the masks M = 2^l + r (r < 2^(l+1+kappa)) whose product with S2's bit e the product OTs
+    carry, or None when rho_j + 2^j would not fit a 128-bit pad (then S1 exponentiates instead)."""
+    width = l + kappa + 2
+    return width if width + PRODUCT_SLACK + 1 <= 128 else None
+
+
+def lsb_bits(values: Sequence[int], width: int) -> np.ndarray:
+    """(n, width) uint8: bit j of each value in column j (least significant first), width <= 128."""
+    lo = np.fromiter((int(v) & _LOW64 for v in values), dtype=np.uint64, count=len(values))
+    hi = np.fromiter((int(v) >> 64 for v in values), dtype=np.uint64, count=len(values))
+    j = np.arange(width, dtype=np.uint64)
+    low = (lo[:, None] >> np.minimum(j, 63)[None, :]) & np.uint64(1)
+    high = (hi[:, None] >> np.where(j >= 64, j - 64, 0)[None, :]) & np.uint64(1)
+    return np.where(j[None, :] < 64, low, high).astype(np.uint8)
+
+
+def _blocks(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """(..., 16) big-endian bytes of the 128-bit values hi * 2^64 + lo."""
+    def be(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a, dtype=">u8").view(np.uint8).reshape(a.shape + (8,))
+
+    return np.concatenate([be(hi), be(lo)], axis=-1)
+
+
+def _words(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    words = np.ascontiguousarray(blocks, dtype=np.uint8).view(">u8").astype(np.uint64)  # (..., 2)
+    return words[..., 0], words[..., 1]
+
+
+def _row_sums(hi: np.ndarray, lo: np.ndarray) -> list[int]:
+    """Exact sum over axis 1 of (n, w) 128-bit values (w < 2^31): 32-bit limbs summed in 64 bits."""
+    m32 = np.uint64(0xFFFFFFFF)
+    limbs = [(lo & m32).sum(axis=1), (lo >> np.uint64(32)).sum(axis=1),
+             (hi & m32).sum(axis=1), (hi >> np.uint64(32)).sum(axis=1)]
+    return [int(a) + (int(b) << 32) + (int(c) << 64) + (int(d) << 96) for a, b, c, d in zip(*limbs)]
+
+
+def product_answer(pads0: np.ndarray, pads1: np.ndarray, corrections: np.ndarray, e: np.ndarray
+                   ) -> tuple[np.ndarray, list[int]]:
+    """S2: the product OTs' answers y_v = P_(v xor w) xor (rho_j + v e 2^j), shape (2, n, w, 16), and
+    R = sum_j rho_j per element (S1 unmasks Q = R + e M)."""
+    n, width = corrections.shape
+    words = np.frombuffer(ot.os.urandom(n * width * 16), dtype=">u8").astype(np.uint64).reshape(n, width, 2)
+    bits = [j + PRODUCT_SLACK for j in range(width)]  # rho_j < 2^bits, bits <= 127
+    lo_mask = np.array([_LOW64 if b >= 64 else (1 << b) - 1 for b in bits], dtype=np.uint64)
+    hi_mask = np.array([(1 << (b - 64)) - 1 if b >= 64 else 0 for b in bits], dtype=np.uint64)
+    hi, lo = words[..., 0] & hi_mask, words[..., 1] & lo_mask
+    ev = e[:, None].astype(np.uint64)
+    add_lo = np.array([1 << j if j < 64 else 0 for j in range(width)], dtype=np.uint64)[None, :] * ev
+    add_hi = np.array([1 << (j - 64) if j >= 64 else 0 for j in range(width)], dtype=np.uint64)[None, :] * ev
+    lo1 = lo + add_lo
+    hi1 = hi + add_hi + (lo1 < lo).astype(np.uint64)
+    w = corrections[..., None] == 1
+    y0 = np.where(w, pads1, pads0) ^ _blocks(hi, lo)
+    y1 = np.where(w, pads0, pads1) ^ _blocks(hi1, lo1)
+    return np.stack([y0, y1]), _row_sums(hi, lo)
+
+
+def product_sums(answers: np.ndarray, m_bits: np.ndarray, pads: np.ndarray) -> list[int]:
+    """S1: Q = sum_j (rho_j + M_j e 2^j) per element, from S2's answers (2, n, w, 16), its mask bits
+    M_j (n, w) and its chosen pads x_c (n, w, 16)."""
+    chosen = np.where(m_bits[..., None] == 1, answers[1], answers[0]) ^ pads
+    return _row_sums(*_words(chosen))
+
+
 # -- triples and the AND levels ---------------------------------------------------------------------
 
 def receiver_triples(choices: np.ndarray, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -321,12 +395,23 @@ def s2_link(cloud: "KeyCloud", session: str) -> ot.OTSender:
 
 # -- the comparison's rounds ------------------------------------------------------------------------
 
-def s1_start(ctx: "S1Context", msg: Message, b_values: Sequence[int], k: int) -> tuple[Message, CircuitState]:
+@dataclass
+class S1Product:
+    """S1's part of the product OTs of one comparison: its mask bits and its chosen pads."""
+
+    m_bits: np.ndarray  # (n, w)
+    pads: np.ndarray  # (n, w, 16)
+
+
+def s1_start(ctx: "S1Context", msg: Message, b_values: Sequence[int], k: int,
+             m_bits: np.ndarray | None = None) -> tuple[Message, CircuitState, S1Product | None]:
     """Add the OT fields to the comparison's first request (the reveal ``msg``) and send it; returns
-    S2's reply and S1's circuit state with its leaf shares."""
+    S2's reply, S1's circuit state with its leaf shares, and, when ``m_bits`` (the bits of S1's masks,
+    :func:`lsb_bits`) are given, its part of the product OTs (:func:`product_answer`)."""
     n = len(b_values)
     b = bit_matrix(b_values, k)
-    total = rot_count(n, k)
+    circuit = rot_count(n, k)
+    total = circuit + (m_bits.size if m_bits is not None else 0)
     link = ctx.ot_link
     for attempt in (0, 1):
         receiver = link.receiver(ctx) if total else None  # a 0-bit comparison needs no OT (nor a link)
@@ -339,6 +424,8 @@ def s1_start(ctx: "S1Context", msg: Message, b_values: Sequence[int], k: int) ->
             if batch:
                 msg.set_blob("ot_u", batch.u, 16, (len(batch.u) // 16,))
             set_bits(msg, "ot_e", e)
+            if m_bits is not None:  # the product OTs' choices: S1's mask bits, derandomised
+                set_bits(msg, "ot_m", m_bits.reshape(-1) ^ batch.choices[circuit:])
         try:
             reply = ctx.channel.request(START_STEP, msg)
             break
@@ -351,12 +438,13 @@ def s1_start(ctx: "S1Context", msg: Message, b_values: Sequence[int], k: int) ->
         if batch:
             y = read_bits(reply, "ot_y", 2 * leaves).reshape(2, n, k)
             lt = np.where(b == 1, y[1], y[0]) ^ batch.chosen[:leaves].reshape(n, k)
-            triples = receiver_triples(batch.choices[leaves:], batch.chosen[leaves:])
+            triples = receiver_triples(batch.choices[leaves:circuit], batch.chosen[leaves:circuit])
         else:
             lt = np.zeros((n, k), dtype=np.uint8)
             triples = (np.zeros(0, dtype=np.uint8),) * 3
         state = CircuitState(0, lt, b, triples, level_widths(k))
-    return reply, state
+        product = S1Product(m_bits, batch.pads[circuit:].reshape(m_bits.shape + (16,))) if m_bits is not None else None
+    return reply, state, product
 
 
 def s1_finish(ctx: "S1Context", reply: Message, state: CircuitState) -> tuple[Message, np.ndarray]:
@@ -379,24 +467,30 @@ def s1_finish(ctx: "S1Context", reply: Message, state: CircuitState) -> tuple[Me
 
 @dataclass
 class S2Comparison:
-    """What S2 keeps under a ticket between the rounds of one comparison."""
+    """What S2 keeps under a ticket between the rounds of one comparison; ``pads`` (x_0, x_1 of the
+    product OTs, (n, w, 16) each) and ``corrections`` (S1's M_j xor c, (n, w)) for a product by OT."""
 
     d: list[int]
     l: int
     k: int
     product: bool
     state: CircuitState
+    pads: tuple[np.ndarray, np.ndarray] | None = None
+    corrections: np.ndarray | None = None
 
 
 def s2_start(cloud: "KeyCloud", msg: Message, link: ot.OTSender | None, d: list[int], l: int, k: int,
-             product: bool) -> tuple[Message, S2Comparison]:
+             product: bool, width: int | None = None) -> tuple[Message, S2Comparison]:
     """S2's answer to the first request, on the OT link ``link`` (looked up before the reveal was
     decrypted; None when the comparison needs no OT): leaf messages and its first openings (or, for
-    k <= 1, nothing more: the caller adds the final fields)."""
+    k <= 1, nothing more: the caller adds the final fields). ``width``: the product OTs' bits per
+    element (:func:`product_width`), None without them."""
     n = len(d)
     total = msg.get("ot_count", int)
-    if total != rot_count(n, k):
-        raise ProtocolError(f"{total} OTs for {n} comparisons of {k} bits: expected {rot_count(n, k)}")
+    circuit = rot_count(n, k)
+    expected = circuit + (n * width if width else 0)
+    if total != expected:
+        raise ProtocolError(f"{total} OTs for {n} comparisons of {k} bits: expected {expected}")
     leaves = n * k
     a = bit_matrix(d, k)
     e = read_bits(msg, "ot_e", leaves).reshape(n, k)
@@ -408,7 +502,8 @@ def s2_start(cloud: "KeyCloud", msg: Message, link: ot.OTSender | None, d: list[
                 raise ProtocolError("an OT comparison without its OT link")
             u = msg.payload("ot_u")
             cloud.observe("ot_u", np.unpackbits(np.frombuffer(u[:512], dtype=np.uint8)).tolist(), 1, 0)
-            x0, x1 = link.extend(msg.get("ot_batch", int), total, u)
+            pads0, pads1 = link.extend_pads(msg.get("ot_batch", int), total, u)
+            x0, x1 = ot.low_bits(pads0[:circuit]), ot.low_bits(pads1[:circuit])
             lx0, lx1 = x0[:leaves].reshape(n, k), x1[:leaves].reshape(n, k)
             sigma = ot.random_bits(leaves).reshape(n, k)
             not_a = 1 ^ a
@@ -421,7 +516,13 @@ def s2_start(cloud: "KeyCloud", msg: Message, link: ot.OTSender | None, d: list[
             triples = (np.zeros(0, dtype=np.uint8),) * 3
         state = CircuitState(1, sigma, 1 ^ a, triples, level_widths(k))
         set_openings(reply, [] if state.done else [state.open()])
-    return reply, S2Comparison(d, l, k, product, state)
+        cmp = S2Comparison(d, l, k, product, state)
+        if width:
+            cmp.corrections = read_bits(msg, "ot_m", n * width).reshape(n, width)
+            cloud.observe("ot_m", cmp.corrections.reshape(-1).tolist(), 1, 0)
+            shape = (n, width, 16)
+            cmp.pads = (pads0[circuit:].reshape(shape), pads1[circuit:].reshape(shape))
+    return reply, cmp
 
 
 def s2_level(cloud: "KeyCloud", msg: Message, cmp: S2Comparison) -> Message:
