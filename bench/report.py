@@ -742,12 +742,13 @@ def _why(results: dict) -> list[str]:
             "shared value, i.e. correlated OTs in both directions (a second IKNP instance with S2 as the receiver): "
             "the next step for this protocol;",
             f"*S1's finishing step* (`s1_other` {ops.get('s1_other', 0):.1f} s, `s1_combine` {ops.get('s1_combine', 0):.1f} s): "
-            "one exponentiation E(-e)^M by the (l + kappa + 2)-bit mask per ReLU or max element (4,992 per image) and "
-            "batched inversions; the product of S2's bit e and S1's mask M could come from one correlated OT with S2 "
-            "as the chooser instead (the same second OT direction);",
-            f"*the OT part itself* (`s1_ot` + `s2_ot`, {ot_secs:.2f} s for {bits_compared:,} compared bits, extension "
-            f"and circuit at both clouds) is {ot_secs / online:.0%} of the query: the comparison's per-bit public-key "
-            "work (DGK: a zero test, a blinding exponentiation and a randomizer at each cloud per bit) is gone;",
+            "batched inversions and one plaintext multiplication per ReLU or max element; the product of S2's bit e "
+            "and S1's mask M comes from one random OT per mask bit (no exponentiation E(-e)^M, one encryption at S2 "
+            "instead of two), counted in the OT part below;",
+            f"*the OT part itself* (`s1_ot` + `s2_ot`, {ot_secs:.2f} s for {bits_compared:,} compared bits and the "
+            f"products' mask bits, extension, circuit and product answers at both clouds) is {ot_secs / online:.0%} of the "
+            "query: the comparison's per-bit public-key work (DGK: a zero test, a blinding exponentiation and a "
+            "randomizer at each cloud per bit) is gone;",
             f"*the linear layers*: cross terms SIMD-packed (k positions per exponentiation, Straus split over the "
             f"workers), sibling layers share one reveal of their input: all 12 take {lin:.1f} s online (bound "
             f"{lin_bound:.1f} s); their offline term A_cols (K + B) is the largest part of the offline phase.",
