@@ -655,7 +655,7 @@ _DRAWS: dict[tuple[int, str], int] = {}
 class WorkerFiller:
     """The service's pool filling (:class:`he_cnn.servers.pools.PoolFiller`, busy mode) for the in-process
     throughput run: while queries run, a thread keeps each pool above ``watermark`` values by chunks
-    computed in the worker processes (:func:`~he_cnn.crypto.paillier.pool_values`), on at most half
+    computed in the worker processes (:meth:`~he_cnn.crypto.paillier.RandomnessPool.fill_on`), on at most half
     the workers, so the offline randomness is paid inside the measured wall time, where the service
     pays it, and not by the query threads' GIL."""
 
@@ -672,8 +672,6 @@ class WorkerFiller:
             self._thread.start()
 
     def _run(self) -> None:
-        from he_cnn.crypto.paillier import pool_values
-
         tasks = max(1, self.workers.count // 2)
         while not self._stop.is_set():
             low = [p for p in self.pools if len(p) < self.watermark]
@@ -681,10 +679,7 @@ class WorkerFiller:
                 self._stop.wait(0.02)
                 continue
             for pool in low:
-                recipe = pool.recipe()
-                futures = [self.workers.submit(pool_values, recipe, self.CHUNK) for _ in range(tasks)]
-                for future in futures:
-                    pool.extend(recipe.unpack(future.result()))
+                pool.fill_on(self.workers, pool.recipe(), tasks, self.CHUNK)
 
     def stop(self) -> None:
         self._stop.set()

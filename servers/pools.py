@@ -53,7 +53,7 @@ from typing import Callable, Sequence, Union
 
 from flask import Flask, request
 
-from he_cnn.crypto.paillier import RandomnessPool, pool_values
+from he_cnn.crypto.paillier import RandomnessPool
 from he_cnn.parallel import INLINE, Workers
 
 #: one 2048-bit ICNN query with the DGK comparison draws ~123,000 DGK randomizers at each cloud,
@@ -257,13 +257,7 @@ class PoolFiller:
         # at least CHUNK values per task: a small pool (a user key's 64) goes to one worker, not one table
         # build per worker for a few values each
         per = max(1, min(chunk, max(CHUNK, -(-missing // tasks))))
-        futures = [self.workers.submit(pool_values, recipe, per) for _ in range(min(tasks, -(-missing // per)))]
-        added = 0
-        for future in futures:
-            values = recipe.unpack(future.result())
-            pool.extend(values)
-            added += len(values)
-        return added
+        return pool.fill_on(self.workers, recipe, min(tasks, -(-missing // per)), per)
 
     def shutdown(self) -> None:
         self._stop.set()

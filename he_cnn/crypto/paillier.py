@@ -21,13 +21,16 @@ import secrets
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import gmpy2
 import phe
 from gmpy2 import mpz
 
 from he_cnn.errors import EncodingOverflow, HECNNError, InvalidCiphertext, KeyMismatch
+
+if TYPE_CHECKING:
+    from he_cnn.parallel import Workers
 
 DEFAULT_KEY_BITS = 2048
 MIN_KEY_BITS = 1024
@@ -214,6 +217,17 @@ class RandomnessPool:
     def extend(self, values: Iterable[Any]) -> None:
         """Append values computed elsewhere (from :func:`pool_values` through :meth:`PoolRecipe.unpack`)."""
         self._ready.extend(values)
+
+    def fill_on(self, workers: "Workers", recipe: PoolRecipe, tasks: int, per: int) -> int:
+        """Append ``tasks`` chunks of ``per`` values computed in ``workers``' processes from ``recipe``
+        (this pool's :meth:`recipe`); how many were added."""
+        futures = [workers.submit(pool_values, recipe, per) for _ in range(tasks)]
+        added = 0
+        for future in futures:
+            values = recipe.unpack(future.result())
+            self.extend(values)
+            added += len(values)
+        return added
 
     def __len__(self) -> int:
         return len(self._ready)

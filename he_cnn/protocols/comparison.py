@@ -174,10 +174,19 @@ def _finish_product_chunk(n: mpz, nsq: mpz, l: int, columns: list[list[mpz]], ma
     """S1's step 5 for a product whose e M came by OT: E(e x) = E(e d + R) E(-Q) with Q = R + e M
     (one plaintext multiplication), then x t = e x (f = 0) or x - e x (f = 1, one batched inversion)."""
     e_x, x = columns
-    flips = [((m >> l) - 1) & 1 ^ (s == -1) for m, s in zip(masks, signs)]
     w = [c * ((1 + (-q) % n * n) % nsq) % nsq for c, q in zip(e_x, sums)]
-    inverted = iter(batch_invert([wi for wi, f in zip(w, flips) if f], nsq))
-    return [xi * next(inverted) % nsq if f else wi for wi, xi, f in zip(w, x, flips)]
+    return _select_product(nsq, w, x, _flips(l, masks, signs))
+
+
+def _flips(l: int, masks: list[int], signs: list[int]) -> list[int]:
+    """S1's bit f per element, t = e xor f: (floor(r / 2^l) mod 2) xor [s = -1], with M = 2^l + r."""
+    return [((m >> l) - 1) & 1 ^ (s == -1) for m, s in zip(masks, signs)]
+
+
+def _select_product(nsq: mpz, ex: list[mpz], x: list[mpz], flips: list[int]) -> list[mpz]:
+    """E(x t) from E(e x): itself where f = 0 (t = e), E(x) E(e x)^-1 where f = 1 (one batched inversion)."""
+    inverted = iter(batch_invert([c for c, f in zip(ex, flips) if f], nsq))
+    return [xi * next(inverted) % nsq if f else c for c, xi, f in zip(ex, x, flips)]
 
 
 def reply_fields(l: int, k: int, product: bool) -> list[str]:
@@ -207,15 +216,14 @@ def _finish_chunk(n: mpz, nsq: mpz, l: int, k: int, columns: list[list[mpz]], ma
             else:
                 out.append(a_d * delta % nsq * delta % nsq * plain(-r_high - 1) % nsq)
         return out
-    flips = [((m >> l) - 1) & 1 ^ (s == -1) for m, s in zip(masks, signs)]
+    flips = _flips(l, masks, signs)
     if len(columns) == 1:  # t alone: E(e) = E(-e)^-1 or E(1 - e) = E(1) E(-e)
         neg_e = columns[0]
         inverted = iter(batch_invert([c for c, f in zip(neg_e, flips) if not f], nsq))
         return [c * (1 + n) % nsq if f else next(inverted) for c, f in zip(neg_e, flips)]
     neg_e, e_d, x = columns
     w = [ed * gmpy2.powmod(ne, m, nsq) % nsq for ne, ed, m in zip(neg_e, e_d, masks)]  # E(e d - e M)
-    inverted = iter(batch_invert([wi for wi, f in zip(w, flips) if f], nsq))
-    return [xi * next(inverted) % nsq if f else wi for wi, xi, f in zip(w, x, flips)]
+    return _select_product(nsq, w, x, flips)
 
 
 def blind_bit_comparisons(dgk: DGKPublicKey, enc_bits: np.ndarray, r_low: list[int], signs: list[int],

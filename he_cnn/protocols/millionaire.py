@@ -88,15 +88,7 @@ def requests_needed(k: int) -> int:
 
 def bit_matrix(values: Sequence[int], k: int) -> np.ndarray:
     """(n, k) uint8: the low k bits of each value, most significant first."""
-    n = len(values)
-    if k == 0:
-        return np.zeros((n, 0), dtype=np.uint8)
-    if k <= 63:
-        low = (1 << k) - 1
-        v = np.fromiter((int(x) & low for x in values), dtype=np.uint64, count=n)
-        shifts = np.arange(k - 1, -1, -1, dtype=np.uint64)
-        return ((v[:, None] >> shifts[None, :]) & np.uint64(1)).astype(np.uint8)
-    return np.array([[(int(x) >> (k - 1 - j)) & 1 for j in range(k)] for x in values], dtype=np.uint8).reshape(n, k)
+    return np.ascontiguousarray(lsb_bits(values, k)[:, ::-1])
 
 
 # -- the product's bit OTs: e * M without an exponentiation -------------------------------------------
@@ -115,13 +107,14 @@ def product_width(l: int, kappa: int) -> int | None:
 
 
 def lsb_bits(values: Sequence[int], width: int) -> np.ndarray:
-    """(n, width) uint8: bit j of each value in column j (least significant first), width <= 128."""
-    lo = np.fromiter((int(v) & _LOW64 for v in values), dtype=np.uint64, count=len(values))
-    hi = np.fromiter((int(v) >> 64 for v in values), dtype=np.uint64, count=len(values))
-    j = np.arange(width, dtype=np.uint64)
-    low = (lo[:, None] >> np.minimum(j, 63)[None, :]) & np.uint64(1)
-    high = (hi[:, None] >> np.where(j >= 64, j - 64, 0)[None, :]) & np.uint64(1)
-    return np.where(j[None, :] < 64, low, high).astype(np.uint8)
+    """(n, width) uint8: bit j of each value in column j (least significant first), 64 bits at a time."""
+    out = np.empty((len(values), width), dtype=np.uint8)
+    shifts = np.arange(64, dtype=np.uint64)
+    for start in range(0, width, 64):
+        word = np.fromiter(((int(v) >> start) & _LOW64 for v in values), dtype=np.uint64, count=len(values))
+        bits = (word[:, None] >> shifts[None, :min(64, width - start)]) & np.uint64(1)
+        out[:, start:start + bits.shape[1]] = bits
+    return out
 
 
 def _blocks(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
