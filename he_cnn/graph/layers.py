@@ -18,12 +18,18 @@ kind up here instead of keeping a table of its own:
 
 Layers (all integer, no rounding anywhere after quantisation):
 
-- ``Conv``   out[c,i,j] = sum_{k,u,v} w[c,k,u,v] * in_padded[k, i*s+u, j*s+v] + b[c]   (zero padding; SCVL)
+- ``Conv``   out[c,i,j] = sum_{k,u,v} w[c,k,u,v] * in_padded[k, i*sh+u, j*sw+v] + b[c]   (zero padding; SCVL)
 - ``Dense``  out[o] = sum_f w[o,f] * in[f] + b[o]   (SCT)
 - ``ReLU``   out = max(in, 0) >> shift   (SACT)
 - ``MaxPool`` window maxima of in >> shift; padded positions are left out (torch's -inf padding; SMAP)
+- ``SumPool`` window sums with zero padding (an average pool with its 1/area in the scale; local)
+- ``Add``    element-wise sum at one scale (residual joins; local)
+- ``Scale``  x * factor, a public integer (aligns the scales an add or a concat joins; local)
+- ``Pad``    zero padding (local)
 - ``Concat`` channel-wise concatenation (branches already share one scale)
 - ``Flatten`` (C,H,W) -> (C*H*W,) in C order
+
+Kernels, strides and paddings are (h, w) pairs (one int in a spec means a square window).
 """
 from __future__ import annotations
 
@@ -38,7 +44,8 @@ import numpy as np
 from he_cnn.crypto.tensor import EncryptedTensor
 from he_cnn.errors import BadRequest, ShapeError, UnsupportedLayer
 from he_cnn.graph import parse
-from he_cnn.geometry import conv_output_hw, im2col_indices, maxpool_comparisons, pool_windows
+from he_cnn.geometry import (conv_output_hw, im2col_indices, maxpool_comparisons, pad_indices, pair, pool_windows,
+                             window_indices)
 from he_cnn.protocols.comparison import secure_maxpool, secure_relu
 from he_cnn.protocols.linear import LinearGeometry, secure_linear
 
@@ -263,7 +270,8 @@ class LinearLayer(Layer):
 
 @dataclass(frozen=True, eq=False)
 class Conv(LinearLayer):
-    """Convolution (SCVL): square kernel, stride, zero padding."""
+    """Convolution (SCVL): any kernel (kh, kw), a stride and symmetric zero padding per axis.
+    (A grouped or depthwise convolution is compiled into this one with a block-diagonal kernel.)"""
 
     kind: ClassVar[str] = "conv"
     name: str = param(parse.text)
@@ -271,35 +279,33 @@ class Conv(LinearLayer):
     output: str = param(parse.text)
     weight: np.ndarray | None = param(parse.int_array(4), default=None, private=True)  # (C_out, C_in, kh, kw) ints
     bias: np.ndarray | None = param(parse.int_array(1), default=None, private=True)  # (C_out,)
-    stride: int = param(parse.positive_int, default=1)
-    padding: int = param(parse.non_negative_int, default=0)
-    kernel: int = param(parse.positive_int, default=0, derived=True)
+    stride: tuple[int, int] = param(parse.pair_of(parse.positive_int), default=(1, 1))
+    padding: tuple[int, int] = param(parse.pair_of(parse.non_negative_int), default=(0, 0))
+    kernel: tuple[int, int] = param(parse.pair_of(parse.positive_int), default=(0, 0), derived=True)
     channels: int = param(parse.positive_int, default=0, derived=True)
     weight_bits: int = param(parse.int_in(1, 64), default=0, derived=True)
 
     def __post_init__(self) -> None:
         self._check_weights(4)
         if self.weight is not None:
-            object.__setattr__(self, "kernel", int(self.weight.shape[2]))
+            object.__setattr__(self, "kernel", tuple(int(v) for v in self.weight.shape[2:]))
+        _set_pairs(self, "kernel", "stride", "padding")
         self._public_parameters_given()
-        if self.kernel < 1:
+        if min(self.kernel) < 1:
             raise ShapeError(f"{self.name}: a convolution needs a kernel size")
 
     def out_shape(self, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
         shape = in_shapes[0]
-        k, s, p = self.kernel, self.stride, self.padding
-        square = self.weight is None or self.weight.shape[2] == self.weight.shape[3]
         fits_channels = self.weight is None or (len(shape) == 3 and shape[0] == self.weight.shape[1])
-        if len(shape) != 3 or not square or not fits_channels or not (s >= 1 and 0 <= p < k) \
-                or min(shape[1:]) + 2 * p < k:
-            what = f"kernel {self.weight.shape}" if self.weight is not None else f"kernel {k} stride {s} pad {p}"
-            raise ShapeError(f"{self.name}: {what} does not fit input {shape}")
-        return (self.channels, *conv_output_hw(shape[1], shape[2], k, s, p))
+        if len(shape) != 3 or not fits_channels or not all(
+                s >= 1 and 0 <= p < k and n + 2 * p >= k
+                for k, s, p, n in zip(self.kernel, self.stride, self.padding, shape[1:])):
+            what = f"kernel {self.weight.shape}" if self.weight is not None else f"kernel {self.kernel}"
+            raise ShapeError(f"{self.name}: {what} stride {self.stride} pad {self.padding} does not fit input {shape}")
+        return (self.channels, *conv_output_hw(shape[1], shape[2], self.kernel, self.stride, self.padding))
 
     def interval(self, in_shapes: list[tuple[int, ...]], ins: list[Interval]) -> Interval:
-        lo, hi = ins[0]
-        if self.padding:  # zero padding widens every input channel's interval to include 0
-            lo, hi = [min(v, 0) for v in lo], [max(v, 0) for v in hi]
+        lo, hi = _with_zero(ins[0]) if any(self.padding) else ins[0]  # zero padding reads 0 too
         c_out, c_in = self.weight.shape[:2]
         return _linear_interval(self.weight.reshape(c_out, c_in, -1), self.bias, lo, hi)
 
@@ -400,19 +406,22 @@ class MaxPool(Layer):
     name: str = param(parse.text)
     input: str = param(parse.text)
     output: str = param(parse.text)
-    kernel: int = param(parse.positive_int)
-    stride: int = param(parse.positive_int)
-    padding: int = param(parse.non_negative_int, default=0)
+    kernel: tuple[int, int] = param(parse.pair_of(parse.positive_int))
+    stride: tuple[int, int] = param(parse.pair_of(parse.positive_int))
+    padding: tuple[int, int] = param(parse.pair_of(parse.non_negative_int), default=(0, 0))
     shift: int = param(parse.int_in(0, 4096), default=0)
+
+    def __post_init__(self) -> None:
+        _set_pairs(self, "kernel", "stride", "padding")
 
     def out_shape(self, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
         shape = in_shapes[0]
-        k, s, p = self.kernel, self.stride, self.padding
-        if len(shape) != 3 or not (k >= 1 and s >= 1 and 0 <= 2 * p <= k) or min(shape[1:]) + 2 * p < k:
-            raise ShapeError(f"{self.name}: pooling {k}x{k} stride {s} pad {p} does not fit input {shape}")
+        if len(shape) != 3 or not _window_fits(self.kernel, self.stride, self.padding, shape):
+            raise ShapeError(f"{self.name}: pooling {self.kernel} stride {self.stride} pad {self.padding} "
+                             f"does not fit input {shape}")
         if self.shift < 0:
             raise ShapeError(f"{self.name}: negative shift {self.shift}")
-        return (shape[0], *conv_output_hw(shape[1], shape[2], k, s, p))
+        return (shape[0], *conv_output_hw(shape[1], shape[2], self.kernel, self.stride, self.padding))
 
     def interval(self, in_shapes: list[tuple[int, ...]], ins: list[Interval]) -> Interval:
         lo, hi = ins[0]  # padded positions are left out of every window
@@ -435,6 +444,146 @@ class MaxPool(Layer):
         comparisons = maxpool_comparisons(tuple(in_shapes[0]), self.kernel, self.stride, self.padding)
         passes = [(n, l, shift)] if shift else []
         return Cost(passes=tuple(passes + [(comparisons, l - shift + 1, l - shift + 1)]))
+
+
+@dataclass(frozen=True, eq=False)
+class SumPool(Layer):
+    """Window sums with zero padding (local: ciphertext products, no protocol). An average pool is
+    this sum with the 1 / (kh kw) folded into the tensor's scale; a global average pool is a sum
+    over the whole (H, W) window."""
+
+    kind: ClassVar[str] = "sumpool"
+    interactive: ClassVar[bool] = False
+    name: str = param(parse.text)
+    input: str = param(parse.text)
+    output: str = param(parse.text)
+    kernel: tuple[int, int] = param(parse.pair_of(parse.positive_int))
+    stride: tuple[int, int] = param(parse.pair_of(parse.positive_int))
+    padding: tuple[int, int] = param(parse.pair_of(parse.non_negative_int), default=(0, 0))
+
+    def __post_init__(self) -> None:
+        _set_pairs(self, "kernel", "stride", "padding")
+
+    def out_shape(self, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+        shape = in_shapes[0]
+        if len(shape) != 3 or not _window_fits(self.kernel, self.stride, self.padding, shape):
+            raise ShapeError(f"{self.name}: pooling {self.kernel} stride {self.stride} pad {self.padding} "
+                             f"does not fit input {shape}")
+        return (shape[0], *conv_output_hw(shape[1], shape[2], self.kernel, self.stride, self.padding))
+
+    def interval(self, in_shapes: list[tuple[int, ...]], ins: list[Interval]) -> Interval:
+        lo, hi = _with_zero(ins[0]) if any(self.padding) else ins[0]
+        area = self.kernel[0] * self.kernel[1]
+        return [v * area for v in lo], [v * area for v in hi]
+
+    def _windows(self, shape: tuple[int, ...]) -> np.ndarray:
+        return _sum_index(tuple(shape), self.kernel, self.stride, self.padding)
+
+    def evaluate(self, xs: list[np.ndarray]) -> np.ndarray:
+        x = xs[0]
+        padded = np.append(x.ravel(), 0)
+        return padded[self._windows(x.shape)].sum(axis=1).reshape(self.out_shape([x.shape]))
+
+    def secure(self, run: "SecureRun", xs: list[EncryptedTensor]) -> EncryptedTensor:
+        x = xs[0]
+        return x.take(self._windows(x.shape)).sum(axis=1).reshape(*self.out_shape([x.shape]))
+
+
+@dataclass(frozen=True, eq=False)
+class Add(Layer):
+    """Element-wise sum of equal-shaped tensors at one scale: a residual join (local: no protocol)."""
+
+    kind: ClassVar[str] = "add"
+    interactive: ClassVar[bool] = False
+    name: str = param(parse.text)
+    inputs: tuple[str, ...] = param(parse.text_tuple)
+    output: str = param(parse.text)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+
+    def sources(self) -> tuple[str, ...]:
+        return self.inputs
+
+    def out_shape(self, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+        if len(in_shapes) < 2 or len(set(in_shapes)) != 1:
+            raise ShapeError(f"{self.name}: added tensors must have one shape; got {in_shapes}")
+        return in_shapes[0]
+
+    def interval(self, in_shapes: list[tuple[int, ...]], ins: list[Interval]) -> Interval:
+        return [sum(v) for v in zip(*(lo for lo, _ in ins))], [sum(v) for v in zip(*(hi for _, hi in ins))]
+
+    def evaluate(self, xs: list[np.ndarray]) -> np.ndarray:
+        return sum(xs[1:], xs[0])
+
+    def secure(self, run: "SecureRun", xs: list[EncryptedTensor]) -> EncryptedTensor:
+        total = xs[0]
+        for x in xs[1:]:
+            total = total.add(x)
+        return total
+
+
+@dataclass(frozen=True, eq=False)
+class Scale(Layer):
+    """``x * factor`` for a public integer factor: what aligns the scales of tensors that an add or a
+    concatenation joins (local: one small exponentiation per element)."""
+
+    kind: ClassVar[str] = "scale"
+    interactive: ClassVar[bool] = False
+    name: str = param(parse.text)
+    input: str = param(parse.text)
+    output: str = param(parse.text)
+    factor: int = param(parse.int_in(1, 1 << 64))
+
+    def out_shape(self, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+        if self.factor < 1:
+            raise ShapeError(f"{self.name}: scale factor {self.factor} is not positive")
+        return in_shapes[0]
+
+    def interval(self, in_shapes: list[tuple[int, ...]], ins: list[Interval]) -> Interval:
+        lo, hi = ins[0]
+        return [v * self.factor for v in lo], [v * self.factor for v in hi]
+
+    def evaluate(self, xs: list[np.ndarray]) -> np.ndarray:
+        return xs[0] * self.factor
+
+    def secure(self, run: "SecureRun", xs: list[EncryptedTensor]) -> EncryptedTensor:
+        return xs[0].mul_plain(self.factor)
+
+
+@dataclass(frozen=True, eq=False)
+class Pad(Layer):
+    """Zero padding of a (C, H, W) tensor by (top, left, bottom, right) (local: no protocol)."""
+
+    kind: ClassVar[str] = "pad"
+    interactive: ClassVar[bool] = False
+    name: str = param(parse.text)
+    input: str = param(parse.text)
+    output: str = param(parse.text)
+    pads: tuple[int, ...] = param(parse.int_list)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pads", tuple(self.pads))
+        if len(self.pads) != 4 or min(self.pads) < 0 or max(self.pads) > 1024:
+            raise ShapeError(f"{self.name}: pads must be 4 integers in [0, 1024] (top, left, bottom, right); "
+                             f"got {list(self.pads)}")
+
+    def out_shape(self, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+        shape = in_shapes[0]
+        if len(shape) != 3:
+            raise ShapeError(f"{self.name}: zero padding expects a (C, H, W) input, got {shape}")
+        top, left, bottom, right = self.pads
+        return (shape[0], shape[1] + top + bottom, shape[2] + left + right)
+
+    def interval(self, in_shapes: list[tuple[int, ...]], ins: list[Interval]) -> Interval:
+        return _with_zero(ins[0]) if any(self.pads) else ins[0]
+
+    def evaluate(self, xs: list[np.ndarray]) -> np.ndarray:
+        padded = np.append(xs[0].ravel(), 0)
+        return padded[pad_indices(xs[0].shape, self.pads)]
+
+    def secure(self, run: "SecureRun", xs: list[EncryptedTensor]) -> EncryptedTensor:
+        return xs[0].take(pad_indices(xs[0].shape, self.pads))
 
 
 @dataclass(frozen=True, eq=False)
@@ -494,19 +643,48 @@ class Flatten(Layer):
         return xs[0].flatten()
 
 
+def _set_pairs(layer: Layer, *names: str) -> None:
+    """Store each window dimension as an (h, w) pair (given as one int or a pair)."""
+    for name in names:
+        object.__setattr__(layer, name, pair(getattr(layer, name)))
+
+
+def _window_fits(kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                 shape: tuple[int, ...]) -> bool:
+    """A pooling window: at least one cell, padding at most half the window, no wider than the input."""
+    return all(k >= 1 and s >= 1 and 0 <= 2 * p <= k and n + 2 * p >= k
+               for k, s, p, n in zip(kernel, stride, padding, shape[1:]))
+
+
+def _with_zero(interval: Interval) -> Interval:
+    """The interval widened to include 0 (what zero padding adds to every channel)."""
+    lo, hi = interval
+    return [min(v, 0) for v in lo], [max(v, 0) for v in hi]
+
+
 @lru_cache(maxsize=64)
-def _patch_index(shape: tuple[int, int, int], kernel: int, stride: int, padding: int) -> np.ndarray:
+def _patch_index(shape: tuple[int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int]) -> np.ndarray:
     index = im2col_indices(shape, kernel, stride, padding)
     index.setflags(write=False)
     return index
 
 
 @lru_cache(maxsize=64)
-def _window_index(shape: tuple[int, int, int], kernel: int, stride: int, padding: int) -> np.ndarray:
+def _sum_index(shape: tuple[int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
+               padding: tuple[int, int]) -> np.ndarray:
+    index = window_indices(shape, kernel, stride, padding)
+    index.setflags(write=False)
+    return index
+
+
+@lru_cache(maxsize=64)
+def _window_index(shape: tuple[int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
+                  padding: tuple[int, int]) -> np.ndarray:
     """Pooling windows as a rectangular index matrix: short (padded) windows repeat their first
     element, which leaves their maximum unchanged."""
     windows = pool_windows(shape, kernel, stride, padding)
-    width = kernel * kernel
+    width = kernel[0] * kernel[1]
     index = np.array([w + [w[0]] * (width - len(w)) for w in windows], dtype=np.int64)
     index.setflags(write=False)
     return index

@@ -98,3 +98,15 @@ def int_array(rank: int) -> Reader:
 def array_to_json(value: np.ndarray) -> dict[str, Any]:
     """The inverse of :func:`int_array`'s readers."""
     return {"shape": list(value.shape), "values": [int(v) for v in value.ravel()]}
+
+
+def pair_of(read: Reader) -> Reader:
+    """A reader of a window dimension: one value (both axes) or a list of two, each checked by
+    ``read``; gives the pair (along H, along W)."""
+    def read_pair(value: Any, what: str) -> tuple[Any, Any]:
+        if isinstance(value, list):
+            if len(value) != 2:
+                raise BadRequest(f"{what} must be one integer or a list of two, got {len(value)} values")
+            return read(value[0], what), read(value[1], what)
+        return read(value, what), read(value, what)
+    return read_pair

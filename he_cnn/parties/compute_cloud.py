@@ -21,9 +21,11 @@ from he_cnn.errors import BadRequest, KeyMismatch, ProtocolError, ShapeError
 from he_cnn.graph import parse
 from he_cnn.graph.integer_model import IntegerModel
 from he_cnn.graph.layers import LinearLayer, linear_siblings
-from he_cnn.protocols.common import S1Context
-from he_cnn.protocols.linear import (EncryptedLinear, LinearPrecomputation, LinearSetup, SharedInput, new_setup_id,
-                                     precompute_linear, setup_linear_layers)
+from he_cnn.crypto.paillier import KAPPA
+from he_cnn.protocols.common import S1Context, slot_bits
+from he_cnn.protocols.linear import (EncryptedLinear, LinearPrecomputation, LinearSetup, SharedInput, cross_slot_bits,
+                                     new_setup_id, precompute_linear, setup_linear_layers)
+from he_cnn.protocols.millionaire import MAX_BITS as MAX_OT_BITS
 from he_cnn.protocols.output import reencrypt_for_user
 from he_cnn.wire import Message, decode, encode
 
@@ -117,9 +119,45 @@ class ModelSetup:
     layers: dict[str, LinearSetup]
 
 
+def plaintext_needs(graph: IntegerModel) -> tuple[int, int, str]:
+    """(plaintext bits, compared bits, where): the widest packing slot any protocol step of the model
+    needs (a masked reveal holds l + kappa + 3 bits; a linear layer's cross terms, see
+    :func:`~he_cnn.protocols.linear.cross_slot_bits`), the longest comparison, and the layer that
+    needs the wider slot. Both follow from the public graph alone."""
+    shapes, bits = graph.shapes, graph.bits
+    widest, longest, where = 0, 0, ""
+    for layer in graph.layers:
+        in_shapes = [shapes[t] for t in layer.sources()]
+        cost = layer.cost(in_shapes, [bits[t] for t in layer.sources()])
+        slots = [slot_bits(revealed, KAPPA) for _, revealed, _ in cost.passes]
+        if cost.linear is not None:
+            taps, x_bits = cost.linear[1], cost.linear[4]
+            slots.append(cross_slot_bits(x_bits, layer.weight_bits, taps))  # type: ignore[attr-defined]
+        if slots and max(slots) > widest:
+            widest, where = max(slots), layer.name
+        longest = max([longest] + [compared for _, _, compared in cost.passes])
+    return widest, longest, where
+
+
+def check_fits_key(graph: IntegerModel, ctx: S1Context) -> None:
+    """:class:`BadRequest` unless every protocol step of the model fits the cloud key's plaintexts
+    and the comparison protocol's bit limit: refused at upload, never half-way through a query."""
+    n_bits = ctx.public_key.bits
+    widest, longest, where = plaintext_needs(graph)
+    if widest > n_bits - 2:
+        raise BadRequest(f"the model's bounds overflow the cloud key: layer {where!r} needs {widest}-bit plaintext "
+                         f"slots, a {n_bits}-bit key holds {n_bits - 2}; compile with fewer bits or use a larger key")
+    limit = MAX_OT_BITS if ctx.comparison == "ot" else ctx.dgk_key.max_bits
+    if longest > limit:
+        raise BadRequest(f"the model compares {longest}-bit values; the {ctx.comparison} comparison handles at most "
+                         f"{limit}: compile with fewer activation bits")
+
+
 def setup_model(ctx: S1Context, model: EncryptedModel, setup_id: str | None = None) -> ModelSetup:
     """The one-time set-up with S2: the linear layers' masked weights, and (for the OT comparison) the
-    OT link's base OTs if the context's link has none yet, so that no query pays for them."""
+    OT link's base OTs if the context's link has none yet, so that no query pays for them. A model
+    that does not fit the key is refused first (:func:`check_fits_key`)."""
+    check_fits_key(model.graph, ctx)
     setup_id = setup_id or new_setup_id()
     setup = ModelSetup(setup_id, setup_linear_layers(ctx, setup_id, list(model.linear.values())))
     if ctx.comparison == "ot":

@@ -55,7 +55,7 @@ from gmpy2 import mpz
 
 from he_cnn.crypto.dgk import DGKPublicKey
 from he_cnn.errors import BoundExceeded, ProtocolError, ShapeError
-from he_cnn.geometry import conv_output_hw, max_runs, window_ranges
+from he_cnn.geometry import Size, conv_output_hw, max_runs, pair, window_ranges
 from he_cnn.crypto.paillier import batch_invert, random_ints
 from he_cnn.parallel import from_blob, to_blob
 from he_cnn.crypto.tensor import EncryptedTensor, object_array
@@ -457,11 +457,11 @@ def secure_max(ctx: S1Context, a: EncryptedTensor, b: EncryptedTensor, bits: int
         return b.add(relu)
 
 
-def secure_maxpool(ctx: S1Context, x: EncryptedTensor, kernel: int, stride: int, padding: int,
+def secure_maxpool(ctx: S1Context, x: EncryptedTensor, kernel: Size, stride: Size, padding: Size,
                    bits: int, shift: int = 0) -> EncryptedTensor:
     """SMAP: the maximum of every pooling window of a (C, H, W) tensor with |x| < 2^bits.
 
-    A k x k window maximum is separable: first the maximum over each row segment, then over each
+    A kh x kw window maximum is separable: first the maximum over each row segment, then over each
     column segment of those (:func:`_line_max`; maxima of runs of neighbours are computed once and
     shared by overlapping windows). Every level is one batched secure_max over all channels and
     lines (two rounds). A 3x3 stride-1 window costs about 4 comparisons instead of 8, a 2x2 window
@@ -473,13 +473,14 @@ def secure_maxpool(ctx: S1Context, x: EncryptedTensor, kernel: int, stride: int,
         raise ShapeError(f"max-pooling expects a (C, H, W) tensor, got shape {x.shape}")
     c, h, w = x.shape
     oh, ow = conv_output_hw(h, w, kernel, stride, padding)
+    (kh, kw), (sh, sw), (ph, pw) = pair(kernel), pair(stride), pair(padding)
     if oh < 1 or ow < 1:
-        raise ShapeError(f"a {kernel}x{kernel} window does not fit a {h}x{w} input with padding {padding}")
+        raise ShapeError(f"a {kh}x{kw} window does not fit a {h}x{w} input with padding {(ph, pw)}")
     if shift:
         shift = min(shift, bits)  # beyond that, floor(x / 2^shift) is -1 or 0 either way
         x, bits = secure_truncate(ctx, x, bits, shift), bits - shift
-    cols = window_ranges(w, ow, kernel, stride, padding)
-    rows = window_ranges(h, oh, kernel, stride, padding)
+    cols = window_ranges(w, ow, kw, sw, pw)
+    rows = window_ranges(h, oh, kh, sh, ph)
     # pass 1 along W: lines are (channel, row); pass 2 along H: lines are (channel, output column)
     row_max = _line_max(ctx, x.data.reshape(c * h, w), cols, bits).reshape(c, h, ow)
     by_column = row_max.transpose(0, 2, 1).reshape(c * ow, h)

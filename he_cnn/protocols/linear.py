@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from he_cnn.errors import ProtocolError, ShapeError
-from he_cnn.geometry import conv_output_hw, im2col_indices
+from he_cnn.geometry import conv_output_hw, im2col_indices, pair
 from he_cnn.crypto.paillier import KAPPA
 from he_cnn.crypto.tensor import EncryptedTensor, as_int_array
 from he_cnn.wire import Message
@@ -64,15 +64,19 @@ CROSS_STEP = "linear_cross"
 class LinearGeometry:
     """The protocol's view of a linear layer: which input elements each output position reads.
 
-    A (C, H, W) input is read through a ``kernel`` x ``kernel`` window (stride, zero padding): a
-    convolution. A flat (F,) input is read whole by a single position: a dense layer. The layer
-    catalogue (:mod:`he_cnn.graph.layers`) builds the geometry of each of its linear kinds.
+    A (C, H, W) input is read through a ``kernel`` window (kh, kw), with a stride and zero padding
+    per axis: a convolution. A flat (F,) input is read whole by a single position: a dense layer.
+    The layer catalogue (:mod:`he_cnn.graph.layers`) builds the geometry of each of its linear kinds.
     """
 
     in_shape: tuple[int, ...]
-    kernel: int = 1
-    stride: int = 1
-    padding: int = 0
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+
+    def __post_init__(self) -> None:
+        for name in ("kernel", "stride", "padding"):
+            object.__setattr__(self, name, pair(getattr(self, name)))
 
     def column_indices(self) -> np.ndarray:
         """(P, F) flat input indices per output position and weight row; -1 is zero padding."""
@@ -86,8 +90,8 @@ class LinearGeometry:
         return (channels, *conv_output_hw(self.in_shape[1], self.in_shape[2], self.kernel, self.stride, self.padding))
 
     def to_dict(self) -> dict:
-        return {"in_shape": list(self.in_shape), "kernel": self.kernel, "stride": self.stride,
-                "padding": self.padding}
+        return {"in_shape": list(self.in_shape), "kernel": list(self.kernel), "stride": list(self.stride),
+                "padding": list(self.padding)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LinearGeometry":
@@ -95,14 +99,17 @@ class LinearGeometry:
             if set(d) != {"in_shape", "kernel", "stride", "padding"}:
                 raise KeyError(f"fields {sorted(map(str, d))[:6]}")
             values = [d["in_shape"], d["kernel"], d["stride"], d["padding"]]
-            if not isinstance(values[0], list) or not all(type(v) is int for v in values[0] + values[1:]):
+            sizes = [v if isinstance(v, list) else [v] for v in values[1:]]  # one int (square) or a pair
+            if not isinstance(values[0], list) or not all(type(v) is int for v in values[0] + sum(sizes, [])) \
+                    or not all(len(v) in (1, 2) for v in sizes):
                 raise TypeError("not integers")
-            g = cls(tuple(values[0]), *values[1:])
+            g = cls(tuple(values[0]), *[tuple(v if len(v) == 2 else v * 2) for v in sizes])
         except (KeyError, TypeError) as e:
             raise ProtocolError(f"malformed layer geometry {str(d)[:200]}") from e
-        flat = len(g.in_shape) == 1 and (g.kernel, g.stride, g.padding) == (1, 1, 0)
-        window = len(g.in_shape) == 3 and g.kernel >= 1 and g.stride >= 1 and 0 <= g.padding < g.kernel \
-            and min(g.in_shape[1:]) + 2 * g.padding >= g.kernel
+        flat = len(g.in_shape) == 1 and (g.kernel, g.stride, g.padding) == ((1, 1), (1, 1), (0, 0))
+        window = len(g.in_shape) == 3 and all(
+            k >= 1 and s >= 1 and 0 <= p < k and n + 2 * p >= k
+            for k, s, p, n in zip(g.kernel, g.stride, g.padding, g.in_shape[1:]))
         if not (flat or window) or min(g.in_shape) < 1:
             raise ProtocolError(f"inconsistent layer geometry {str(d)[:200]}")
         return g
@@ -230,6 +237,13 @@ def cross_bits(x_bits: int, masks: np.ndarray) -> int:
     fan_in = masks.shape[0]
     b_bits = max(int(v).bit_length() for v in masks.reshape(-1))
     return x_bits + 1 + b_bits + max(0, fan_in - 1).bit_length()
+
+
+def cross_slot_bits(x_bits: int, weight_bits: int, fan_in: int) -> int:
+    """The packing slot of a layer's cross terms before its set-up is drawn: lc for the largest weight
+    mask (|K| < 2^weight_bits, so B < 2^(weight_bits + kappa + 2)), plus the reveal's kappa + 3."""
+    b_bits = weight_bits + KAPPA + 2
+    return slot_bits(x_bits + 1 + b_bits + max(0, fan_in - 1).bit_length(), KAPPA)
 
 
 def _pack_rows(values: np.ndarray, k: int, slot: int) -> np.ndarray:
