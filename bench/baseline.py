@@ -30,7 +30,7 @@ from gmpy2 import mpz
 
 from he_cnn.geometry import conv_output_hw, im2col_indices
 from he_cnn.crypto.paillier import KAPPA
-from bench.lowerbound import tensor_bits
+from he_cnn.compiler.cost import tensor_bits
 
 
 def _phe_keys(keys) -> tuple[phe.PaillierPublicKey, phe.PaillierPrivateKey]:

@@ -38,7 +38,7 @@ What one run measures (everything also goes to ``--json FILE``):
   classify request as the user sends it, after both services report their offline phase done);
 * per layer: seconds, rounds, bytes each way, the engine's operation counters, where the seconds go
   (heard through the parties' tracer hooks, ``instrument.Profiler``), the protocol's least work priced
-  with primitive costs measured here (``lowerbound.py``) and our time / that bound, and the least bytes;
+  with primitive costs measured here (``he_cnn/compiler/cost.py``) and our time / that bound, and the least bytes;
 * the per-element ``phe`` baseline of ``baseline.py`` on the first convolution and the first plain (not requantising) ReLU
   (a subset, extrapolated) and our speed-up over it;
 * peak memory (VmHWM) of this process, of its worker processes and of each service process.
@@ -91,7 +91,8 @@ from he_cnn.parties.key_cloud import KeyCloud  # noqa: E402
 from he_cnn.parties.compute_cloud import PreparedQuery, encrypt_model, prepare_query, secure_inference, setup_model  # noqa: E402
 from he_cnn.crypto.tensor import EncryptedTensor  # noqa: E402
 
-from bench import baseline, instrument, lowerbound, peer_tenseal, report  # noqa: E402
+from bench import baseline, instrument, peer_tenseal, report  # noqa: E402
+from he_cnn.compiler import cost as lowerbound  # noqa: E402
 
 #: the default ICNN of the owner's pipeline (seed 0, 15 epochs, 6-bit weights)
 TRAIN_SETTINGS = TrainSettings()

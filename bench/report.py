@@ -6,7 +6,7 @@ import statistics
 from typing import Any
 
 from he_cnn.trace import OP_KINDS as KINDS
-from bench.lowerbound import WINDOW, link_seconds
+from he_cnn.compiler.cost import WINDOW, link_seconds
 
 #: issue 15's targets, at TARGET_BITS (the cloud key), measured in one run
 TARGET_BITS = 2048
@@ -513,7 +513,7 @@ def tables(results: dict) -> list[Table]:
                          ["layer", "kind", "online s", "offline s", "rounds", "KB->S2", "KB->S1", "bound s",
                           "ours/bound", "min KB", "bytes/min", "B/elt", "+link s"], rows,
                          f"offline = this layer's share of prepare_query; bound = least work of the protocol at "
-                         f"measured primitive costs / cores (lowerbound.py); min KB = fixed-width ciphertexts the "
+                         f"measured primitive costs / cores (he_cnn/compiler/cost.py); min KB = fixed-width ciphertexts the "
                          f"protocol must send; B/elt = bytes per output element; +link = rounds x 1 ms + bytes x 8 / "
                          f"1e9. Per image {k['bytes'] / 2 ** 20:.2f} MB ({k['bytes'] / k['pixels']:,.0f} B per input "
                          f"pixel) vs minimum {k['min_bytes'] / 2 ** 20:.2f} MB."))
@@ -1009,7 +1009,7 @@ def markdown_report(results: dict) -> str:
         "- **Where the seconds go** comes from the tracer hooks the parties offer (`he_cnn/trace.py`): the"
         " benchmark's tracer (`bench/instrument.py`) hears each layer's start and end and times every heavy"
         " operation by kind. Kinds are exclusive; `s1_other` is the rest.",
-        "- **Lower bound** (`bench/lowerbound.py`): the protocol's least operation count per layer, priced with"
+        "- **Lower bound** (`he_cnn/compiler/cost.py`): the protocol's least operation count per layer, priced with"
         " primitive costs measured in the same run, divided by the number of cores. The primitives are measured"
         " twice per key size, before the images and after the phe baseline (or right after the images without"
         " one), and the bound takes the cheaper of"

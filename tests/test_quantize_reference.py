@@ -15,11 +15,8 @@ from he_cnn.geometry import pool_windows
 from he_cnn.graph.integer_model import infer_shapes_and_bounds, load_integer_model, save_integer_model
 from he_cnn.graph.layers import Concat, Conv, Dense, MaxPool, ReLU
 from he_cnn.training.icnn import ICNN, WIRING
-from he_cnn.training.quantize import (
-    quantize_icnn,
-    tensor_scale,
-    weight_shift,
-)
+from he_cnn.graph.integer_model import weight_shift
+from he_cnn.training.quantize import quantize_icnn, tensor_scale
 from he_cnn.graph.reference import (
     classify_reference,
     float_agreement,

@@ -28,10 +28,10 @@ def test_reading_an_image_imports_neither_torch_nor_sklearn(tmp_path):
     """Loading, resizing and quantising the user's image (the query's first step) is numpy and Pillow only."""
     check = ("import sys, numpy as np\n"
              "from PIL import Image\n"
-             "from he_cnn.user.query import load_image_file, quantize_image\n"
+             "from he_cnn.user.query import Preprocessing\n"
              f"path = {str(tmp_path / 'photo.png')!r}\n"
              "Image.fromarray(np.arange(40 * 30, dtype=np.uint8).reshape(40, 30)).save(path)\n"
-             "print(quantize_image(load_image_file(path, 16), 15).shape)\n"
+             "print(Preprocessing(16, 16, input_max=15).encode(path).shape)\n"
              f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -57,7 +57,8 @@ def _record(result: Classification) -> dict[str, Any]:
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 def query(s1_url: str, model_id: str, key_path: Path, as_json: bool, progress: bool, images: tuple[str, ...]) -> None:
-    """Classify IMAGES (PNG, JPEG or .npy; resized to the model's input) without revealing them."""
+    """Classify IMAGES (PNG, JPEG or .npy; grey or colour, converted to the model's channels and resized
+    to its input as the model's preprocessing says) without revealing them."""
     keys = run_step(lambda: load_user_key(key_path))
     if not is_private_file(key_path):
         click.echo(f"warning: {key_path} is readable by other users; run: chmod 600 {key_path}", err=True)

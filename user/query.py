@@ -1,9 +1,11 @@
 """Classifying an image as the user: encode, encrypt under the cloud key, send, decrypt with one's own key.
 
 Steps per image:
-  1. read the model's public description from S1 (input shape, ``input_max``, class names);
-  2. read the image (PNG/JPEG/.npy), resize it to the model's input size and encode its pixels as the
-     integers ``0..input_max`` (:func:`he_cnn.images.quantize_image`), exactly as the owner's model expects;
+  1. read the model's public description from S1 (input shape, class names, and the preprocessing:
+     size, grey/RGB/BGR channels, ``input_max``);
+  2. read the image (PNG/JPEG/.npy), convert it to the model's channels, resize it to the model's input
+     size and encode its pixels as the integers ``0..input_max``
+     (:meth:`he_cnn.images.Preprocessing.encode`), exactly as the owner's model expects;
   3. encrypt every pixel under the clouds' public key (relayed by S1) and POST the wire message
      ``{user_n: [N_u], image: E(pixels)}`` to ``/v1/models/<id>/classify``;
   4. decrypt the returned ``class_vector`` (under the user's own key) and take the arg-max.
@@ -20,7 +22,7 @@ import numpy as np
 from gmpy2 import mpz
 
 from he_cnn.errors import BadRequest, ProtocolError
-from he_cnn.images import load_image_file, quantize_image
+from he_cnn.images import Preprocessing
 from he_cnn.transport.http_channel import CloudPublicKey, fetch_public_key, http_request
 from he_cnn.crypto.paillier import KeyPair
 from he_cnn.crypto.tensor import EncryptedTensor
@@ -33,13 +35,18 @@ QUERY_TIMEOUT = 3600.0
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The public facts about a model that a user needs to query it."""
+    """The public facts about a model that a user needs to query it.
+
+    ``preprocessing`` comes from the spec; a server that predates it sends none and its model takes
+    the default for its input (raw grey or RGB pixels).
+    """
 
     model_id: str
     key_id: str
     input_shape: tuple[int, int, int]
     input_max: int
     classes: tuple[str, ...]
+    preprocessing: Preprocessing
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> "ModelInfo":
@@ -48,9 +55,11 @@ class ModelInfo:
             shape = tuple(int(v) for v in spec["input_shape"])
             if len(shape) != 3:
                 raise ValueError(f"input shape {shape} is not (C, H, W)")
-            return cls(str(body["model_id"]), str(body["key_id"]), shape, int(spec["input_max"]),  # type: ignore[arg-type]
-                       tuple(str(c) for c in spec["classes"]))
-        except (KeyError, TypeError, ValueError) as e:
+            input_max = int(spec["input_max"])
+            preprocessing = Preprocessing.declared(spec.get("preprocessing"), shape, input_max)
+            return cls(str(body["model_id"]), str(body["key_id"]), shape, input_max,  # type: ignore[arg-type]
+                       tuple(str(c) for c in spec["classes"]), preprocessing)
+        except (KeyError, TypeError, ValueError, AttributeError, BadRequest) as e:
             raise ProtocolError(f"S1 described the model in an unexpected form: {e}") from e
 
 
@@ -71,11 +80,8 @@ def fetch_model_info(s1_url: str, model_id: str) -> ModelInfo:
 
 
 def encode_image(path: str | Path, info: ModelInfo) -> np.ndarray:
-    """The image at ``path`` as the model's integer input ``(C, H, W)``."""
-    channels, height, width = info.input_shape
-    if channels != 1 or height != width:
-        raise BadRequest(f"model expects input {info.input_shape}; only square grey-scale inputs are supported")
-    return quantize_image(load_image_file(path, height), info.input_max)
+    """The image at ``path`` as the model's integer input ``(C, H, W)``, as its preprocessing says."""
+    return info.preprocessing.encode(path)
 
 
 def query_message(pixels: np.ndarray, cloud_key: CloudPublicKey, user: KeyPair) -> bytes:

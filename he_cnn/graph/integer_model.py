@@ -9,7 +9,8 @@ objects, so they compute the same function by construction. Every tensor is chan
 On the owner's side the layers carry their weights and ``bounds`` gives, for each tensor, a
 worst-case bound ``|v| <= bound`` proven by interval arithmetic from the input range and the weights
 (:func:`infer_shapes_and_bounds`). The public form (:meth:`IntegerModel.to_spec`) drops weights and
-keeps only each bound's bit length (exact bounds are weight norms); S1 decodes an uploaded spec
+keeps only each bound's bit length (exact bounds are weight norms) and the input's
+:class:`~he_cnn.images.Preprocessing` (how a user turns a picture into the input); S1 decodes an uploaded spec
 with :meth:`IntegerModel.from_spec` into the same typed graph, without weights, checking every layer
 through the catalogue. :func:`save_integer_model` / :func:`load_integer_model` keep the owner's
 model (weights included) as versioned JSON.
@@ -23,9 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from he_cnn.errors import BadRequest, HECNNError, ShapeError
 from he_cnn.graph import parse
 from he_cnn.graph.layers import Interval, Layer, LinearLayer, check_kind, layer_from_file, layer_from_spec
+from he_cnn.images import Preprocessing
 
 #: version of the public architecture (the spec S1 and S2 see)
 SPEC_VERSION = 1
@@ -48,7 +52,8 @@ class IntegerModel:
     ``shapes`` maps every tensor name (including the input and the output) to its shape; ``bounds``
     to its worst-case absolute bound (owner side; empty in the public form) and ``bits`` to that
     bound's bit length l (|v| < 2^l), which is all the protocols need. ``output`` is the name of the
-    class-vector tensor.
+    class-vector tensor. ``meta`` may hold ``"preprocessing"`` (:meth:`Preprocessing.to_json`); a model
+    without one has :meth:`Preprocessing.default_for` its input.
     """
 
     layers: tuple[Layer, ...]
@@ -79,6 +84,11 @@ class IntegerModel:
     def classes(self) -> list[str]:
         return list(self.meta.get("classes", [str(i) for i in range(self.num_classes)]))
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How a user's picture becomes this model's input (checked against ``input_shape`` and ``input_max``)."""
+        return Preprocessing.declared(self.meta.get("preprocessing"), self.input_shape, self.input_max)
+
     # -- the public architecture ------------------------------------------------------------------
     def to_spec(self) -> dict[str, Any]:
         """The public part of the model: layers without weights, shapes, and bit lengths only."""
@@ -95,6 +105,7 @@ class IntegerModel:
             "shapes": {k: list(v) for k, v in self.shapes.items()},
             "bits": dict(self.bits),
             "classes": self.classes,
+            "preprocessing": self.preprocessing.to_json(),
         }
 
     @classmethod
@@ -114,7 +125,7 @@ class IntegerModel:
         """The same graph without weights or exact bounds: what S1 holds."""
         return IntegerModel(tuple(layer.public() for layer in self.layers), self.input_shape, self.input_max,
                             self.input_name, self.output, self.num_classes, dict(self.shapes), {},
-                            {"classes": self.classes}, dict(self.bits))
+                            {"classes": self.classes, "preprocessing": self.preprocessing.to_json()}, dict(self.bits))
 
 
 def _read_io(fields: dict[str, Any], where: str) -> tuple[str, tuple[int, int, int], int, str, int]:
@@ -161,8 +172,12 @@ def _public_model(spec: Any) -> IntegerModel:
         bits[name] = value
     if bits[input_name] != input_max.bit_length():
         raise BadRequest("model spec: the input tensor's bit length differs from input_max")
+    # optional: specs stored before preprocessing existed lack it and get the default
+    if "preprocessing" in spec and spec["preprocessing"] is None:
+        raise BadRequest("model spec: preprocessing must be a JSON object, got null")
+    preprocessing = Preprocessing.declared(spec.get("preprocessing"), input_shape, input_max)
     return IntegerModel(layers, input_shape, input_max, input_name, output, num_classes, shapes, {},
-                        {"classes": list(classes)}, bits)
+                        {"classes": list(classes), "preprocessing": preprocessing.to_json()}, bits)
 
 
 def _check_wiring(layers: tuple[Layer, ...], input_name: str, input_shape: tuple[int, ...], output: str,
@@ -227,6 +242,28 @@ def build_model(layers: tuple[Layer, ...], input_name: str, input_shape: tuple[i
                         dict(meta or {}))
 
 
+# --- from floats to the model's integers ----------------------------------------------------------
+
+
+def weight_shift(weight: np.ndarray, weight_bits: int) -> int:
+    """Largest ``k`` with ``max |round(W * 2**k)| <= 2**(weight_bits-1) - 1`` (0 for all-zero weights)."""
+    peak = float(np.max(np.abs(weight)))
+    if peak == 0.0:
+        return 0
+    limit = 2 ** (weight_bits - 1) - 1
+    k = math.floor(math.log2(limit / peak))
+    while np.rint(math.ldexp(peak, k + 1)) <= limit:
+        k += 1
+    while np.rint(math.ldexp(peak, k)) > limit:
+        k -= 1
+    return k
+
+
+def to_ints(values: np.ndarray) -> np.ndarray:
+    """Round floats to exact Python ints (object array, same shape); no int64 on the way."""
+    return np.array([int(v) for v in np.rint(values).ravel()], dtype=object).reshape(values.shape)
+
+
 # --- the owner's JSON file ---------------------------------------------------------------------
 
 
@@ -272,6 +309,7 @@ def _model_from_file(document: Any) -> IntegerModel:
         raise BadRequest(f"expected format version {FORMAT_VERSION}, got {parse.shown(top.get('version'))}")
     input_name, input_shape, input_max, output, num_classes = _read_io(top, "")
     meta = parse.expect_dict(parse.field(top, "meta"), "meta")
+    Preprocessing.declared(meta.get("preprocessing"), input_shape, input_max)  # a bad one fails here, not at upload
     raw_layers = parse.field(top, "layers")
     if not isinstance(raw_layers, list) or not raw_layers:
         raise BadRequest("layers must be a non-empty list")

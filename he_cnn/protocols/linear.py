@@ -99,11 +99,11 @@ class LinearGeometry:
             if set(d) != {"in_shape", "kernel", "stride", "padding"}:
                 raise KeyError(f"fields {sorted(map(str, d))[:6]}")
             values = [d["in_shape"], d["kernel"], d["stride"], d["padding"]]
-            sizes = [v if isinstance(v, list) else [v] for v in values[1:]]  # one int (square) or a pair
+            sizes = [v if isinstance(v, list) else [v, v] for v in values[1:]]  # one int (square) or a pair
             if not isinstance(values[0], list) or not all(type(v) is int for v in values[0] + sum(sizes, [])) \
-                    or not all(len(v) in (1, 2) for v in sizes):
+                    or not all(len(v) == 2 for v in sizes):
                 raise TypeError("not integers")
-            g = cls(tuple(values[0]), *[tuple(v if len(v) == 2 else v * 2) for v in sizes])
+            g = cls(tuple(values[0]), *[tuple(v) for v in sizes])
         except (KeyError, TypeError) as e:
             raise ProtocolError(f"malformed layer geometry {str(d)[:200]}") from e
         flat = len(g.in_shape) == 1 and (g.kernel, g.stride, g.padding) == ((1, 1), (1, 1), (0, 0))

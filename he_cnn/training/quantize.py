@@ -21,7 +21,7 @@ from torch import nn
 
 from he_cnn.errors import BadRequest, UnsupportedLayer
 from he_cnn.geometry import maxpool_comparisons
-from he_cnn.graph.integer_model import IntegerModel, infer_shapes_and_bounds
+from he_cnn.graph.integer_model import IntegerModel, infer_shapes_and_bounds, to_ints, weight_shift
 from he_cnn.graph.layers import Concat, Conv, Dense, Flatten, Layer, MaxPool, ReLU
 from he_cnn.training.icnn import INPUT, ICNN, ChannelConcat
 
@@ -90,20 +90,6 @@ def quantize_icnn(model: ICNN, input_max: int = 15, weight_bits: int = 6,
     return IntegerModel(
         layers, model.input_shape, input_max, INPUT, output, shapes[output][0], shapes, bounds, meta
     )
-
-
-def weight_shift(weight: np.ndarray, weight_bits: int) -> int:
-    """Largest ``k`` with ``max |round(W * 2**k)| <= 2**(weight_bits-1) - 1`` (0 for all-zero weights)."""
-    peak = float(np.max(np.abs(weight)))
-    if peak == 0.0:
-        return 0
-    limit = 2 ** (weight_bits - 1) - 1
-    k = math.floor(math.log2(limit / peak))
-    while np.rint(math.ldexp(peak, k + 1)) <= limit:
-        k += 1
-    while np.rint(math.ldexp(peak, k)) > limit:
-        k -= 1
-    return k
 
 
 def tensor_scale(model: IntegerModel, tensor: str) -> Fraction:
@@ -214,10 +200,10 @@ def _integer_layer(step: Step, shifts: dict[str, int], exponents: dict[str, int]
                    requant_shifts: dict[str, int] | None = None) -> Layer:
     name, module, inputs = step
     if isinstance(module, (nn.Conv2d, nn.Linear)):
-        weight = _to_ints(np.ldexp(module.weight.detach().double().numpy(), shifts[name]))
+        weight = to_ints(np.ldexp(module.weight.detach().double().numpy(), shifts[name]))
         bias_scale = math.ldexp(input_max, exponents[name])
         bias = module.bias.detach().double().numpy() if module.bias is not None else np.zeros(weight.shape[0])
-        bias = _to_ints(bias * bias_scale)
+        bias = to_ints(bias * bias_scale)
         if isinstance(module, nn.Linear):
             return Dense(name, inputs[0], name, weight, bias)
         return Conv(name, inputs[0], name, weight, bias, module.stride[0], module.padding[0])
@@ -229,8 +215,3 @@ def _integer_layer(step: Step, shifts: dict[str, int], exponents: dict[str, int]
     if isinstance(module, nn.ReLU):
         return ReLU(name, inputs[0], name, (requant_shifts or {}).get(name, 0))
     return Flatten(name, inputs[0], name)
-
-
-def _to_ints(values: np.ndarray) -> np.ndarray:
-    """Round floats to exact Python ints (object array, same shape); no int64 on the way."""
-    return np.array([int(v) for v in np.rint(values).ravel()], dtype=object).reshape(values.shape)

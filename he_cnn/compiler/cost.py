@@ -1,4 +1,5 @@
-"""Primitive costs on this machine, and per layer the least work and bytes the protocol needs.
+"""The cost model: primitive costs on this machine, per layer the least work and bytes the protocol
+needs, and the predicted seconds of a query (:func:`predict_query`) before anyone pays for one.
 
 :func:`measure_primitives` times the operations every protocol step is made of, for one key:
 a modular multiplication mod N^2 and mod the DGK modulus, a CRT decryption, a DGK zero test, a
@@ -35,6 +36,11 @@ The bound is that work divided by the number of cores (S1 and S2 take turns, so 
 core in its turn) — a floor no implementation of *this* protocol goes below on this machine; our
 time / bound says how much is Python, dispatch, and work the protocol could avoid.
 Bytes: the ciphertexts each round must carry at fixed width (packs, DGK bits, replies), no headers.
+
+:func:`predict_query` turns the bound into a prediction for a whole query of any compiled model:
+the bound of every layer times :data:`ENGINE_FACTOR` (how far the engine is from the bound, measured
+on the ICNN by ``bench/bench.py``), plus the link's latency over the layer's rounds. The benchmark
+prints the prediction beside the measurement for every zoo model.
 """
 from __future__ import annotations
 
@@ -47,10 +53,11 @@ import gmpy2
 import numpy as np
 from gmpy2 import mpz
 
-from he_cnn.crypto.paillier import KAPPA
-from he_cnn.graph.layers import Cost, layer_from_spec, linear_siblings
+from he_cnn.crypto.paillier import KAPPA, generate_keypair
+from he_cnn.geometry import pair
+from he_cnn.graph.layers import Cost, Layer, layer_from_spec, linear_siblings
 from he_cnn.protocols.common import slot_bits, slots_per_pack
-from he_cnn.protocols.millionaire import product_width, rot_count
+from he_cnn.protocols.millionaire import product_width, requests_needed, rot_count
 
 #: window of the shared-base exponentiation assumed by the bound (the engine's Straus window)
 WINDOW = 4
@@ -85,34 +92,38 @@ def per_call(fn: Callable[[], Any], min_seconds: float, batch: int = 50) -> floa
     return best
 
 
-def measure_primitives(public, private, dgk_public, dgk_private, min_seconds: float = 0.3) -> dict[str, float]:
-    """Seconds per primitive operation for these keys, single core."""
+def measure_primitives(public, private, dgk_public=None, dgk_private=None, min_seconds: float = 0.3) -> dict[str, float]:
+    """Seconds per primitive operation for these keys, single core (the DGK ones only with DGK keys:
+    the OT comparison needs none)."""
     nsq, n = public.nsq, public.n
     a, b = mpz(secrets.randbelow(int(nsq))), mpz(secrets.randbelow(int(nsq)))
-    dn = dgk_public.n
-    da, db = mpz(secrets.randbelow(int(dn))), mpz(secrets.randbelow(int(dn)))
     c = public.encrypt(12345)
-    dc = dgk_public.encrypt(1)
-    p, v_p = dgk_private.p, dgk_private.v_p
     e64 = mpz(secrets.randbits(64) | (1 << 63))
-    blind_exps = [mpz(1 + secrets.randbelow(dgk_public.u - 1)) for _ in range(64)]
-    it = iter(range(1 << 62))
-
-    def blind() -> mpz:
-        return gmpy2.powmod(dc, blind_exps[next(it) & 63], dn)
-
     prims = {
         "mulmod_nsq": per_call(lambda: a * b % nsq, min_seconds, 200),
-        "mulmod_dgk": per_call(lambda: da * db % dn, min_seconds, 200),
         "decrypt_crt": per_call(lambda: private.decrypt_raw(c), min_seconds, 5),
-        "dgk_zero_test": per_call(lambda: gmpy2.powmod(dc, v_p, p), min_seconds, 20),
-        "dgk_blind_exp": per_call(blind, min_seconds, 50),
         "exp_per_bit_nsq": per_call(lambda: gmpy2.powmod(c, e64, nsq), min_seconds, 20) / 64,
         "invert_nsq": per_call(lambda: gmpy2.invert(c, nsq), min_seconds, 20),
         "fresh_randomizer_nsq": per_call(public.fresh_randomizer, min_seconds, 5),
-        "fresh_randomizer_dgk": per_call(dgk_public.fresh_randomizer, min_seconds, 5),
         "full_exp_nsq": per_call(lambda: gmpy2.powmod(c, n, nsq), min_seconds, 2),
     }
+    if dgk_public is not None:
+        dn = dgk_public.n
+        da, db = mpz(secrets.randbelow(int(dn))), mpz(secrets.randbelow(int(dn)))
+        dc = dgk_public.encrypt(1)
+        p, v_p = dgk_private.p, dgk_private.v_p
+        blind_exps = [mpz(1 + secrets.randbelow(dgk_public.u - 1)) for _ in range(64)]
+        it = iter(range(1 << 62))
+
+        def blind() -> mpz:
+            return gmpy2.powmod(dc, blind_exps[next(it) & 63], dn)
+
+        prims.update({
+            "mulmod_dgk": per_call(lambda: da * db % dn, min_seconds, 200),
+            "dgk_zero_test": per_call(lambda: gmpy2.powmod(dc, v_p, p), min_seconds, 20),
+            "dgk_blind_exp": per_call(blind, min_seconds, 50),
+            "fresh_randomizer_dgk": per_call(dgk_public.fresh_randomizer, min_seconds, 5),
+        })
     prims.update(measure_ot(min_seconds))
     return {k: float(v) for k, v in prims.items()}
 
@@ -207,7 +218,7 @@ def layer_bound(entry: dict, spec: dict, layer, bits: int, prim: dict[str, float
     :class:`~he_cnn.graph.layers.Cost` (a packed linear product, comparison passes, or nothing);
     ``layer.kind == "to_user"`` is the result's re-encryption, which is not a layer."""
     shapes = spec["shapes"]
-    mm, mmd = prim["mulmod_nsq"], prim["mulmod_dgk"]
+    mm, mmd = prim["mulmod_nsq"], prim.get("mulmod_dgk", 0.0)
     s1 = s2 = 0.0
     to_s2 = to_s1 = 0
     elements = 0
@@ -305,3 +316,67 @@ def layer_bound(entry: dict, spec: dict, layer, bits: int, prim: dict[str, float
 def link_seconds(rounds: int, total_bytes: int, rtt: float = 1e-3, bandwidth_bits: float = 1e9) -> float:
     """Latency a link adds: one round trip per round plus serialisation of every byte."""
     return rounds * rtt + total_bytes * 8 / bandwidth_bits
+
+
+#: the engine's online seconds over the protocol's bound, measured by ``bench/bench.py`` on the ICNN at
+#: 2048 bits, 2 cores, OT comparison (docs/benchmarks.md: 3.34 s against a 2.4 s bound)
+ENGINE_FACTOR = 1.4
+#: one S1 -> S2 round trip on the link the prediction assumes (the same host or one data centre)
+ROUND_TRIP = 1e-3
+
+
+def layer_rounds(layer: Layer, in_shapes: list[tuple[int, ...]], cost: Cost, comparison: str) -> int:
+    """Round trips S1 makes for one layer: two for a packed linear product (reveal, cross terms); per
+    comparison pass the comparison's requests (OT: 1 + ceil(levels / 2); DGK: two), where a max-pool
+    runs ceil(log2 k) passes one after another along each axis."""
+    if cost.linear is not None:
+        return 2
+    if not cost.passes:
+        return 0
+
+    def per_pass(bits: int) -> int:
+        return requests_needed(max(1, bits)) if comparison == "ot" else 2
+
+    rounds = sum(per_pass(low) for _, _, low in cost.passes[:-1])  # a truncation first, if any
+    m, revealed, low = cost.passes[-1]
+    kernel = getattr(layer, "kernel", None)
+    sequential = sum(max(0, k - 1).bit_length() for k in pair(kernel)) if layer.kind == "maxpool" else 1
+    return rounds + sequential * per_pass(low)
+
+
+def predict_query(spec: dict, prims: dict[str, float], bits: int, cores: int, comparison: str = "ot",
+                  factor: float = ENGINE_FACTOR, rtt: float = ROUND_TRIP) -> dict[str, Any]:
+    """The predicted online seconds of one query of the model whose public spec is ``spec``, with a
+    ``bits``-bit key on ``cores`` cores, and the counts behind it, per interactive layer and in total:
+    compared bits, multiply-accumulates, values revealed, rounds, least bytes, bound seconds."""
+    ct_bytes = 2 * ((bits + 7) // 8)
+    rows = []
+    for entry in spec["layers"]:
+        layer = layer_from_spec(entry)
+        if not layer.interactive:
+            continue
+        in_shapes = [tuple(spec["shapes"][t]) for t in layer.sources()]
+        cost = layer.cost(in_shapes, [tensor_bits(spec, t) for t in layer.sources()])
+        bound = layer_bound(entry, spec, layer, bits, prims, cores, ct_bytes, 0, ct_bytes, prims["mulmod_nsq"],
+                            comparison=comparison)
+        rounds = layer_rounds(layer, in_shapes, cost, comparison)
+        total_bytes = bound["min_bytes_to_s2"] + bound["min_bytes_to_s1"]
+        rows.append({"name": layer.name, "kind": layer.kind, "rounds": rounds, "bytes": total_bytes,
+                     "compared_bits": bound.get("compared_bits", 0), "macs": bound.get("macs", 0),
+                     "revealed": bound.get("inputs", 0) + sum(m for m, _, _ in cost.passes),
+                     "bound_seconds": bound["bound"],
+                     "predicted_seconds": bound["bound"] * factor + link_seconds(rounds, total_bytes, rtt)})
+    totals = {key: sum(r[key] for r in rows) for key in
+              ("rounds", "bytes", "compared_bits", "macs", "revealed", "bound_seconds", "predicted_seconds")}
+    return {"bits": bits, "cores": cores, "comparison": comparison, "factor": factor, "layers": rows, **totals}
+
+
+def predict_for_machine(spec: dict, bits: int = 2048, cores: int | None = None, min_seconds: float = 0.05
+                        ) -> dict[str, Any]:
+    """:func:`predict_query` with the primitives timed now, on this machine, for a fresh ``bits``-bit key
+    (a second or two; the OT comparison, the service's default)."""
+    import os
+
+    keys = generate_keypair(bits)
+    prims = measure_primitives(keys.public, keys.private, min_seconds=min_seconds)
+    return predict_query(spec, prims, bits, cores or os.cpu_count() or 1)
