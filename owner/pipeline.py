@@ -1,8 +1,10 @@
-"""The owner's steps: train → quantise → score → encrypt → upload.
+"""The owner's steps: train → quantise (or compile) → score → encrypt → upload.
 
-Training and quantisation are :mod:`he_cnn.training.train` and :mod:`he_cnn.training.quantize`; this module strings them
-together for a data set (the embedded digits or an image folder), scores the float and the integer
-model on the held-out split, encrypts every kernel and bias under the cloud key fetched from S1, and
+Training is :mod:`he_cnn.training.train` on an architecture of the zoo (:mod:`he_cnn.training.zoo`:
+the patent's ICNN, the default, quantised by :mod:`he_cnn.training.quantize`; ``vgg`` and ``resnet``,
+compiled like any user's model by :mod:`he_cnn.compiler`). This module strings the steps together for
+a data set (the embedded digits, MNIST, or an image folder), scores the float and the integer model on
+the held-out split, encrypts every kernel and bias under the cloud key fetched from S1, and
 posts the encrypted model with the owner token. :func:`cached_model` keeps trained models on disk,
 keyed by the settings and the training code (the demo and the benchmark both use it). Nothing here
 prints: callers pass a progress callback and decide what to show.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -18,81 +21,123 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from he_cnn.errors import HECNNError
 from he_cnn.files import atomic_write
-from he_cnn.images import quantize_image
-from he_cnn.training.data import Dataset, load_digits_dataset, load_image_folder
+from he_cnn.training.data import Dataset, load_dataset as load_named_dataset
 from he_cnn.graph.integer_model import IntegerModel
-from he_cnn.training.icnn import ICNN
 from he_cnn.transport.http_channel import CloudPublicKey, fetch_public_key, http_request
 from he_cnn.graph.integer_model import load_integer_model, save_integer_model
 from he_cnn.training.quantize import quantize_icnn
-from he_cnn.graph.reference import integer_accuracy
+from he_cnn.graph.reference import float_agreement, integer_accuracy
 from he_cnn.parties.compute_cloud import encrypt_model
-from he_cnn.training.train import train_icnn
+from he_cnn.training.train import predict_float, train_architecture
+from he_cnn.training.zoo import build_model
 
 UPLOAD_TIMEOUT = 900.0
+#: the modules whose code decides a trained integer model (a change in any retrains the cached ones)
+CODE_THAT_TRAINS = ("he_cnn.images", "he_cnn.graph.layers", "he_cnn.graph.integer_model", "he_cnn.training.data",
+                    "he_cnn.training.icnn", "he_cnn.training.quantize", "he_cnn.training.train", "he_cnn.training.zoo",
+                    "he_cnn.compiler", "he_cnn.compiler.float_graph", "he_cnn.compiler.lower",
+                    "he_cnn.compiler.onnx_import")
 KEY_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Everything that determines the trained integer model (and so the demo's cache key)."""
+    """Everything that determines the trained integer model (and so the demo's cache key). ``None``
+    means the architecture's default: the ICNN sends pixels as 0..15 with 6-bit weights (the patent's
+    model), the compiled zoo models 0..255 with 8-bit weights; sizes are 16 (digits, folders), 28 (MNIST)."""
 
-    images: str | None = None  # an image folder (one sub-folder per class); None = embedded digits
-    size: int = 16
-    epochs: int = 15
+    images: str | None = None  # an image folder (one sub-folder per class); None = ``data``
+    size: int | None = None
+    epochs: int | None = None  # None: the architecture's own (the ICNN 15)
     seed: int = 0
-    input_max: int = 15
-    weight_bits: int = 6
+    input_max: int | None = None
+    weight_bits: int | None = None
+    arch: str = "icnn"
+    data: str = "digits"  # "digits", "mnist" (``images`` overrides it)
+    activation_bits: int = 12  # the compiled models' calibrated activation width
+
+    def resolved(self) -> "TrainSettings":
+        """The settings with every default filled in for the architecture and data set."""
+        icnn = self.arch == "icnn"
+        size = self.size or (28 if self.data == "mnist" and not self.images else 16)
+        return dataclasses.replace(self, size=size, epochs=self.epochs or (15 if icnn else None),
+                                   input_max=self.input_max or (15 if icnn else 255),
+                                   weight_bits=self.weight_bits or (6 if icnn else 8))
 
     def cache_key(self) -> str:
         """A hash of the settings and of the code that trains and quantises (a code change retrains)."""
-        from he_cnn.graph import integer_model
-        from he_cnn.training import data, icnn, quantize, train
-
-        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode())
-        for module in (data, integer_model, icnn, quantize, train):
-            digest.update(Path(module.__file__ or "").read_bytes())
+        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self.resolved()), sort_keys=True).encode())
+        for name in CODE_THAT_TRAINS:
+            digest.update(Path(importlib.import_module(name).__file__ or "").read_bytes())
         return digest.hexdigest()[:24]
 
 
 @dataclass(frozen=True)
 class TrainedModel:
     model: IntegerModel
-    dataset: Dataset
+    dataset: Dataset | None  # None when a loaded model's input does not fit the data set
     float_accuracy: float | None  # None when the model was loaded, not trained
-    integer_accuracy: float
-    #: the trained float ICNN (eval mode); None when only an integer model file was loaded
-    float_model: ICNN | None = None
+    integer_accuracy: float | None
+    #: the trained float model (eval mode); None when only an integer model file was loaded
+    float_model: torch.nn.Module | None = None
+    #: the fraction of test images on which the integer model's class equals the float model's
+    agreement: float | None = None
 
 
 def load_dataset(settings: TrainSettings) -> Dataset:
-    if settings.images:
-        return load_image_folder(settings.images, size=settings.size, seed=settings.seed)
-    return load_digits_dataset(size=settings.size, seed=settings.seed)
+    settings = settings.resolved()
+    return load_named_dataset(settings.images or settings.data, size=settings.size, seed=settings.seed,
+                              input_max=settings.input_max)
 
 
 def score_integer_model(model: IntegerModel, dataset: Dataset) -> float:
-    images = [quantize_image(x, model.input_max) for x in dataset.x_test]
+    images = [model.preprocessing.quantize(x) for x in dataset.x_test]
     return integer_accuracy(model, images, dataset.y_test)
 
 
+def agreement(model: IntegerModel, float_model: torch.nn.Module, dataset: Dataset) -> float:
+    """Argmax agreement of the integer model (exact reference) with the float model on the test split."""
+    images = [model.preprocessing.quantize(x) for x in dataset.x_test]
+    return float_agreement(model, images, predict_float(float_model, dataset.x_test))
+
+
 def train_model(settings: TrainSettings) -> TrainedModel:
-    """Train the float ICNN, quantise it, score both on the test split; class names go into ``meta``."""
+    """Train the float model, quantise (ICNN) or compile (zoo) it, score both on the test split; class
+    names and the preprocessing go into ``meta``."""
+    settings = settings.resolved()
     dataset = load_dataset(settings)
-    result = train_icnn(dataset, epochs=settings.epochs, seed=settings.seed)
-    model = quantize_icnn(result.model, input_max=settings.input_max, weight_bits=settings.weight_bits)
-    model = dataclasses.replace(model, meta={**model.meta, "classes": list(dataset.classes)})
-    return TrainedModel(model, dataset, result.float_test_accuracy, score_integer_model(model, dataset), result.model)
+    result = train_architecture(settings.arch, dataset, seed=settings.seed, epochs=settings.epochs)
+    if settings.arch == "icnn":
+        model = quantize_icnn(result.model, input_max=settings.input_max, weight_bits=settings.weight_bits)
+        model = dataclasses.replace(model, meta={**model.meta, "classes": list(dataset.classes),
+                                                 "preprocessing": dataset.preprocessing.to_json()})
+    else:
+        from he_cnn.compiler import compile_model  # onnx and the exporter only for compiled models
+
+        calibration = dataset.x_train[np.random.default_rng(settings.seed).permutation(len(dataset.x_train))[:256]]
+        model = compile_model(result.model, calibration, preprocessing=dataset.preprocessing,
+                              weight_bits=settings.weight_bits, activation_bits=settings.activation_bits,
+                              classes=dataset.classes).model
+    return TrainedModel(model, dataset, result.float_test_accuracy, score_integer_model(model, dataset), result.model,
+                        agreement(model, result.model, dataset))
 
 
 def load_model(path: str | Path, settings: TrainSettings) -> TrainedModel:
-    """A saved integer model, scored on the data set of ``settings``."""
+    """A saved integer model, scored on the data set of ``settings`` when the model reads its images
+    (same input shape and channels); otherwise unscored."""
     model = load_integer_model(path)
-    dataset = load_dataset(dataclasses.replace(settings, size=model.input_shape[1]))
+    pre = model.preprocessing
+    resolved = settings.resolved()
+    if pre.channels != "grey" or pre.height != pre.width:
+        return TrainedModel(model, None, None, None)
+    dataset = load_dataset(dataclasses.replace(resolved, size=pre.height, input_max=model.input_max))
+    if dataset.x_test.shape[1:] != model.input_shape:
+        return TrainedModel(model, None, None, None)
     return TrainedModel(model, dataset, None, score_integer_model(model, dataset))
 
 
@@ -119,22 +164,24 @@ def cached_model(settings: TrainSettings, folder: str | Path | None = None,
     if model_file.is_file() and weights_file.is_file() and scores_file.is_file():
         try:
             trained = load_model(model_file, settings)
-            float_model = ICNN(num_classes=len(trained.dataset.classes), image_size=trained.model.input_shape[1])
+            float_model = build_model(settings.arch, trained.model.input_shape, trained.model.num_classes)
             float_model.load_state_dict(torch.load(weights_file, weights_only=True))
             float_model.eval()
-            float_accuracy = float(json.loads(scores_file.read_text())["float_accuracy"])
+            scores = json.loads(scores_file.read_text())
             note(f"using the cached model {model_file}")
-            return dataclasses.replace(trained, float_accuracy=float_accuracy, float_model=float_model)
+            return dataclasses.replace(trained, float_accuracy=float(scores["float_accuracy"]), float_model=float_model,
+                                       agreement=scores.get("agreement"))
         except (HECNNError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
             note(f"cached model unusable ({e}); training again")
-    note(f"training the ICNN ({settings.epochs} epochs, seed {settings.seed})")
+    note(f"training {settings.arch} on {settings.images or settings.data} (seed {settings.seed})")
     trained = train_model(settings)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         weights = io.BytesIO()
         torch.save(trained.float_model.state_dict(), weights)
         atomic_write(weights_file, weights.getvalue())
-        atomic_write(scores_file, json.dumps({"float_accuracy": trained.float_accuracy}).encode())
+        atomic_write(scores_file, json.dumps({"float_accuracy": trained.float_accuracy,
+                                              "agreement": trained.agreement}).encode())
         save_integer_model(trained.model, model_file)
     except OSError as e:
         note(f"could not cache the model ({e})")
