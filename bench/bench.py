@@ -818,6 +818,13 @@ def run_service(bits, im, ds, indices, em, pk, uk, s2, s2_url, token, owner_toke
 
 # -- machine --------------------------------------------------------------------------------------
 
+def zoo_section(text: str) -> str:
+    """The model zoo's section of a benchmark report (bench/zoo.py writes it between its markers)."""
+    from bench.zoo import BEGIN, END
+
+    return text[text.index(BEGIN):text.index(END) + len(END)] if BEGIN in text and END in text else ""
+
+
 def machine_facts(args) -> dict:
     cpu = "unknown"
     try:
@@ -1021,7 +1028,9 @@ def write_outputs(results: dict, args) -> None:
             results["plot_link"] = os.path.relpath(Path(args.plot).resolve(), base)
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(report.markdown_report(results))
+        target = Path(args.markdown)
+        kept = zoo_section(target.read_text()) if target.exists() else ""  # bench/zoo.py's, measured apart
+        target.write_text(report.markdown_report(results) + (f"\n{kept}\n" if kept else ""))
         log(f"wrote {args.markdown}")
 
 
