@@ -20,6 +20,8 @@ from he_cnn.errors import BadRequest
 from he_cnn.graph.integer_model import IntegerModel, save_integer_model
 from he_cnn.graph.reference import predict_reference
 from he_cnn.images import IMAGE_SUFFIXES, Preprocessing
+from he_cnn.parties.compute_cloud import plaintext_needs
+from he_cnn.protocols.millionaire import MAX_BITS as MAX_OT_BITS
 
 #: images that calibrate at most; the rest are held out
 MAX_CALIBRATION = 512
@@ -48,6 +50,14 @@ def compile_file(model_file: str, calibrate: str, out: str, *, labels: str | Non
     held_out = order[split:] if split < len(images) else order
     compiled = compile_model(model_file, images[order[:split]], preprocessing=preprocessing, weight_bits=weight_bits,
                              activation_bits=activation_bits, classes=classes or names, notice=notice)
+    widest, longest, where = plaintext_needs(compiled.model)
+    if widest > key_bits - 2:
+        raise BadRequest(f"the compiled model does not fit a {key_bits}-bit key: layer {where!r} needs {widest}-bit "
+                         f"plaintext slots; compile with fewer --bits or --activation-bits, or plan for a larger key "
+                         f"(--key-bits)")
+    if longest > MAX_OT_BITS:
+        raise BadRequest(f"the compiled model compares {longest}-bit values, more than the comparison's "
+                         f"{MAX_OT_BITS}; compile with fewer --activation-bits")
     save_integer_model(compiled.model, out)
     evaluation = images[held_out]
     report: dict[str, Any] = {"out": out, "notices": list(compiled.notices), "calibration_images": int(split),

@@ -43,18 +43,23 @@ def test_compile_reports_and_writes_a_model(tmp_path):
     assert len(classify_reference(model, np.zeros((1, 8, 8), dtype=object))) == 4
 
 
-@pytest.mark.parametrize("problem", ["unsupported op", "wrong image shape"])
+@pytest.mark.parametrize("problem", ["unsupported op", "wrong image shape", "overflows the key"])
 def test_compile_refuses_in_one_line(tmp_path, problem):
     layers = [nn.Conv2d(1, 2, 3), nn.Sigmoid() if problem == "unsupported op" else nn.ReLU(), nn.Flatten(),
               nn.Linear(2 * 36, 3)]
+    if problem == "overflows the key":  # 64 dense layers and no ReLU: each adds ~20 bits to the bound
+        layers = [nn.Flatten()] + [nn.Linear(64, 64) for _ in range(64)]
     export(nn.Sequential(*layers), tmp_path / "m.onnx")
-    shape = (10, 1, 8, 8) if problem == "unsupported op" else (10, 1, 9, 9)
+    shape = (10, 1, 9, 9) if problem == "wrong image shape" else (10, 1, 8, 8)
     np.save(tmp_path / "x.npy", np.random.default_rng(1).random(shape).astype(np.float32))
+    wide = ["--bits", "16", "--key-bits", "1024"] if problem == "overflows the key" else []
     done = he_cnn("owner", "compile", str(tmp_path / "m.onnx"), "--calibrate", str(tmp_path / "x.npy"),
-                  "--out", str(tmp_path / "m.hecnn"))
+                  "--out", str(tmp_path / "m.hecnn"), *wide)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
-    assert ("Sigmoid" in last and "supported" in last) if problem == "unsupported op" else "(n, 1, 8, 8)" in last
+    expected = {"unsupported op": ["Sigmoid", "supported"], "wrong image shape": ["(n, 1, 8, 8)"],
+                "overflows the key": ["does not fit a 1024-bit key"]}[problem]
+    assert all(text in last for text in expected), last
     assert not (tmp_path / "m.hecnn").exists()
 
 

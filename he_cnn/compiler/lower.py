@@ -90,7 +90,8 @@ def _linear(lowering: Lowering, op: ConvOp | DenseOp) -> None:
     k = weight_shift(op.weight, lowering.weight_bits)
     scale = lowering.scale_of(op.inputs[0]) * Fraction(2) ** k
     weight = to_ints(np.ldexp(op.weight, k))
-    bias = to_ints(op.bias * float(scale))
+    # exactly, in rationals: a deep stack's scale can pass float's range
+    bias = np.array([round(Fraction(float(b)) * scale) for b in op.bias.ravel()], dtype=object).reshape(op.bias.shape)
     if isinstance(op, ConvOp):
         layer: Layer = Conv(op.name, op.inputs[0], op.name, weight, bias, op.stride, op.padding)
     else:
