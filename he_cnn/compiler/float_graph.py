@@ -147,32 +147,32 @@ class ReluOp(FloatOp):
 
 
 @dataclass(frozen=True, eq=False)
-class MaxPoolOp(FloatOp):
-    """Window maxima; padded positions never win (torch's -inf padding)."""
+class PoolOp(FloatOp):
+    """A pooling window: the base of MaxPoolOp and AvgPoolOp."""
 
-    kind: ClassVar[str] = "MaxPool"
     kernel: Pair
     stride: Pair
     padding: Pair = (0, 0)
 
     def out_shape(self, shapes: list[Shape]) -> Shape:
         return (shapes[0][0], *_window_shape(self, shapes[0], self.kernel, self.stride, self.padding))
+
+
+@dataclass(frozen=True, eq=False)
+class MaxPoolOp(PoolOp):
+    """Window maxima; padded positions never win (torch's -inf padding)."""
+
+    kind: ClassVar[str] = "MaxPool"
 
     def run(self, xs: list[np.ndarray]) -> np.ndarray:
         return _windows(xs[0], self.kernel, self.stride, self.padding, -np.inf).max(axis=(-2, -1))
 
 
 @dataclass(frozen=True, eq=False)
-class AvgPoolOp(FloatOp):
+class AvgPoolOp(PoolOp):
     """Window means over kh * kw cells, zero padding counted (ONNX ``count_include_pad=1``)."""
 
     kind: ClassVar[str] = "AveragePool"
-    kernel: Pair
-    stride: Pair
-    padding: Pair = (0, 0)
-
-    def out_shape(self, shapes: list[Shape]) -> Shape:
-        return (shapes[0][0], *_window_shape(self, shapes[0], self.kernel, self.stride, self.padding))
 
     def run(self, xs: list[np.ndarray]) -> np.ndarray:
         return _windows(xs[0], self.kernel, self.stride, self.padding, 0.0).mean(axis=(-2, -1))

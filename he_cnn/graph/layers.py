@@ -398,18 +398,16 @@ class ReLU(Layer):
 
 
 @dataclass(frozen=True, eq=False)
-class MaxPool(Layer):
-    """Window maxima of ``x >> shift`` (SMAP); the shift requantises first, exactly: a ReLU's shift
-    moves here when truncating before the pool is cheaper, since relu(max(x)) >> k = relu(max(x >> k))."""
+class Pool(Layer):
+    """A pooling window over a (C, H, W) tensor, (h, w) kernel, stride and padding: the base of MaxPool
+    and SumPool."""
 
-    kind: ClassVar[str] = "maxpool"
     name: str = param(parse.text)
     input: str = param(parse.text)
     output: str = param(parse.text)
     kernel: tuple[int, int] = param(parse.pair_of(parse.positive_int))
     stride: tuple[int, int] = param(parse.pair_of(parse.positive_int))
     padding: tuple[int, int] = param(parse.pair_of(parse.non_negative_int), default=(0, 0))
-    shift: int = param(parse.int_in(0, 4096), default=0)
 
     def __post_init__(self) -> None:
         _set_pairs(self, "kernel", "stride", "padding")
@@ -419,9 +417,21 @@ class MaxPool(Layer):
         if len(shape) != 3 or not _window_fits(self.kernel, self.stride, self.padding, shape):
             raise ShapeError(f"{self.name}: pooling {self.kernel} stride {self.stride} pad {self.padding} "
                              f"does not fit input {shape}")
+        return (shape[0], *conv_output_hw(shape[1], shape[2], self.kernel, self.stride, self.padding))
+
+
+@dataclass(frozen=True, eq=False)
+class MaxPool(Pool):
+    """Window maxima of ``x >> shift`` (SMAP); the shift requantises first, exactly: a ReLU's shift
+    moves here when truncating before the pool is cheaper, since relu(max(x)) >> k = relu(max(x >> k))."""
+
+    kind: ClassVar[str] = "maxpool"
+    shift: int = param(parse.int_in(0, 4096), default=0)
+
+    def out_shape(self, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
         if self.shift < 0:
             raise ShapeError(f"{self.name}: negative shift {self.shift}")
-        return (shape[0], *conv_output_hw(shape[1], shape[2], self.kernel, self.stride, self.padding))
+        return super().out_shape(in_shapes)
 
     def interval(self, in_shapes: list[tuple[int, ...]], ins: list[Interval]) -> Interval:
         lo, hi = ins[0]  # padded positions are left out of every window
@@ -447,29 +457,13 @@ class MaxPool(Layer):
 
 
 @dataclass(frozen=True, eq=False)
-class SumPool(Layer):
+class SumPool(Pool):
     """Window sums with zero padding (local: ciphertext products, no protocol). An average pool is
     this sum with the 1 / (kh kw) folded into the tensor's scale; a global average pool is a sum
     over the whole (H, W) window."""
 
     kind: ClassVar[str] = "sumpool"
     interactive: ClassVar[bool] = False
-    name: str = param(parse.text)
-    input: str = param(parse.text)
-    output: str = param(parse.text)
-    kernel: tuple[int, int] = param(parse.pair_of(parse.positive_int))
-    stride: tuple[int, int] = param(parse.pair_of(parse.positive_int))
-    padding: tuple[int, int] = param(parse.pair_of(parse.non_negative_int), default=(0, 0))
-
-    def __post_init__(self) -> None:
-        _set_pairs(self, "kernel", "stride", "padding")
-
-    def out_shape(self, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
-        shape = in_shapes[0]
-        if len(shape) != 3 or not _window_fits(self.kernel, self.stride, self.padding, shape):
-            raise ShapeError(f"{self.name}: pooling {self.kernel} stride {self.stride} pad {self.padding} "
-                             f"does not fit input {shape}")
-        return (shape[0], *conv_output_hw(shape[1], shape[2], self.kernel, self.stride, self.padding))
 
     def interval(self, in_shapes: list[tuple[int, ...]], ins: list[Interval]) -> Interval:
         lo, hi = _with_zero(ins[0]) if any(self.padding) else ins[0]
@@ -490,10 +484,9 @@ class SumPool(Layer):
 
 
 @dataclass(frozen=True, eq=False)
-class Add(Layer):
-    """Element-wise sum of equal-shaped tensors at one scale: a residual join (local: no protocol)."""
+class Join(Layer):
+    """A local layer that reads several tensors (already at one scale): the base of Add and Concat."""
 
-    kind: ClassVar[str] = "add"
     interactive: ClassVar[bool] = False
     name: str = param(parse.text)
     inputs: tuple[str, ...] = param(parse.text_tuple)
@@ -504,6 +497,13 @@ class Add(Layer):
 
     def sources(self) -> tuple[str, ...]:
         return self.inputs
+
+
+@dataclass(frozen=True, eq=False)
+class Add(Join):
+    """Element-wise sum of equal-shaped tensors at one scale: a residual join (local: no protocol)."""
+
+    kind: ClassVar[str] = "add"
 
     def out_shape(self, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
         if len(in_shapes) < 2 or len(set(in_shapes)) != 1:
@@ -587,20 +587,10 @@ class Pad(Layer):
 
 
 @dataclass(frozen=True, eq=False)
-class Concat(Layer):
+class Concat(Join):
     """Channel-wise concatenation (local: no protocol)."""
 
     kind: ClassVar[str] = "concat"
-    interactive: ClassVar[bool] = False
-    name: str = param(parse.text)
-    inputs: tuple[str, ...] = param(parse.text_tuple)
-    output: str = param(parse.text)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "inputs", tuple(self.inputs))
-
-    def sources(self) -> tuple[str, ...]:
-        return self.inputs
 
     def out_shape(self, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
         if any(len(s) != 3 for s in in_shapes) or len({s[1:] for s in in_shapes}) != 1:
