@@ -277,8 +277,9 @@ def _read_picture(file: Path, channels: int) -> np.ndarray:
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
-def _read_array(file: Path) -> np.ndarray:
-    """A ``.npy`` image as float64 ``(1 or 3, h, w)`` in [0, 1] (see :meth:`Preprocessing.load`)."""
+def read_npy(file: Path) -> np.ndarray:
+    """One numeric array from a ``.npy`` file (the caller bounds the file's size first); pickled
+    (object) arrays, archives and anything unreadable are refused with :class:`BadRequest`."""
     try:
         array = np.load(file, allow_pickle=False)  # object arrays need pickle: refused
     except (ValueError, OSError, EOFError) as e:
@@ -286,8 +287,15 @@ def _read_array(file: Path) -> np.ndarray:
     if not isinstance(array, np.ndarray):  # an .npz archive renamed .npy
         array.close()
         raise BadRequest(f"{str(file)!r} is a numpy archive, not one array")
-    numeric = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
-    if not numeric or array.ndim not in (2, 3) or array.size == 0 or array.size > MAX_PIXELS:
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise BadRequest(f"{str(file)!r}: expected a numeric array, got dtype {array.dtype}")
+    return array
+
+
+def _read_array(file: Path) -> np.ndarray:
+    """A ``.npy`` image as float64 ``(1 or 3, h, w)`` in [0, 1] (see :meth:`Preprocessing.load`)."""
+    array = read_npy(file)
+    if array.ndim not in (2, 3) or array.size == 0 or array.size > MAX_PIXELS:
         raise BadRequest(f"{str(file)!r}: expected a 2-D or 3-D numeric array of at most {MAX_PIXELS} values, "
                          f"got shape {array.shape} dtype {array.dtype}")
     if array.ndim == 2:

@@ -19,13 +19,12 @@ from he_cnn.compiler.onnx_import import import_onnx, read_onnx
 from he_cnn.errors import BadRequest
 from he_cnn.graph.integer_model import IntegerModel, save_integer_model
 from he_cnn.graph.reference import predict_reference
-from he_cnn.images import IMAGE_SUFFIXES, Preprocessing
-from he_cnn.parties.compute_cloud import plaintext_needs
-from he_cnn.protocols.millionaire import MAX_BITS as MAX_OT_BITS
+from he_cnn.images import IMAGE_SUFFIXES, Preprocessing, read_npy
+from he_cnn.parties.compute_cloud import check_fits
 
 #: images that calibrate at most; the rest are held out
 MAX_CALIBRATION = 512
-#: images read from a folder at most
+#: sample images read at most (a folder's, a .npy batch's)
 MAX_IMAGES = 4096
 #: a calibration .npy file's largest size
 MAX_NPY_BYTES = 256 << 20
@@ -50,14 +49,7 @@ def compile_file(model_file: str, calibrate: str, out: str, *, labels: str | Non
     held_out = order[split:] if split < len(images) else order
     compiled = compile_model(model_file, images[order[:split]], preprocessing=preprocessing, weight_bits=weight_bits,
                              activation_bits=activation_bits, classes=classes or names, notice=notice)
-    widest, longest, where = plaintext_needs(compiled.model)
-    if widest > key_bits - 2:
-        raise BadRequest(f"the compiled model does not fit a {key_bits}-bit key: layer {where!r} needs {widest}-bit "
-                         f"plaintext slots; compile with fewer --bits or --activation-bits, or plan for a larger key "
-                         f"(--key-bits)")
-    if longest > MAX_OT_BITS:
-        raise BadRequest(f"the compiled model compares {longest}-bit values, more than the comparison's "
-                         f"{MAX_OT_BITS}; compile with fewer --activation-bits")
+    check_fits(compiled.model, key_bits)
     save_integer_model(compiled.model, out)
     evaluation = images[held_out]
     report: dict[str, Any] = {"out": out, "notices": list(compiled.notices), "calibration_images": int(split),
@@ -99,6 +91,9 @@ def load_calibration(path: str, preprocessing: Preprocessing, labels: str | None
             raise BadRequest("--labels goes with a .npy calibration; a folder's labels are its sub-folders")
         return _folder(source, preprocessing)
     images = _npy(source, "calibration")
+    if images.ndim not in (3, 4) or len(images) > MAX_IMAGES:
+        raise BadRequest(f"calibration {str(source)!r}: expected at most {MAX_IMAGES} images (n, C, H, W), (n, H, W) "
+                         f"or (n, H, W, C); got shape {images.shape}")
     if images.ndim == 3:
         images = images[:, None]
     if images.ndim == 4 and images.shape[1:] != preprocessing.input_shape and images.shape[-1] == preprocessing.channel_count:
@@ -124,14 +119,7 @@ def _npy(path: Path, what: str) -> np.ndarray:
         raise BadRequest(f"{what} {str(path)!r}: expected a folder or a .npy file")
     if path.stat().st_size > MAX_NPY_BYTES:
         raise BadRequest(f"{what} {str(path)!r} is larger than {MAX_NPY_BYTES >> 20} MiB")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise BadRequest(f"cannot read {what} {str(path)!r} as a numpy array: {e}") from e
-    if not isinstance(array, np.ndarray) or not (np.issubdtype(array.dtype, np.integer)
-                                                 or np.issubdtype(array.dtype, np.floating)):
-        raise BadRequest(f"{what} {str(path)!r}: expected a numeric array")
-    return array
+    return read_npy(path)
 
 
 def _folder(root: Path, preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:

@@ -169,6 +169,17 @@ def test_a_model_that_overflows_the_key_is_refused_at_upload(keys1024, s1):
     model = build_model(tuple(layers), "input", (1, 2, 2), 3, "fc15")
     uploaded = EncryptedModel.deserialize(keys1024.public, encrypt_model(model, keys1024.public).serialize())
     rounds = s1.channel.stats.rounds
-    with pytest.raises(BadRequest, match="overflow the cloud key: layer 'fc"):
+    with pytest.raises(BadRequest, match="overflow a 1024-bit key: 'fc"):
         setup_model(s1, uploaded)
     assert s1.channel.stats.rounds == rounds
+
+
+def test_a_spec_whose_tensors_grow_past_the_cap_is_refused():
+    """Zero padding costs no weights: a spec of pads that grows a tensor past the cap is refused when
+    S1 reads it, before anything is built for it."""
+    spec = case("pad").to_spec()
+    pads = [{"kind": "pad", "name": f"p{i}", "input": "input" if i == 0 else f"p{i - 1}", "output": f"p{i}",
+             "pads": [1024, 1024, 1024, 1024]} for i in range(3)]
+    spec["layers"] = pads + spec["layers"]
+    with pytest.raises(ShapeError, match="more than"):
+        IntegerModel.from_spec(spec)

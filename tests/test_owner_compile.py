@@ -58,7 +58,7 @@ def test_compile_refuses_in_one_line(tmp_path, problem):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     expected = {"unsupported op": ["Sigmoid", "supported"], "wrong image shape": ["(n, 1, 8, 8)"],
-                "overflows the key": ["does not fit a 1024-bit key"]}[problem]
+                "overflows the key": ["overflow a 1024-bit key"]}[problem]
     assert all(text in last for text in expected), last
     assert not (tmp_path / "m.hecnn").exists()
 
@@ -72,3 +72,22 @@ def test_zoo_architecture_trains_and_compiles(tmp_path, arch):
     assert report["integer_accuracy"] > 0.5 and report["agreement"] > 0.9
     model = load_integer_model(tmp_path / "m.json")
     assert model.preprocessing.input_max == 255 and model.meta["source"] == "torch"
+
+
+@pytest.mark.parametrize("content", ["empty", "scalar", "strings", "npz"])
+def test_hostile_calibration_files_get_one_line(tmp_path, content):
+    export(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 36, 3)), tmp_path / "m.onnx")
+    target = tmp_path / "x.npy"
+    if content == "empty":
+        target.write_bytes(b"")
+    elif content == "scalar":
+        np.save(target, np.float32(0.5))
+    elif content == "strings":
+        np.save(target, np.array(["a", "b"]))
+    else:
+        np.savez(tmp_path / "x.npz", a=np.zeros(3))
+        (tmp_path / "x.npz").rename(target)
+    done = he_cnn("owner", "compile", str(tmp_path / "m.onnx"), "--calibrate", str(target), "--out",
+                  str(tmp_path / "m.hecnn"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "x.npy" in done.stderr.strip().splitlines()[-1]

@@ -60,6 +60,9 @@ class Lowering:
         inputs = []
         for tensor, n, d in zip(op.inputs, numerators, denominators):
             factor = (top // n) * (d // bottom)
+            if factor > MAX_SCALE_FACTOR:
+                raise UnsupportedLayer(f"{op.name}: the joined tensors' scales are {factor:.3g} apart, more than a "
+                                       f"scale layer's 2^64; compile with fewer --bits")
             name = f"{tensor}_x{factor}"
             if factor > 1 and name not in self.scales:
                 if name in self.graph.shapes:
@@ -68,6 +71,10 @@ class Lowering:
                 self.add(Scale(name, tensor, name, factor), Fraction(top, bottom))
             inputs.append(name if factor > 1 else tensor)
         return tuple(inputs), Fraction(top, bottom)
+
+
+#: the largest factor a Scale layer takes (its spec reader's limit)
+MAX_SCALE_FACTOR = 1 << 64
 
 
 def lower(graph: FloatGraph, calibration: np.ndarray, input_max: int, weight_bits: int,
@@ -101,7 +108,7 @@ def _linear(lowering: Lowering, op: ConvOp | DenseOp) -> None:
 
 def _relu(lowering: Lowering, op: ReluOp) -> None:
     scale = lowering.scale_of(op.inputs[0])
-    peak = math.ceil(max(lowering.peaks[op.inputs[0]], 0.0) * scale)
+    peak = math.ceil(Fraction(max(lowering.peaks[op.inputs[0]], 0.0)) * scale)  # exact: scales pass float's range
     shift = max(0, peak.bit_length() - lowering.activation_bits)
     lowering.add(ReLU(op.name, op.inputs[0], op.name, shift), scale / 2 ** shift)
 

@@ -40,6 +40,8 @@ FORMAT_VERSION = 1
 MAX_INPUT_ELEMENTS = 3 * 256 * 256
 #: no tensor of a model that fits a Paillier plaintext can need more bits than this
 MAX_VALUE_BITS = 4096
+#: the most elements any tensor of a model may have (a 256 x 256 map of 64 channels)
+MAX_TENSOR_ELEMENTS = 1 << 22
 #: the most layers a model may have
 MAX_LAYERS = 4096
 
@@ -196,12 +198,20 @@ def _check_wiring(layers: tuple[Layer, ...], input_name: str, input_shape: tuple
         if layer.name in names:
             raise BadRequest(f"layer name {layer.name!r} is used twice")
         names.add(layer.name)
-        shapes[layer.output] = tuple(layer.out_shape([shapes[t] for t in layer.sources()]))
+        shapes[layer.output] = _bounded(layer, layer.out_shape([shapes[t] for t in layer.sources()]))
     if output not in shapes or output == input_name:
         raise BadRequest(f"output tensor {output!r} is produced by no layer")
     if shapes[output] != (num_classes,):
         raise BadRequest(f"output {output!r} has shape {shapes[output]}, expected ({num_classes},)")
     return shapes
+
+
+def _bounded(layer: Layer, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The layer's output shape, refused past :data:`MAX_TENSOR_ELEMENTS`."""
+    if math.prod(shape) > MAX_TENSOR_ELEMENTS:
+        raise ShapeError(f"layer {layer.name!r} makes a tensor of {list(shape)}: more than {MAX_TENSOR_ELEMENTS} "
+                         "elements")
+    return tuple(shape)
 
 
 def infer_shapes_and_bounds(
@@ -226,7 +236,7 @@ def infer_shapes_and_bounds(
         if missing:
             raise ShapeError(f"layer {layer.name!r} reads {missing}, which no earlier layer produces")
         in_shapes = [shapes[s] for s in layer.sources()]
-        shapes[layer.output] = tuple(layer.out_shape(in_shapes))
+        shapes[layer.output] = _bounded(layer, layer.out_shape(in_shapes))
         intervals[layer.output] = layer.interval(in_shapes, [intervals[s] for s in layer.sources()])
     bounds = {name: max([abs(v) for v in lo] + [abs(v) for v in hi] + [0]) for name, (lo, hi) in intervals.items()}
     return shapes, bounds

@@ -264,7 +264,7 @@ class LinearLayer(Layer):
                              run.shared_input(self.input))  # type: ignore[attr-defined]
 
     def cost(self, in_shapes: list[tuple[int, ...]], in_bits: list[int]) -> Cost:
-        positions, taps = self.geometry(in_shapes[0]).column_indices().shape
+        positions, taps = self.geometry(in_shapes[0]).matrix_shape()
         return Cost(linear=(positions, taps, self.channels, math.prod(in_shapes[0]), in_bits[0]))  # type: ignore[attr-defined]
 
 

@@ -136,21 +136,29 @@ def plaintext_needs(graph: IntegerModel) -> tuple[int, int, str]:
         if slots and max(slots) > widest:
             widest, where = max(slots), layer.name
         longest = max([longest] + [compared for _, _, compared in cost.passes])
+    result = slot_bits(bits[graph.output], KAPPA)  # the class vector's reveal for the user's key
+    if result > widest:
+        widest, where = result, graph.output
     return widest, longest, where
 
 
-def check_fits_key(graph: IntegerModel, ctx: S1Context) -> None:
-    """:class:`BadRequest` unless every protocol step of the model fits the cloud key's plaintexts
-    and the comparison protocol's bit limit: refused at upload, never half-way through a query."""
-    n_bits = ctx.public_key.bits
+def check_fits(graph: IntegerModel, key_bits: int, compare_limit: int = MAX_OT_BITS) -> None:
+    """:class:`BadRequest` unless every protocol step of the model fits a ``key_bits``-bit key's
+    plaintexts and the comparison's bit limit (the owner's compile checks the key it plans for; S1
+    checks its own at upload: never half-way through a query)."""
     widest, longest, where = plaintext_needs(graph)
-    if widest > n_bits - 2:
-        raise BadRequest(f"the model's bounds overflow the cloud key: layer {where!r} needs {widest}-bit plaintext "
-                         f"slots, a {n_bits}-bit key holds {n_bits - 2}; compile with fewer bits or use a larger key")
-    limit = MAX_OT_BITS if ctx.comparison == "ot" else ctx.dgk_key.max_bits
-    if longest > limit:
-        raise BadRequest(f"the model compares {longest}-bit values; the {ctx.comparison} comparison handles at most "
-                         f"{limit}: compile with fewer activation bits")
+    if widest > key_bits - 2:
+        raise BadRequest(f"the model's bounds overflow a {key_bits}-bit key: {where!r} needs {widest}-bit plaintext "
+                         f"slots, the key holds {key_bits - 2}; compile with fewer --bits or --activation-bits, or "
+                         f"use a larger key")
+    if longest > compare_limit:
+        raise BadRequest(f"the model compares {longest}-bit values; the comparison handles at most {compare_limit}: "
+                         f"compile with fewer --activation-bits")
+
+
+def check_fits_key(graph: IntegerModel, ctx: S1Context) -> None:
+    """:func:`check_fits` for S1's key and comparison protocol."""
+    check_fits(graph, ctx.public_key.bits, MAX_OT_BITS if ctx.comparison == "ot" else ctx.dgk_key.max_bits)
 
 
 def setup_model(ctx: S1Context, model: EncryptedModel, setup_id: str | None = None) -> ModelSetup:

@@ -84,6 +84,13 @@ class LinearGeometry:
             return np.arange(self.in_shape[0], dtype=np.int64).reshape(1, -1)
         return im2col_indices(self.in_shape, self.kernel, self.stride, self.padding)
 
+    def matrix_shape(self) -> tuple[int, int]:
+        """(P, F) of :meth:`column_indices`, without building it."""
+        if len(self.in_shape) == 1:
+            return 1, self.in_shape[0]
+        oh, ow = conv_output_hw(self.in_shape[1], self.in_shape[2], self.kernel, self.stride, self.padding)
+        return oh * ow, self.in_shape[0] * self.kernel[0] * self.kernel[1]
+
     def out_shape(self, channels: int) -> tuple[int, ...]:
         if len(self.in_shape) == 1:
             return (channels,)
