@@ -39,7 +39,7 @@ def _settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--input-max", type=click.IntRange(1, 255), default=None,
                      help="Pixels are encoded as integers 0..input-max [default: 15 for the ICNN, else 255]."),
         click.option("--weight-bits", "--bits", "weight_bits", type=click.IntRange(2, 16), default=None,
-                     help="Signed bits per quantised weight [default: 6 for the ICNN, else 8]."),
+                     help="Signed bits per quantised weight [default: 6 for the ICNN, else 10]."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text."),
     ]
     for option in reversed(options):
@@ -155,8 +155,8 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
               help="Sample images: a folder (one sub-folder per class gives labels) or a .npy batch (n, C, H, W).")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), help="Labels (.npy ints) of a .npy batch.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the compiled model.")
-@click.option("--bits", "weight_bits", type=click.IntRange(2, 16), default=8, show_default=True,
-              help="Signed bits per quantised weight.")
+@click.option("--bits", "weight_bits", type=click.IntRange(2, 16), default=10, show_default=True,
+              help="Signed bits per quantised weight (per tensor: BatchNorm-folded kernels need about 10).")
 @click.option("--activation-bits", type=click.IntRange(4, 32), default=12, show_default=True,
               help="Bits of the calibrated peak after each ReLU (requantisation).")
 @click.option("--input-max", type=click.IntRange(1, 255), default=255, show_default=True,

@@ -30,7 +30,7 @@ MAX_IMAGES = 4096
 MAX_NPY_BYTES = 256 << 20
 
 
-def compile_file(model_file: str, calibrate: str, out: str, *, labels: str | None = None, weight_bits: int = 8,
+def compile_file(model_file: str, calibrate: str, out: str, *, labels: str | None = None, weight_bits: int = 10,
                  activation_bits: int = 12, input_max: int = 255, channels: str | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  classes: Sequence[str] | None = None, key_bits: int = 2048, seed: int = 0,

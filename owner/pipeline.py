@@ -49,7 +49,9 @@ KEY_TIMEOUT = 30.0
 class TrainSettings:
     """Everything that determines the trained integer model (and so the demo's cache key). ``None``
     means the architecture's default: the ICNN sends pixels as 0..15 with 6-bit weights (the patent's
-    model), the compiled zoo models 0..255 with 8-bit weights; sizes are 16 (digits, folders), 28 (MNIST)."""
+    model), the compiled zoo models 0..255 with 10-bit weights (with 8, BatchNorm-folded channels of
+    small scale lose precision: the residual net agreed with its float model on 98.4 % of the digits'
+    test split at 8 bits, 100 % at 10); sizes are 16 (digits, folders), 28 (MNIST)."""
 
     images: str | None = None  # an image folder (one sub-folder per class); None = ``data``
     size: int | None = None
@@ -67,7 +69,7 @@ class TrainSettings:
         size = self.size or (28 if self.data == "mnist" and not self.images else 16)
         return dataclasses.replace(self, size=size, epochs=self.epochs or (15 if icnn else None),
                                    input_max=self.input_max or (15 if icnn else 255),
-                                   weight_bits=self.weight_bits or (6 if icnn else 8))
+                                   weight_bits=self.weight_bits or (6 if icnn else 10))
 
     def cache_key(self) -> str:
         """A hash of the settings and of the code that trains and quantises (a code change retrains)."""

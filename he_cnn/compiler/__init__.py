@@ -80,7 +80,7 @@ class CompiledModel:
 
 
 def compile_model(model: ModelSource | Any, calibration: np.ndarray, *, preprocessing: Preprocessing | None = None,
-                  weight_bits: int = 8, activation_bits: int = 12, classes: Sequence[str] | None = None,
+                  weight_bits: int = 10, activation_bits: int = 12, classes: Sequence[str] | None = None,
                   notice: Callable[[str], None] | None = None) -> CompiledModel:
     """Compile ``model`` (a torch ``nn.Module``, or an ONNX file: path, bytes or ``onnx.ModelProto``).
 
