@@ -7,6 +7,8 @@ evaluates it in float64 on a batch (vectorised with numpy, batch-first), which i
 against torch and what calibrates the integer model's requantising shifts. Each operation is one
 frozen dataclass deriving from :class:`FloatOp` that knows its output shape and its evaluation;
 shapes are per sample (the batch axis is never part of a shape here): ``(C, H, W)`` or ``(F,)``.
+Shape inference bounds every tensor (:data:`MAX_TENSOR_ELEMENTS`, :data:`MAX_GRAPH_ELEMENTS` in all)
+and every padding (:data:`MAX_PAD`), so a hostile model is refused before its evaluation allocates.
 
 The rewrites the importer applies before lowering live here too, since each is a statement about
 float functions: :func:`fold_affine` (a BatchNormalization or a constant bias add into the Conv/Gemm
@@ -25,13 +27,22 @@ from typing import ClassVar, Iterator
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from he_cnn.errors import ShapeError, UnsupportedLayer
+from he_cnn.graph.integer_model import MAX_TENSOR_ELEMENTS
+from he_cnn.graph.layers import MAX_PAD
+from he_cnn.errors import BadRequest, ShapeError, UnsupportedLayer
 
 Shape = tuple[int, ...]
 Pair = tuple[int, int]
 
-#: images evaluated at once: bounds the memory of a convolution's patches
+#: images evaluated at once, at most
 CHUNK = 64
+#: the most elements all tensors of a graph may have together, per image; the evaluation holds every
+#: tensor of a chunk at once, so a chunk has at most this many elements in all (at least one image)
+MAX_GRAPH_ELEMENTS = 1 << 24
+#: the most elements a convolution's patches may have at once (it evaluates a few images or output
+#: rows at a time); one output row of one image must fit
+MAX_PATCH_ELEMENTS = 1 << 24
+#: the most zero padding on one side (the integer Pad layer's limit, he_cnn.graph.layers.Pad)
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,11 +69,31 @@ def _spatial(op: FloatOp, shape: Shape) -> tuple[int, int, int]:
 
 
 def _window_shape(op: FloatOp, shape: Shape, kernel: Pair, stride: Pair, padding: Pair) -> tuple[int, int]:
-    _, h, w = _spatial(op, shape)
+    c, h, w = _spatial(op, shape)
+    if len(kernel) != 2 or len(stride) != 2 or len(padding) != 2 or min(kernel) < 1 or min(stride) < 1 \
+            or not 0 <= min(padding) <= max(padding) <= MAX_PAD:
+        raise ShapeError(f"{op.name}: window {kernel} stride {stride} pad {padding} is not a 2-D window with "
+                         f"strides >= 1 and pads in [0, {MAX_PAD}]")
+    _bounded(op, f"the padded input of {op.name!r}", (c, h + 2 * padding[0], w + 2 * padding[1]))
     out = tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip((h, w), kernel, stride, padding))
-    if min(out) < 1 or min(kernel) < 1 or min(stride) < 1 or min(padding) < 0:
+    if min(out) < 1:
         raise ShapeError(f"{op.name}: window {kernel} stride {stride} pad {padding} does not fit input {shape}")
     return out  # type: ignore[return-value]
+
+
+def _bounded(op: FloatOp, what: str, shape: Shape) -> Shape:
+    """``shape``, refused where a tensor of it would have more than :data:`MAX_TENSOR_ELEMENTS` elements."""
+    elements = math.prod(shape)
+    if elements > MAX_TENSOR_ELEMENTS:
+        raise BadRequest(f"{what} ({op.kind}) would have shape {tuple(shape)}: {elements} elements per image, "
+                         f"more than {MAX_TENSOR_ELEMENTS}")
+    return shape
+
+
+def inferred_shape(op: FloatOp, shapes: list[Shape]) -> Shape:
+    """The output shape of ``op`` (:class:`ShapeError` where the inputs do not fit), refused with
+    :class:`BadRequest` where its tensor would exceed :data:`MAX_TENSOR_ELEMENTS`."""
+    return _bounded(op, f"tensor {op.name!r}", tuple(op.out_shape(shapes)))
 
 
 def _windows(x: np.ndarray, kernel: Pair, stride: Pair, padding: Pair, fill: float) -> np.ndarray:
@@ -88,12 +119,25 @@ class ConvOp(FloatOp):
         c = _spatial(self, shapes[0])[0]
         if c != self.weight.shape[1]:
             raise ShapeError(f"{self.name}: weight {self.weight.shape} does not fit {c} input channels")
-        return (self.weight.shape[0], *_window_shape(self, shapes[0], self.weight.shape[2:], self.stride,
-                                                     self.padding))
+        oh, ow = _window_shape(self, shapes[0], self.weight.shape[2:], self.stride, self.padding)
+        row = c * ow * math.prod(self.weight.shape[2:])
+        if row > MAX_PATCH_ELEMENTS:
+            raise BadRequest(f"{self.name} ({self.kind}): one output row reads {row} input values, more than "
+                             f"{MAX_PATCH_ELEMENTS}")
+        return (self.weight.shape[0], oh, ow)
 
     def run(self, xs: list[np.ndarray]) -> np.ndarray:
+        """The einsum copies the patches it reads: a few images, or a few output rows of one, at a time."""
         patches = _windows(xs[0], self.weight.shape[2:], self.stride, self.padding, 0.0)
-        out = np.einsum("nchwuv,ocuv->nohw", patches, self.weight, optimize=True)
+        n, _, oh, ow = patches.shape[:4]
+        row = math.prod(patches.shape[1:]) // oh  # the patches of one output row of one image
+        rows = min(oh, max(1, MAX_PATCH_ELEMENTS // row))
+        images = max(1, MAX_PATCH_ELEMENTS // (row * oh))
+        out = np.empty((n, self.weight.shape[0], oh, ow))
+        for i in range(0, n, images):
+            for r in range(0, oh, rows):
+                out[i:i + images, :, r:r + rows] = np.einsum("nchwuv,ocuv->nohw", patches[i:i + images, :, r:r + rows],
+                                                             self.weight, optimize=True)
         return out + self.bias[None, :, None, None]
 
 
@@ -226,6 +270,9 @@ class PadOp(FloatOp):
 
     def out_shape(self, shapes: list[Shape]) -> Shape:
         c, h, w = _spatial(self, shapes[0])
+        if len(self.pads) != 4 or not 0 <= min(self.pads) <= max(self.pads) <= MAX_PAD:
+            raise ShapeError(f"{self.name}: pads must be 4 integers in [0, {MAX_PAD}] (top, left, bottom, right); "
+                             f"got {list(self.pads)}")
         top, left, bottom, right = self.pads
         return (c, h + top + bottom, w + left + right)
 
@@ -251,12 +298,20 @@ class FloatGraph:
     shapes: dict[str, Shape] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        elements = math.prod(self.input_shape)
+        if len(self.input_shape) != 3 or elements > MAX_TENSOR_ELEMENTS:
+            raise BadRequest(f"the input {self.input_name!r} must be (C, H, W) of at most {MAX_TENSOR_ELEMENTS} "
+                             f"elements; got {tuple(self.input_shape)}")
         shapes: dict[str, Shape] = {self.input_name: tuple(self.input_shape)}
         for op in self.ops:
             missing = [t for t in op.inputs if t not in shapes]
             if missing or op.name in shapes:
                 raise ShapeError(f"{op.name}: reads unknown tensors {missing} or rewrites an existing one")
-            shapes[op.name] = tuple(op.out_shape([shapes[t] for t in op.inputs]))
+            shapes[op.name] = inferred_shape(op, [shapes[t] for t in op.inputs])
+            elements += math.prod(shapes[op.name])
+            if elements > MAX_GRAPH_ELEMENTS:
+                raise BadRequest(f"the graph's tensors up to {op.name!r} have {elements} elements per image, more "
+                                 f"than {MAX_GRAPH_ELEMENTS}")
         if self.output not in shapes:
             raise ShapeError(f"output {self.output!r} is computed by no operation")
         self.shapes.clear()
@@ -298,10 +353,12 @@ class FloatGraph:
         return peaks
 
     def _chunks(self, x: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
-        """Every tensor, :data:`CHUNK` images at a time."""
+        """Every tensor, :data:`CHUNK` images at a time, or fewer where their tensors would hold more than
+        :data:`MAX_GRAPH_ELEMENTS` elements."""
         batch = np.asarray(x, dtype=np.float64)
-        for start in range(0, len(batch), CHUNK):
-            yield self.tensors(batch[start:start + CHUNK])
+        step = max(1, min(CHUNK, MAX_GRAPH_ELEMENTS // sum(math.prod(s) for s in self.shapes.values())))
+        for start in range(0, len(batch), step):
+            yield self.tensors(batch[start:start + step])
 
 
 # --- rewrites --------------------------------------------------------------------------------------

@@ -1,16 +1,23 @@
 """ONNX import: a model file, bounded and checked, becomes the compiler's float graph.
 
 :func:`read_onnx` bounds the file's size before it parses it, parses it without following external
-data, and runs ``onnx.checker``; every failure is a :class:`~he_cnn.errors.BadRequest`.
-:func:`import_onnx` walks the checked graph once, in its (topological) order:
+data (external data is read only from the model's folder, every tensor's bytes counted), and runs
+``onnx.checker``; every failure is a :class:`~he_cnn.errors.BadRequest`. :func:`import_onnx` drops
+the nodes that do not reach the output, then walks the rest once, in its (topological) order:
 
-* a node whose inputs are all constants (initializers, ``Constant`` outputs, shapes of data tensors,
-  which are static here with a batch of 1) is evaluated at once (``onnx.reference``), so the shape
-  arithmetic of the legacy exporter (Shape, Gather, Concat, Cast, Slice, ConstantOfShape, Reshape
-  on constants, ...) disappears; its output's size is bounded before it is computed;
+* a node of :data:`FOLDED_OPS` (shape arithmetic) whose inputs are all constants (initializers,
+  ``Constant`` outputs, shapes of data tensors, which are static here with a batch of 1) is evaluated
+  at once (``onnx.reference``), so the shape arithmetic of the legacy exporter (Shape, Gather,
+  Concat, Cast, Slice, ConstantOfShape, Reshape on constants, ...) disappears; its output's size is
+  bounded from its inputs' shapes before it is computed, and all folded constants together are
+  bounded too;
 * every other node must be one of :data:`CONVERTERS` (the supported operations, one converter each)
   and becomes :class:`~he_cnn.compiler.float_graph.FloatOp` objects; anything else is an
   :class:`~he_cnn.errors.UnsupportedLayer` naming the node, its operation and the supported list.
+
+A hostile file is expected here: sizes are bounded before anything is allocated (constants, pads,
+every tensor of the float graph), weights must be finite, and whatever else goes wrong on a malformed
+model ends as a :class:`~he_cnn.errors.BadRequest` naming what was wrong.
 
 The result is then cleaned by the float graph's rewrites: unused operations pruned, BatchNormalization
 and constant bias adds folded into the Conv/Gemm before them, ReLU-then-MaxPool swapped. Tensors keep
@@ -31,22 +38,39 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from he_cnn.compiler.float_graph import (AddOp, AffineOp, AvgPoolOp, ConcatOp, ConvOp, DenseOp, FlattenOp,
-                                         FloatGraph, FloatOp, MaxPoolOp, PadOp, ReluOp, Shape, fold_affine,
-                                         prune, swap_relu_maxpool)
-from he_cnn.errors import BadRequest, HECNNError, UnsupportedLayer
+from he_cnn.compiler.float_graph import (MAX_PAD, MAX_TENSOR_ELEMENTS, AddOp, AffineOp, AvgPoolOp, ConcatOp,
+                                         ConvOp, DenseOp, FlattenOp, FloatGraph, FloatOp, MaxPoolOp, PadOp,
+                                         ReluOp, Shape, fold_affine, inferred_shape, prune, swap_relu_maxpool)
+from he_cnn.errors import BadRequest, HECNNError, ShapeError, UnsupportedLayer
 
 #: the largest model file read (weights included)
 MAX_MODEL_BYTES = 256 << 20
 #: the most nodes a graph may have
 MAX_NODES = 20_000
-#: the most elements one folded constant may have (a shape subgraph never comes close)
+#: the most elements one initializer, or all folded constants together, may have (a shape subgraph
+#: never comes close); a grouped convolution's expanded weight too
 MAX_CONSTANT_ELEMENTS = 1 << 25
-#: nodes that would fold to a different value on every run
-RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-              "Bernoulli"}
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                onnx.TensorProto.BFLOAT16}
+#: the element types an external data file may hold (fixed width: its length follows from the dims)
+EXTERNAL_TYPES = FLOAT_TYPES | {getattr(onnx.TensorProto, t) for t in ("INT8", "INT16", "INT32", "INT64", "UINT8",
+                                                                     "UINT16", "UINT32", "UINT64", "BOOL")}
+#: elementwise operations folded on constants: their output has the inputs' broadcast shape
+BROADCASTING_OPS = frozenset({
+    "Add", "Sub", "Mul", "Div", "Pow", "Mod", "Min", "Max", "Sum", "Mean", "Equal", "Less", "Greater",
+    "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Not", "Neg", "Abs", "Floor", "Ceil", "Round", "Sqrt",
+    "Reciprocal", "Sign", "Relu", "Clip", "Where"})
+#: operations folded on constants whose output has at most as many elements as their largest input
+SHRINKING_OPS = frozenset({
+    "Identity", "Cast", "CastLike", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Slice",
+    "ReduceProd", "ReduceSum", "ReduceMin", "ReduceMax", "ReduceMean"})
+#: the operations evaluated on constants (shape arithmetic): a bound on each one's output size is
+#: known from its inputs' shapes and values (:func:`_fold_bound`) before it is evaluated
+FOLDED_OPS = BROADCASTING_OPS | SHRINKING_OPS | {"Constant", "Shape", "Size", "Concat", "Gather",
+                                                 "ConstantOfShape", "Expand", "Tile", "Range"}
+#: what malformed input makes onnx, numpy and the converters raise, turned into BadRequest
+MALFORMED = (ValueError, TypeError, IndexError, KeyError, AttributeError, ArithmeticError, RuntimeError,
+             DecodeError, onnx.checker.ValidationError)
 
 ModelSource = str | os.PathLike | bytes | bytearray | onnx.ModelProto
 
@@ -56,8 +80,17 @@ def read_onnx(source: ModelSource) -> onnx.ModelProto:
 
     A file's weights may lie in external data files (torch writes ``model.onnx.data`` next to
     ``model.onnx``): they are read only from a path source, only from files inside the model's folder,
-    and count towards :data:`MAX_MODEL_BYTES`.
+    and count towards :data:`MAX_MODEL_BYTES`. Every failure is a :class:`BadRequest`.
     """
+    try:
+        return _read(source)
+    except HECNNError:
+        raise
+    except (OSError, *MALFORMED) as e:
+        raise BadRequest(f"cannot read the ONNX model: {type(e).__name__}: {str(e)[:300]}") from e
+
+
+def _read(source: ModelSource) -> onnx.ModelProto:
     if isinstance(source, onnx.ModelProto):
         if source.ByteSize() > MAX_MODEL_BYTES:
             raise BadRequest(f"the ONNX model has {source.ByteSize()} bytes, more than {MAX_MODEL_BYTES}")
@@ -65,12 +98,14 @@ def read_onnx(source: ModelSource) -> onnx.ModelProto:
     else:
         data = _bounded_bytes(source)
         model = _parse(data)
+    if len(model.graph.node) > MAX_NODES:
+        raise BadRequest(f"the ONNX graph has {len(model.graph.node)} nodes, more than {MAX_NODES}")
     external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     if external:
         if not isinstance(source, (str, os.PathLike)):
             raise BadRequest(f"initializer {external[0].name!r} keeps its data in an external file; pass the "
                              "model's path (its data files next to it) or save it with the weights inside")
-        _load_external(model, external, Path(source).parent, len(data))
+        _load_external(external, Path(source).parent, len(data))
     try:
         onnx.checker.check_model(model)
     except Exception as e:  # the checker raises ValidationError, and C++ errors for broken protos
@@ -78,20 +113,34 @@ def read_onnx(source: ModelSource) -> onnx.ModelProto:
     return model
 
 
-def _load_external(model: onnx.ModelProto, tensors: list[onnx.TensorProto], folder: Path, size: int) -> None:
-    """Read the external data of ``tensors`` from files inside ``folder``, all files bounded together."""
+def _load_external(tensors: list[onnx.TensorProto], folder: Path, size: int) -> None:
+    """Read the external data of ``tensors`` from files inside ``folder``. Every tensor's bytes count
+    (many tensors may read one file), each must be what its dims and type make, and together with the
+    model's ``size`` they are bounded by :data:`MAX_MODEL_BYTES` before anything is read."""
     root = folder.resolve()
-    files = set()
     for tensor in tensors:
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (root / location).resolve()
-        if not location or Path(location).is_absolute() or root not in target.parents or not target.is_file():
-            raise BadRequest(f"initializer {tensor.name!r}: external data {location[:80]!r} is not a file in "
-                             f"the model's folder")
-        files.add(target)
-    size += sum(file.stat().st_size for file in files)
-    if size > MAX_MODEL_BYTES:
-        raise BadRequest(f"the ONNX model and its data files have {size} bytes, more than {MAX_MODEL_BYTES}")
+        where = f"initializer {tensor.name!r}"
+        try:
+            info = onnx.external_data_helper.ExternalDataInfo(tensor)
+            location, offset = str(info.location), int(info.offset or 0)
+            target = (root / location).resolve()
+            if not location or Path(location).is_absolute() or root not in target.parents or not target.is_file():
+                raise BadRequest(f"{where}: external data {location[:80]!r} is not a file in the model's folder")
+            available = target.stat().st_size - offset
+            length = available if info.length is None else int(info.length)
+        except (OSError, ValueError, TypeError) as e:
+            raise BadRequest(f"{where}: malformed external data reference: {str(e)[:200]}") from e
+        if tensor.data_type not in EXTERNAL_TYPES:
+            raise BadRequest(f"{where}: external data must hold fixed-width numbers, not element type "
+                             f"{tensor.data_type}")
+        expected = _count(tensor.dims, where) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        if not 0 <= length <= available or length != expected:
+            raise BadRequest(f"{where}: external data of {length} bytes at offset {offset} of a "
+                             f"{available + offset}-byte file; its dims {list(tensor.dims)} need {expected} bytes")
+        size += length
+        if size > MAX_MODEL_BYTES:
+            raise BadRequest(f"the ONNX model and the external data of its tensors have more than {MAX_MODEL_BYTES} "
+                             f"bytes (counted up to {where})")
     try:
         for tensor in tensors:
             onnx.external_data_helper.load_external_data_for_tensor(tensor, str(root))
@@ -99,11 +148,30 @@ def _load_external(model: onnx.ModelProto, tensors: list[onnx.TensorProto], fold
         raise BadRequest(f"cannot read the ONNX model's external data: {e}") from e
 
 
+def _count(dims: Any, what: str) -> int:
+    """The number of elements of a shape given as a sequence (or 1-D array) of non-negative integers."""
+    values = [int(v) for v in np.asarray(dims).ravel()]
+    if any(v < 0 for v in values):
+        raise BadRequest(f"{what}: dimensions {values[:8]} must not be negative")
+    return math.prod(values)
+
+
 def import_onnx(model: onnx.ModelProto) -> tuple[FloatGraph, list[str]]:
-    """The float graph of a checked model, and notices about what the import changed."""
-    importer = _Importer(model)
-    graph = importer.run()
-    return swap_relu_maxpool(fold_affine(prune(graph))), importer.notices
+    """The float graph of a checked model, and notices about what the import changed.
+
+    Raises :class:`UnsupportedLayer` for what he-cnn cannot compile and :class:`BadRequest` for a
+    malformed or oversized model.
+    """
+    try:
+        importer = _Importer(model)
+        graph = importer.run()
+        return swap_relu_maxpool(fold_affine(prune(graph))), importer.notices
+    except ShapeError as e:
+        raise BadRequest(f"the ONNX model's tensors do not fit together: {e}") from e
+    except HECNNError:
+        raise
+    except MALFORMED as e:
+        raise BadRequest(f"malformed ONNX model: {type(e).__name__}: {str(e)[:300]}") from e
 
 
 def _bounded_bytes(source: str | os.PathLike | bytes | bytearray) -> bytes:
@@ -130,7 +198,7 @@ def _bounded_bytes(source: str | os.PathLike | bytes | bytearray) -> bytes:
 def _parse(data: bytes) -> onnx.ModelProto:
     try:
         model = onnx.load_model_from_string(data)
-    except (DecodeError, ValueError, RuntimeError) as e:
+    except MALFORMED as e:
         raise BadRequest(f"not an ONNX model: {str(e)[:200] or type(e).__name__}") from e
     if not model.graph.node:
         raise BadRequest("not an ONNX model: the file holds no graph nodes")
@@ -139,7 +207,14 @@ def _parse(data: bytes) -> onnx.ModelProto:
 
 def _label(node: onnx.NodeProto) -> str:
     """How messages name a node: its name (or first output) and its operation."""
-    return f"node {node.name or node.output[0]!r} ({node.op_type})"
+    return f"node {node.name or (node.output[0] if node.output else '')!r} ({node.op_type})"
+
+
+def _attribute_tensors(attribute: onnx.AttributeProto) -> list[onnx.TensorProto]:
+    sparse = [attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else []
+    sparse += list(attribute.sparse_tensors)
+    return [attribute.t] * attribute.HasField("t") + list(attribute.tensors) + \
+        [t for s in sparse for t in (s.values, s.indices)]
 
 
 def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
@@ -158,20 +233,21 @@ class _Importer:
         self.shapes: dict[str, Shape] = {}  # IR tensor -> per-sample shape
         self.ops: list[FloatOp] = []
         self.dropped: dict[str, str] = {}  # output of a dropped final softmax -> that node
+        self.folded = 0  # elements of all folded constants
         self.notices: list[str] = []
 
     # -- the walk ----------------------------------------------------------------------------------
     def run(self) -> FloatGraph:
         if len(self.graph.node) > MAX_NODES:
             raise BadRequest(f"the ONNX graph has {len(self.graph.node)} nodes, more than {MAX_NODES}")
-        for tensor in self.graph.initializer:  # external data is loaded (read_onnx) or refused by now
-            self.constants[tensor.name] = numpy_helper.to_array(tensor)
-        input_name, input_shape = self._input()
-        for node in self.graph.node:
-            self._node(node)
         if len(self.graph.output) != 1:
             raise UnsupportedLayer(f"the model must have one output (the class scores), it has "
                                    f"{len(self.graph.output)}")
+        for tensor in self.graph.initializer:
+            self.constants[tensor.name] = _initializer(tensor)
+        input_name, input_shape = self._input()
+        for node in self._reaching(self.graph.output[0].name):
+            self._node(node)
         output = self.graph.output[0].name
         if output in self.dropped:
             self.notices.append(f"the final {self.dropped[output]} is dropped: the integer model outputs the "
@@ -200,30 +276,55 @@ class _Importer:
         if min(shape) < 1:
             raise UnsupportedLayer(f"the model's input {inputs[0].name!r} must have fixed C, H, W; got "
                                    f"{[d.dim_param or d.dim_value for d in dims]}")
+        if math.prod(shape) > MAX_TENSOR_ELEMENTS:
+            raise BadRequest(f"the model's input {inputs[0].name!r} of shape {shape} has more than "
+                             f"{MAX_TENSOR_ELEMENTS} elements per image")
         name = self._fresh(inputs[0].name)
         self.names[inputs[0].name] = name
         self.shapes[name] = shape
         return name, shape  # type: ignore[return-value]
 
+    def _reaching(self, output: str) -> list[onnx.NodeProto]:
+        """The nodes the output depends on, in graph order (nothing else is folded or converted)."""
+        needed, kept = {output}, []
+        for node in reversed(self.graph.node):
+            if needed.intersection(node.output):
+                kept.append(node)
+                needed.update(node.input)
+        return kept[::-1]
+
     def _node(self, node: onnx.NodeProto) -> None:
         label = _label(node)
+        try:
+            with np.errstate(all="ignore"):  # non-finite results are refused where they are used
+                self._convert(node, label)
+        except ShapeError as e:
+            raise BadRequest(f"{label} does not fit its inputs: {e}") from e
+        except HECNNError:
+            raise
+        except MALFORMED as e:
+            raise BadRequest(f"{label} has invalid parameters: {type(e).__name__}: {str(e)[:200]}") from e
+
+    def _convert(self, node: onnx.NodeProto, label: str) -> None:
         if node.domain not in ("", "ai.onnx") or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                                                      for a in node.attribute):
             raise UnsupportedLayer(f"{label} is not supported: operations of domain {node.domain!r} and "
                                    "operations with subgraphs are not; supported: " + ", ".join(sorted(CONVERTERS)))
-        if node.op_type == "Shape" and node.input[0] in self.names:
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for a in node.attribute for t in _attribute_tensors(a)):
+            raise BadRequest(f"{label} has an attribute whose data lies in an external file; only initializers "
+                             "may keep their data outside the model")
+        if node.op_type == "Shape" and node.input and node.input[0] in self.names:
             return self._static_shape(node)
-        if all(not name or name in self.constants for name in node.input) and node.op_type not in RANDOM_OPS:
+        constant = all(not name or name in self.constants for name in node.input)
+        if constant and node.op_type in FOLDED_OPS:
             return self._fold(node, label)
         convert = CONVERTERS.get(node.op_type)
         if convert is None:
+            if constant:
+                raise UnsupportedLayer(f"{label} on constants is not supported: only shape arithmetic is evaluated "
+                                       f"on constants ({', '.join(sorted(FOLDED_OPS))})")
             raise UnsupportedLayer(f"{label} is not supported; supported operations: {', '.join(sorted(CONVERTERS))}")
-        try:
-            convert(self, node)
-        except HECNNError:
-            raise
-        except (ValueError, TypeError, IndexError, KeyError) as e:
-            raise BadRequest(f"{label} has invalid parameters: {e}") from e
+        convert(self, node)
 
     def _static_shape(self, node: onnx.NodeProto) -> None:
         """Shape of a data tensor: static, batch 1 (what a flatten's reshape target is made of)."""
@@ -232,10 +333,19 @@ class _Importer:
         self.constants[node.output[0]] = full[attributes.get("start", 0):attributes.get("end", len(full))]
 
     def _fold(self, node: onnx.NodeProto, label: str) -> None:
-        promised = _promised_elements(node, self.constants)
-        if promised > MAX_CONSTANT_ELEMENTS:
-            raise BadRequest(f"{label} would make a constant of {promised} elements, more than {MAX_CONSTANT_ELEMENTS}")
-        feeds = {name: self.constants[name] for name in node.input if name}
+        """Evaluate a node of :data:`FOLDED_OPS` on constants, its output bounded before it is made."""
+        values = [self.constants[name] if name else None for name in node.input]
+        try:
+            promised = _fold_bound(node, values)
+        except HECNNError:
+            raise
+        except MALFORMED as e:
+            raise BadRequest(f"{label} has invalid constant inputs: {type(e).__name__}: {str(e)[:200]}") from e
+        left = MAX_CONSTANT_ELEMENTS - self.folded
+        if promised > left:
+            raise BadRequest(f"{label} would make a constant of {promised} elements; the folded constants may have "
+                             f"{MAX_CONSTANT_ELEMENTS} in all, {left} are left")
+        feeds = {name: value for name, value in zip(node.input, values) if name}
         try:
             results = ReferenceEvaluator(node, opsets=self.opsets).run(None, feeds)
         except Exception as e:  # onnx.reference raises whatever its kernels raise
@@ -243,8 +353,10 @@ class _Importer:
         for name, value in zip(node.output, results):
             if name:
                 value = np.asarray(value)
-                if value.size > MAX_CONSTANT_ELEMENTS:
-                    raise BadRequest(f"{label} made a constant of {value.size} elements")
+                self.folded += value.size
+                if self.folded > MAX_CONSTANT_ELEMENTS:
+                    raise BadRequest(f"{label} made a constant of {value.size} elements, more than the "
+                                     f"{left} left of {MAX_CONSTANT_ELEMENTS}")
                 self.constants[name] = value
 
     # -- what converters use -------------------------------------------------------------------------
@@ -266,7 +378,13 @@ class _Importer:
         if name not in self.constants:
             raise UnsupportedLayer(f"{_label(node)}: {what} must be a constant (an initializer), not computed "
                                    "from the image")
-        return self.constants[name].astype(np.float64)
+        value = self.constants[name]
+        if value.dtype.kind not in "biuf":
+            raise BadRequest(f"{_label(node)}: {what} {name!r} must hold numbers, not {value.dtype}")
+        value = value.astype(np.float64)
+        if not np.all(np.isfinite(value)):
+            raise BadRequest(f"{_label(node)}: {what} {name!r} holds non-finite values (NaN or infinity)")
+        return value
 
     def shape(self, tensor: str) -> Shape:
         return self.shapes[tensor]
@@ -275,7 +393,11 @@ class _Importer:
         """Append one float operation writing (the IR tensor of) ``onnx_name``; its IR name."""
         name = self._fresh(onnx_name)
         op = op_type(name=name, inputs=inputs, **params)
-        self.shapes[name] = tuple(op.out_shape([self.shapes[t] for t in inputs]))
+        for key, value in params.items():
+            if isinstance(value, np.ndarray) and not np.all(np.isfinite(value)):
+                raise BadRequest(f"{op.kind} {onnx_name!r}: its {key} is not finite (NaN or infinity), made from "
+                                 "the node's constants and attributes")
+        self.shapes[name] = inferred_shape(op, [self.shapes[t] for t in inputs])
         self.ops.append(op)
         self.names[onnx_name] = name
         return name
@@ -286,13 +408,13 @@ class _Importer:
     def unsupported(self, node: onnx.NodeProto, why: str) -> UnsupportedLayer:
         return UnsupportedLayer(f"{_label(node)}: {why}")
 
-    def spatial_pads(self, node: onnx.NodeProto, tensor: str, pads: list[int]) -> tuple[str, tuple[int, int]]:
-        """Symmetric ONNX ``pads`` (top, left, bottom, right) as (h, w); asymmetric ones as an explicit
-        zero :class:`PadOp` first (then none)."""
-        if len(pads) != 4 or min(pads) < 0:
-            raise self.unsupported(node, f"pads {pads} must be 4 non-negative numbers (2-D windows)")
+    def spatial_pads(self, node: onnx.NodeProto, tensor: str, pads: list[int], kernel: tuple[int, ...],
+                     inline: Callable[[int, int], bool]) -> tuple[str, tuple[int, int]]:
+        """ONNX ``pads`` (top, left, bottom, right) as the window's own symmetric (h, w) padding where
+        they are symmetric and ``inline(pad, kernel size)`` holds on both axes (what the integer layer
+        takes); otherwise as an explicit zero :class:`PadOp` first (then none)."""
         top, left, bottom, right = pads
-        if (top, left) == (bottom, right):
+        if (top, left) == (bottom, right) and len(kernel) == 2 and inline(top, kernel[0]) and inline(left, kernel[1]):
             return tensor, (top, left)
         return self.emit(PadOp, f"{node.output[0]}_pad", (tensor,), pads=(top, left, bottom, right)), (0, 0)
 
@@ -309,7 +431,17 @@ class _Importer:
         stride = tuple(attributes.get("strides", [1, 1]))
         if len(stride) != 2 or len(attributes.get("kernel_shape", stride)) != 2:
             raise self.unsupported(node, "only 2-D windows are supported")
-        return stride, pads  # type: ignore[return-value]
+        return stride, self.checked_pads(node, pads, 4)  # type: ignore[return-value]
+
+    def checked_pads(self, node: onnx.NodeProto, pads: list[int], count: int) -> list[int]:
+        """``count`` non-negative pads, each at most :data:`MAX_PAD` (the integer Pad layer's limit)."""
+        pads = [int(p) for p in pads]
+        if len(pads) != count or min(pads, default=0) < 0:
+            raise self.unsupported(node, f"pads {pads[:8]} must be {count} non-negative numbers")
+        if max(pads, default=0) > MAX_PAD:
+            raise BadRequest(f"{_label(node)}: pads {pads[:8]} exceed {MAX_PAD}, the most zero padding he-cnn "
+                             "applies on one side")
+        return pads
 
     def _fresh(self, onnx_name: str) -> str:
         base = re.sub(r"[^A-Za-z0-9_.-]+", "_", onnx_name).strip("_") or "tensor"
@@ -320,22 +452,55 @@ class _Importer:
         return name
 
 
-def _promised_elements(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> int:
-    """The size of the constant a node would make, where its inputs promise a large one."""
-    values = [constants.get(name) for name in node.input]
+def _initializer(tensor: onnx.TensorProto) -> np.ndarray:
+    """An initializer's value, its size bounded first."""
+    where = f"initializer {tensor.name!r}"
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:  # read_onnx loads external data from the folder
+        raise BadRequest(f"{where} keeps its data in an external file; read the model with read_onnx(path)")
+    elements = _count(tensor.dims, where)
+    if elements > MAX_CONSTANT_ELEMENTS:
+        raise BadRequest(f"{where} has {elements} elements, more than {MAX_CONSTANT_ELEMENTS}")
     try:
-        if node.op_type == "ConstantOfShape" and values:
-            return math.prod(int(v) for v in values[0].ravel())
-        if node.op_type == "Expand" and len(values) == 2:
-            return math.prod(int(v) for v in np.broadcast_shapes(values[0].shape, tuple(values[1].ravel())))
-        if node.op_type == "Tile" and len(values) == 2:
-            return values[0].size * math.prod(int(v) for v in values[1].ravel())
-        if node.op_type == "Range" and len(values) == 3:
-            start, limit, delta = (float(v) for v in values)
-            return math.ceil((limit - start) / delta) if delta else 0
-    except (ValueError, TypeError, AttributeError, OverflowError) as e:
-        raise BadRequest(f"{_label(node)} has invalid constant inputs: {e}") from e
-    return 0
+        return numpy_helper.to_array(tensor)
+    except MALFORMED as e:
+        raise BadRequest(f"{where} is malformed: {type(e).__name__}: {str(e)[:200]}") from e
+
+
+def _fold_bound(node: onnx.NodeProto, values: list[np.ndarray | None]) -> int:
+    """A bound on the elements of the constant a node of :data:`FOLDED_OPS` makes, from its inputs'
+    shapes and values and its attributes, without evaluating it."""
+    op, given = node.op_type, [v for v in values if v is not None]
+    where = _label(node)
+    if op in BROADCASTING_OPS:
+        return math.prod(np.broadcast_shapes(*(v.shape for v in given)))
+    if op in SHRINKING_OPS:
+        if (op == "Cast" and _attributes(node).get("to") == onnx.TensorProto.STRING) or \
+                (op == "CastLike" and given[-1].dtype.kind in "OSU"):
+            raise UnsupportedLayer(f"{where}: casting to strings is not supported")
+        return max((v.size for v in given), default=0)
+    if op in ("Shape", "Size"):
+        return max(1, given[0].ndim) if given else 1
+    if op == "Concat":
+        return sum(v.size for v in given)
+    if op == "Gather":
+        data, indices = values[0], values[1]
+        axis = int(_attributes(node).get("axis", 0)) % max(data.ndim, 1)
+        return math.prod(data.shape[:axis]) * indices.size * math.prod(data.shape[axis + 1:])
+    if op == "ConstantOfShape":
+        return _count(values[0], where)
+    if op == "Expand":
+        return math.prod(np.broadcast_shapes(values[0].shape, tuple(int(v) for v in values[1].ravel())))
+    if op == "Tile":
+        return values[0].size * _count(values[1], where)
+    if op == "Range":
+        start, limit, delta = (float(np.asarray(v).reshape(())) for v in values)
+        return max(0, math.ceil((limit - start) / delta)) if delta else 0
+    if op == "Constant":
+        if any(a.HasField("sparse_tensor") for a in node.attribute):
+            raise UnsupportedLayer(f"{where}: sparse constants are not supported")
+        return sum(_count(a.t.dims, where) * a.HasField("t") + len(a.floats) + len(a.ints) + len(a.strings) + 1
+                   for a in node.attribute)  # + 1: a scalar value
+    raise UnsupportedLayer(f"{where} is not evaluated on constants")
 
 
 # --- one converter per supported operation ---------------------------------------------------------
@@ -350,7 +515,8 @@ def _conv(imp: _Importer, node: onnx.NodeProto) -> None:
     bias = imp.const(node, 2, "the bias")
     stride, pads = imp.window(node, attributes)
     weight = _ungrouped(imp, node, weight, int(attributes.get("group", 1)), imp.shape(x))
-    x, padding = imp.spatial_pads(node, x, pads)
+    # the integer convolution pads less than a kernel; a 1x1 convolution with padding gets a PadOp
+    x, padding = imp.spatial_pads(node, x, pads, weight.shape[2:], lambda p, k: p < k)
     imp.emit(ConvOp, node.output[0], (x,), weight=weight,
              bias=np.zeros(weight.shape[0]) if bias is None else bias.reshape(weight.shape[0]),
              stride=stride, padding=padding)
@@ -363,6 +529,9 @@ def _ungrouped(imp: _Importer, node: onnx.NodeProto, weight: np.ndarray, groups:
         raise imp.unsupported(node, f"weight {weight.shape} with group={groups} does not fit input {shape}")
     if groups == 1:
         return weight
+    if weight.size * groups > MAX_CONSTANT_ELEMENTS:
+        raise BadRequest(f"{_label(node)}: weight {weight.shape} with group={groups} would expand to "
+                         f"{weight.size * groups} elements, more than {MAX_CONSTANT_ELEMENTS}")
     full = np.zeros((c_out, shape[0], *weight.shape[2:]))
     per = c_out // groups
     for g in range(groups):
@@ -400,10 +569,11 @@ def _max_pool(imp: _Importer, node: onnx.NodeProto) -> None:
     attributes = _attributes(node)
     x = imp.data(node, 0)
     stride, pads = imp.window(node, attributes)
-    if pads[:2] != pads[2:]:
-        raise imp.unsupported(node, f"asymmetric pads {pads} are not supported for a max-pool")
-    imp.emit(MaxPoolOp, node.output[0], (x,), kernel=tuple(attributes["kernel_shape"]), stride=stride,
-             padding=tuple(pads[:2]))
+    kernel = tuple(attributes["kernel_shape"])
+    if pads[:2] != pads[2:] or any(2 * p > k for p, k in zip(pads, kernel)):
+        raise imp.unsupported(node, f"pads {pads} must be symmetric and at most half the window {kernel} for a "
+                                    "max-pool")
+    imp.emit(MaxPoolOp, node.output[0], (x,), kernel=kernel, stride=stride, padding=tuple(pads[:2]))
 
 
 def _average_pool(imp: _Importer, node: onnx.NodeProto) -> None:
@@ -413,9 +583,10 @@ def _average_pool(imp: _Importer, node: onnx.NodeProto) -> None:
     if any(pads) and not attributes.get("count_include_pad", 0):
         raise imp.unsupported(node, "padding with count_include_pad=0 is not supported (windows of unequal "
                                     "size have no single scale); use count_include_pad=1")
-    x, padding = imp.spatial_pads(node, x, pads)
-    imp.emit(AvgPoolOp, node.output[0], (x,), kernel=tuple(attributes["kernel_shape"]), stride=stride,
-             padding=padding)
+    kernel = tuple(attributes["kernel_shape"])
+    # the integer sum-pool pads at most half a window; zero padding counted in is a PadOp otherwise
+    x, padding = imp.spatial_pads(node, x, pads, kernel, lambda p, k: 2 * p <= k)
+    imp.emit(AvgPoolOp, node.output[0], (x,), kernel=kernel, stride=stride, padding=padding)
 
 
 def _global_average_pool(imp: _Importer, node: onnx.NodeProto) -> None:
@@ -532,6 +703,7 @@ def _pad(imp: _Importer, node: onnx.NodeProto) -> None:
     rank = len(shape) + 1
     axes = imp.const(node, 3, "the axes")
     axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes.ravel()]
+    pads = imp.checked_pads(node, pads, 2 * len(axes))
     begin, end = [0] * rank, [0] * rank
     for k, axis in enumerate(axes):
         begin[axis], end[axis] = pads[k], pads[len(axes) + k]

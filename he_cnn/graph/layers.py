@@ -55,6 +55,9 @@ if TYPE_CHECKING:
 #: per channel (per feature of a 1-D tensor): the lowest and the highest value
 Interval = tuple[list[int], list[int]]
 
+#: the widest zero padding a layer may add on one side
+MAX_PAD = 1024
+
 #: kind name -> layer class; filled by defining the classes
 LAYER_KINDS: dict[str, type["Layer"]] = {}
 
@@ -564,8 +567,8 @@ class Pad(Layer):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pads", tuple(self.pads))
-        if len(self.pads) != 4 or min(self.pads) < 0 or max(self.pads) > 1024:
-            raise ShapeError(f"{self.name}: pads must be 4 integers in [0, 1024] (top, left, bottom, right); "
+        if len(self.pads) != 4 or min(self.pads) < 0 or max(self.pads) > MAX_PAD:
+            raise ShapeError(f"{self.name}: pads must be 4 integers in [0, {MAX_PAD}] (top, left, bottom, right); "
                              f"got {list(self.pads)}")
 
     def out_shape(self, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
