@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -235,7 +236,7 @@ def infinite_kernel(path: Path) -> None:
     """A wire file whose header says kernel: Infinity (json.loads accepts it)."""
     data = path.read_bytes()
     header_len = int.from_bytes(data[6:10], "big")
-    header = data[10:10 + header_len].replace(b'"kernel":3', b'"kernel":Infinity', 1)
+    header = re.sub(rb'"kernel":\[\d+,', b'"kernel":[Infinity,', data[10:10 + header_len], count=1)
     assert header != data[10:10 + header_len]
     path.write_bytes(data[:6] + len(header).to_bytes(4, "big") + header + data[10 + header_len:])
 
