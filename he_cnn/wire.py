@@ -7,7 +7,8 @@ Layout of a message::
 The header holds small metadata (ids, shapes, bit lengths) and, per array, its name, shape and byte
 width; the payload holds each array's integers as fixed-width big-endian bytes (ciphertexts
 unsigned at the width of N^2 or of the DGK modulus, other integers as signed two's complement).
-No decimal strings, no pickle. Decoding checks magic, version, lengths and sizes and raises
+No decimal strings, no pickle. Decoding checks magic, version, lengths and sizes, bounds the header's
+values and nesting before it is parsed (:mod:`he_cnn.bounded_json`), and raises
 :class:`WireFormatError` with what was expected and what arrived.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 import numpy as np
 from gmpy2 import mpz
 
-from he_cnn.errors import WireFormatError
+from he_cnn.bounded_json import JSONLimits, parse_json
+from he_cnn.errors import BadRequest, WireFormatError
 from he_cnn.parallel import from_blob
 
 MAGIC = b"HECN"
@@ -29,6 +31,12 @@ _PREFIX = struct.Struct(">4sHI")
 #: refuse headers and arrays beyond these (a hostile length field must not allocate gigabytes)
 MAX_HEADER_BYTES = 1 << 20
 MAX_ELEMENTS = 1 << 24
+#: values a header may hold: the largest model spec the layer limit allows (4,096 layers of ~29 values
+#: each, about 120,000) with room to spare; a 1 MiB header could otherwise hold half a million
+MAX_HEADER_ITEMS = 1 << 18
+HEADER_LIMITS = JSONLimits(max_bytes=MAX_HEADER_BYTES, max_items=MAX_HEADER_ITEMS)
+#: dimensions an array may have (numpy's own limit is 64, and a reshape beyond it is no WireFormatError)
+MAX_DIMS = 32
 
 
 class Message:
@@ -143,11 +151,6 @@ def encode(message: Message) -> bytes:
     return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + b"".join(blobs)
 
 
-def _no_constants(name: str) -> None:
-    """json.loads accepts NaN and Infinity, which are not JSON: refuse them in headers."""
-    raise ValueError(f"{name} is not allowed in a message header")
-
-
 def decode(data: bytes) -> Message:
     if len(data) < _PREFIX.size:
         raise WireFormatError(f"message of {len(data)} bytes is shorter than the {_PREFIX.size}-byte prefix")
@@ -159,11 +162,11 @@ def decode(data: bytes) -> Message:
     if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > len(data):
         raise WireFormatError(f"header length {header_len} does not fit a {len(data)}-byte message")
     try:
-        header = json.loads(data[_PREFIX.size:_PREFIX.size + header_len], parse_constant=_no_constants)
+        header = parse_json(data[_PREFIX.size:_PREFIX.size + header_len], HEADER_LIMITS, "the message header")
         meta, specs = header["meta"], header["arrays"]
         if not isinstance(meta, dict) or not isinstance(specs, list):
             raise TypeError("meta must be an object and arrays a list")
-    except (ValueError, KeyError, TypeError) as e:
+    except (BadRequest, KeyError, TypeError) as e:
         raise WireFormatError(f"malformed message header: {e}") from e
     msg = Message(meta=meta)
     view = memoryview(data)
@@ -171,10 +174,11 @@ def decode(data: bytes) -> Message:
     for spec in specs:
         try:
             name, shape, width, signed = spec["name"], tuple(spec["shape"]), int(spec["width"]), bool(spec["signed"])
-            if not isinstance(name, str) or not all(type(s) is int and s >= 0 for s in shape):  # not True
+            if not isinstance(name, str) or len(shape) > MAX_DIMS \
+                    or not all(type(s) is int and 0 <= s <= MAX_ELEMENTS for s in shape):  # not True
                 raise TypeError("bad name or shape")
-        except (KeyError, TypeError, ValueError) as e:
-            raise WireFormatError(f"malformed array spec {spec!r}") from e
+        except (KeyError, TypeError, ValueError, ArithmeticError) as e:  # ArithmeticError: int() of 1e999
+            raise WireFormatError(f"malformed array spec {str(spec)[:200]}") from e
         if name in msg._arrays or name in msg._pending:  # a second array of that name could differ from the first one's checked bytes
             raise WireFormatError(f"array {name!r} appears twice")
         count = math.prod(shape)  # exact: numpy's product of [2**32, 2**32] wraps to 0

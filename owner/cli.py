@@ -1,25 +1,28 @@
 """``he-cnn owner``: train and quantise a model of the zoo (the ICNN by default) or compile one's own
 torch/ONNX model, then encrypt and upload it to S1.
 
-Results go to stdout (``--json`` for scripts), progress and notes to stderr. Expected failures (S1
-unreachable, wrong token, unreadable image folder) end with one line on stderr and exit status 1.
+Results go to stdout (``--json`` for scripts), progress and notes to stderr (``--quiet`` for none;
+progress bars only on a terminal). Expected failures (S1 unreachable, wrong token, unreadable image
+folder) end with one line on stderr and exit status 1. ``upload`` asks S1 first whether it answers and
+takes the token, so those two fail in a second, before any training or encrypting.
 """
 from __future__ import annotations
 
 import json
-import sys
 import time
 from typing import Any, Callable
 
 import click
-from tqdm import tqdm
 
-from he_cnn.graph.integer_model import save_integer_model
-from he_cnn.console import run_step
+from he_cnn.graph.integer_model import IntegerModel, load_integer_model, save_integer_model
+from he_cnn.console import Reporter, run_step
 from he_cnn.training.zoo import ARCHITECTURES
+from he_cnn.transport.http_channel import CloudPublicKey
 
-from .pipeline import (TrainedModel, TrainSettings, count_ciphertexts, encrypt_for_upload, fetch_cloud_key,
-                       load_model, train_model, upload)
+from .pipeline import (TrainedModel, TrainSettings, check_owner, count_ciphertexts, encrypt_for_upload, score_model,
+                       train_model, upload)
+
+QUIET_HELP = "No notes and no progress bars on stderr (results, warnings and errors still show)."
 
 
 def _settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -41,22 +44,25 @@ def _settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--weight-bits", "--bits", "weight_bits", type=click.IntRange(2, 16), default=None,
                      help="Signed bits per quantised weight [default: 6 for the ICNN, else 10]."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text."),
+        click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _note(message: str) -> None:
-    click.echo(message, err=True)
+def _read(model_path: str, report: Reporter) -> IntegerModel:
+    report.note(f"loading the integer model from {model_path}")
+    return run_step(lambda: load_integer_model(model_path))
 
 
-def _obtain(settings: TrainSettings, model_path: str | None) -> TrainedModel:
-    if model_path:
-        _note(f"loading the integer model from {model_path}")
-        return run_step(lambda: load_model(model_path, settings))
+def _obtain(settings: TrainSettings, model: IntegerModel | None, report: Reporter) -> TrainedModel:
+    """The loaded ``model`` scored on the data set, or a model trained now."""
+    if model is not None:
+        return run_step(lambda: score_model(model, settings))
     source = settings.images or settings.data
-    _note(f"training {settings.arch} on {source} and {'quantising' if settings.arch == 'icnn' else 'compiling'} it")
+    report.note(f"training {settings.arch} on {source} and "
+                f"{'quantising' if settings.arch == 'icnn' else 'compiling'} it")
     return run_step(lambda: train_model(settings))
 
 
@@ -87,9 +93,9 @@ def owner() -> None:
 @_settings_options
 @click.option("--save-model", "save_path", type=click.Path(dir_okay=False), required=True,
               help="Where to write the integer model (JSON).")
-def train_command(save_path: str, as_json: bool, **settings: Any) -> None:
+def train_command(save_path: str, as_json: bool, quiet: bool, **settings: Any) -> None:
     """Train and quantise (or compile) a zoo model and save the integer model (no upload)."""
-    trained = _obtain(TrainSettings(**settings), None)
+    trained = _obtain(TrainSettings(**settings), None, Reporter(quiet))
     run_step(lambda: save_integer_model(trained.model, save_path))
     if as_json:
         click.echo(json.dumps({**_accuracy_report(trained), "saved": save_path}))
@@ -110,34 +116,45 @@ def train_command(save_path: str, as_json: bool, **settings: Any) -> None:
 @click.option("--save-model", "save_path", type=click.Path(dir_okay=False),
               help="Also save the integer model (JSON) here.")
 def upload_command(s1_url: str, token: str, model_path: str | None, save_path: str | None, as_json: bool,
-                   **settings: Any) -> None:
+                   quiet: bool, **settings: Any) -> None:
     """Train (or load) a model, encrypt it under the clouds' key and upload it to S1; prints the model id."""
-    trained = _obtain(TrainSettings(**settings), model_path)
+    report = Reporter(quiet)
+    model = _read(model_path, report) if model_path else None  # a broken file costs nothing to find
+    key = _check_s1(s1_url, token, report)  # before minutes of training, scoring and encrypting
+    trained = _obtain(TrainSettings(**settings), model, report)
     if save_path:
         run_step(lambda: save_integer_model(trained.model, save_path))
     if not as_json:
         _print_accuracy(trained)
-    result = upload_model(trained, s1_url, token)
+    result = upload_model(trained, s1_url, token, report, key)
     if as_json:
         click.echo(json.dumps({**_accuracy_report(trained), **result}))
     else:
         click.echo(f"model id: {result['model_id']}")
 
 
-def upload_model(trained: TrainedModel, s1_url: str, token: str, show_progress: bool = True) -> dict[str, Any]:
-    """Fetch the key from S1, encrypt with a progress bar on stderr, upload; S1's answer plus timings."""
-    key = run_step(lambda: fetch_cloud_key(s1_url))
-    _note(f"cloud key {key.key_id} ({key.paillier.bits} bits) from {s1_url}")
+def _check_s1(s1_url: str, token: str, report: Reporter) -> CloudPublicKey:
+    """S1 answers, takes the owner token and relays the clouds' key (:func:`~he_cnn.owner.pipeline.check_owner`)."""
+    key = run_step(lambda: check_owner(s1_url, token))
+    report.note(f"S1 at {s1_url} takes the owner token; cloud key {key.key_id} ({key.paillier.bits} bits)")
+    return key
+
+
+def upload_model(trained: TrainedModel, s1_url: str, token: str, report: Reporter | None = None,
+                 key: CloudPublicKey | None = None) -> dict[str, Any]:
+    """Check S1 and the token (unless ``key`` says that was done), encrypt with a progress bar on stderr,
+    upload; S1's answer plus timings."""
+    report = report or Reporter()
+    key = key or _check_s1(s1_url, token, report)
     started = time.perf_counter()
-    with tqdm(total=count_ciphertexts(trained.model), desc="encrypting weights", unit="ct", file=sys.stderr,
-              disable=not show_progress, leave=False) as bar:
+    with report.bar(count_ciphertexts(trained.model), "encrypting weights", "ct") as bar:
         body = run_step(lambda: encrypt_for_upload(trained.model, key, bar.update))
     encrypted = time.perf_counter()
-    _note(f"encrypted in {encrypted - started:.1f} s ({len(body) / 2**20:.1f} MiB); uploading, S1 and S2 run the set-up")
+    report.note(f"encrypted in {encrypted - started:.1f} s ({len(body) / 2**20:.1f} MiB); uploading, S1 and S2 "
+                "run the set-up")
     result = run_step(lambda: upload(s1_url, token, body))
     return {**result, "key_bits": key.paillier.bits, "encrypt_seconds": round(encrypted - started, 3),
             "upload_seconds": round(time.perf_counter() - encrypted, 3), "upload_bytes": len(body)}
-
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
@@ -169,17 +186,19 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @click.option("--key-bits", type=click.IntRange(1024, 4096), default=2048, show_default=True,
               help="Key size the predicted cost per query is for.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
 def compile_command(model_file: str, calibrate: str, labels: str | None, out: str, weight_bits: int,
                     activation_bits: int, input_max: int, channels: str | None, mean: str | None, std: str | None,
-                    classes: str | None, key_bits: int, as_json: bool) -> None:
+                    classes: str | None, key_bits: int, as_json: bool, quiet: bool) -> None:
     """Compile your own ONNX model for the clouds: quantise it exactly, score it, predict its cost."""
     from .compiling import compile_file, format_report  # onnx and torch's exporter only for this command
 
-    _note(f"compiling {model_file}")
+    report = Reporter(quiet)
+    report.note(f"compiling {model_file}")
     report = run_step(lambda: compile_file(
         model_file, calibrate, out, labels=labels, weight_bits=weight_bits, activation_bits=activation_bits,
         input_max=input_max, channels=channels, mean=_floats(mean), std=_floats(std),
-        classes=classes.split(",") if classes else None, key_bits=key_bits, notice=_note))
+        classes=classes.split(",") if classes else None, key_bits=key_bits, notice=report.note))
     if as_json:
         click.echo(json.dumps(report))
     else:

@@ -5,7 +5,9 @@ the patent's ICNN, the default, quantised by :mod:`he_cnn.training.quantize`; ``
 compiled like any user's model by :mod:`he_cnn.compiler`). This module strings the steps together for
 a data set (the embedded digits, MNIST, or an image folder), scores the float and the integer model on
 the held-out split, encrypts every kernel and bias under the cloud key fetched from S1, and
-posts the encrypted model with the owner token. :func:`cached_model` keeps trained models on disk,
+posts the encrypted model with the owner token. :func:`check_owner` asks S1 first (does it answer,
+does it take the owner token, has it the cloud key?), so that a wrong token or a dead S1 is known in
+a second, not after minutes of training and encrypting. :func:`cached_model` keeps trained models on disk,
 keyed by the settings and the training code (the demo and the benchmark both use it). Nothing here
 prints: callers pass a progress callback and decide what to show.
 """
@@ -28,7 +30,7 @@ from he_cnn.errors import HECNNError
 from he_cnn.files import atomic_write
 from he_cnn.training.data import Dataset, load_dataset as load_named_dataset
 from he_cnn.graph.integer_model import IntegerModel
-from he_cnn.transport.http_channel import CloudPublicKey, fetch_public_key, http_request
+from he_cnn.transport.http_channel import OWNER_CHECK_PATH, CloudPublicKey, fetch_public_key, http_request
 from he_cnn.graph.integer_model import load_integer_model, save_integer_model
 from he_cnn.training.quantize import quantize_icnn
 from he_cnn.graph.reference import float_agreement, integer_accuracy
@@ -130,9 +132,13 @@ def train_model(settings: TrainSettings) -> TrainedModel:
 
 
 def load_model(path: str | Path, settings: TrainSettings) -> TrainedModel:
-    """A saved integer model, scored on the data set of ``settings`` when the model reads its images
-    (same input shape and channels); otherwise unscored."""
-    model = load_integer_model(path)
+    """A saved integer model, scored as :func:`score_model` says."""
+    return score_model(load_integer_model(path), settings)
+
+
+def score_model(model: IntegerModel, settings: TrainSettings) -> TrainedModel:
+    """An integer model, scored on the data set of ``settings`` when the model reads its images (same
+    input shape and channels); otherwise unscored."""
     pre = model.preprocessing
     resolved = settings.resolved()
     if pre.channels != "grey" or pre.height != pre.width:
@@ -190,6 +196,32 @@ def cached_model(settings: TrainSettings, folder: str | Path | None = None,
     return trained
 
 
+class OwnerTokenRefused(HECNNError):
+    """S1 does not take the owner token it was given (a client-side error: it never crosses HTTP)."""
+
+    code = "owner_token_refused"
+
+
+def _as_owner(s1_url: str, request: Callable[[], Any]) -> Any:
+    """``request()``, with S1's 401 said as what the owner must do about it."""
+    try:
+        return request()
+    except HECNNError as e:
+        if getattr(e, "peer_status", None) != 401:
+            raise
+        said = getattr(e, "peer_message", str(e))
+        raise OwnerTokenRefused(f"S1 at {s1_url.rstrip('/')} refused the owner token ({said}): pass the token S1 "
+                                "was started with (--token or HECNN_OWNER_TOKEN)") from e
+
+
+def check_owner(s1_url: str, owner_token: str) -> CloudPublicKey:
+    """Before any expensive work: S1 answers, takes ``owner_token`` (a request with no effect), and
+    relays the clouds' public key (which needs S2 once); that key."""
+    _as_owner(s1_url, lambda: http_request("GET", s1_url.rstrip("/") + OWNER_CHECK_PATH, "S1", KEY_TIMEOUT,
+                                           token=owner_token))
+    return fetch_cloud_key(s1_url)
+
+
 def fetch_cloud_key(s1_url: str) -> CloudPublicKey:
     """The clouds' public key, as S1 relays it."""
     return fetch_public_key(s1_url, KEY_TIMEOUT, peer="S1")[0]
@@ -207,6 +239,6 @@ def count_ciphertexts(model: IntegerModel) -> int:
 
 def upload(s1_url: str, owner_token: str, body: bytes) -> dict[str, Any]:
     """POST the encrypted model to S1; S1 runs the set-up with S2 and answers with the model's summary."""
-    response = http_request("POST", s1_url.rstrip("/") + "/v1/models", "S1", UPLOAD_TIMEOUT,
-                            token=owner_token, data=body)
+    response = _as_owner(s1_url, lambda: http_request("POST", s1_url.rstrip("/") + "/v1/models", "S1", UPLOAD_TIMEOUT,
+                                                      token=owner_token, data=body))
     return response.json()

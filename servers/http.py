@@ -1,4 +1,4 @@
-"""What both Flask apps share: JSON errors with the right status, bearer tokens, wire responses.
+"""What both Flask apps share: JSON errors with the right status, bearer tokens, wire bodies.
 
 Every error leaves a cloud as ``{"error": code, "message": one line}`` (a 429 ``service_busy`` also with
 a ``Retry-After`` header). The code and status of a he-cnn
@@ -6,8 +6,10 @@ error are its class's ``code`` and ``status`` (:mod:`he_cnn.errors` holds them a
 sent back to S1 (tagged ``peer_code`` by :class:`~he_cnn.transport.http_channel.HTTPChannel`) becomes
 :class:`~he_cnn.errors.PeerError` (502), unless its class is ``relayed_as_is`` (a violated bound, 422,
 is about the request, not the peer). Anything unexpected is logged with its traceback on the server
-and answered with a bare 500, never a traceback. Tokens are compared in constant time and never
-logged or echoed. :class:`QueryGate` bounds the queries a service runs at once and the queue before them.
+and answered with a bare 500, never a traceback. A 404 names the path no route matched (and lists the
+routes), a 405 the methods the route answers; a wire body of another Content-Type gets 415. Tokens are
+compared in constant time and never logged or echoed. :class:`QueryGate` bounds the queries a service
+runs at once and the queue before them.
 """
 from __future__ import annotations
 
@@ -21,13 +23,16 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from flask import Flask, Response, current_app, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, Unauthorized
+from werkzeug.exceptions import (HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge, Unauthorized,
+                                 UnsupportedMediaType)
 
 from he_cnn.errors import BadRequest, HECNNError, PeerError, ServiceBusy
 from he_cnn.transport.http_channel import WIRE_CONTENT_TYPE
 from he_cnn.parallel import Workers
 
 MAX_MESSAGE_CHARS = 500
+#: how much of a request's path an error message quotes
+MAX_PATH_CHARS = 200
 
 log = logging.getLogger("he_cnn.servers")
 
@@ -58,13 +63,35 @@ def _http_code(e: HTTPException) -> str:
     return "_".join((e.name or "http_error").lower().replace("'", "").split())
 
 
+def _quoted_path() -> str:
+    path = request.path
+    return repr(path if len(path) <= MAX_PATH_CHARS else path[:MAX_PATH_CHARS] + "...")
+
+
+def _routes() -> str:
+    """The app's routes, for a 404 that says what there is instead."""
+    rules = sorted({rule.rule for rule in current_app.url_map.iter_rules() if rule.endpoint != "static"})
+    return ", ".join(rules)
+
+
+def _http_message(e: HTTPException) -> tuple[str, dict[str, str] | None]:
+    """The one-line message and extra headers of a werkzeug error: what was not found, not allowed, too large."""
+    if isinstance(e, RequestEntityTooLarge):
+        return f"request body is larger than the limit of {current_app.config['MAX_CONTENT_LENGTH']} bytes", None
+    if isinstance(e, Unauthorized):
+        return e.description or e.name, {"WWW-Authenticate": "Bearer"}
+    if isinstance(e, NotFound) and request.url_rule is None:  # no route matched (a view's own 404 says more)
+        return f"no route for {_quoted_path()} on this service; its routes are {_routes()}", None
+    if isinstance(e, MethodNotAllowed) and e.valid_methods:
+        allowed = ", ".join(sorted(e.valid_methods))
+        return f"{request.method} is not allowed on {_quoted_path()}; it answers {allowed}", {"Allow": allowed}
+    return e.description or e.name, None
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException) -> Response:
-        message = e.description or e.name
-        if isinstance(e, RequestEntityTooLarge):
-            message = f"request body is larger than the limit of {current_app.config['MAX_CONTENT_LENGTH']} bytes"
-        headers = {"WWW-Authenticate": "Bearer"} if isinstance(e, Unauthorized) else None
+        message, headers = _http_message(e)
         return error_response(e.code or 500, _http_code(e), message, headers)
 
     @app.errorhandler(HECNNError)
@@ -97,7 +124,16 @@ def wire_response(data: bytes, status: int = 200) -> Response:
 
 
 def request_body() -> bytes:
-    """The raw body (the size limit is enforced by Flask's MAX_CONTENT_LENGTH)."""
+    """The raw body of a wire endpoint (the size limit is enforced by Flask's MAX_CONTENT_LENGTH).
+
+    A body declared as anything but :data:`WIRE_CONTENT_TYPE` (parameters aside) is refused with 415
+    before it is read; a body without a Content-Type is taken as wire bytes (plain HTTP clients such as
+    ``requests`` send none for raw bytes), and the wire decoder judges it.
+    """
+    declared = request.mimetype
+    if declared and declared != WIRE_CONTENT_TYPE:
+        raise UnsupportedMediaType(f"request body is declared as {declared[:80]!r}; send a he-cnn wire message "
+                                   f"as {WIRE_CONTENT_TYPE}")
     data = request.get_data(cache=False)
     if not data:
         raise BadRequest("empty request body: expected a he-cnn wire message")

@@ -3,11 +3,11 @@ checked where it is decoded, by :meth:`~he_cnn.parties.compute_cloud.EncryptedMo
 
 Layout of ``<data dir>/models/<model id>/``: ``model.hecn`` (the owner's upload, wire format, as
 received), ``setup.hecn`` (S1's half of the set-up with S2: the set-up id and the weight masks B,
-wire format) and ``model.json`` (id, key id, public summary). A model is written into a temporary
-directory that is renamed into place only when all three files are complete, so after a crash a
-model is either fully there or absent; leftovers of interrupted uploads are removed at start. A
-re-run set-up replaces ``setup.hecn`` atomically. Everything here is public-key material and masks;
-S1 never holds a secret key.
+wire format) and ``model.json`` (id, key id, public summary; read back under the bounds of a wire
+header). A model is written into a temporary directory that is renamed into place only when all three
+files are complete, so after a crash a model is either fully there or absent; leftovers of interrupted
+uploads are removed at start. A re-run set-up replaces ``setup.hecn`` atomically. Everything here is
+public-key material and masks; S1 never holds a secret key.
 """
 from __future__ import annotations
 
@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 
+from he_cnn.bounded_json import read_json_file
 from he_cnn.errors import BadRequest, HECNNError, ShapeError, UnknownModel
 from he_cnn.crypto.paillier import PublicKey
 from he_cnn.protocols.linear import LinearSetup
 from he_cnn.parties.compute_cloud import EncryptedModel, ModelSetup
 from he_cnn.crypto.tensor import as_int_array
-from he_cnn.wire import Message, decode, encode
+from he_cnn.wire import HEADER_LIMITS, Message, decode, encode
 
 from .storage import DataDirError, atomic_write, ensure_private_dir, fsync_dir
 
@@ -82,6 +83,22 @@ def decode_setup(model: EncryptedModel, data: bytes) -> ModelSetup:
     return ModelSetup(msg.get("setup_id", str), layers)
 
 
+# -- the summary ----------------------------------------------------------------------------------
+
+def read_info(path: Path, model_id: str, key_id: str) -> dict[str, Any]:
+    """``model.json`` of the model ``model_id`` (under the key ``key_id``): what S1 says about the model.
+
+    It summarises the upload's header, so the header's bounds apply (:data:`~he_cnn.wire.HEADER_LIMITS`).
+    """
+    info = read_json_file(path, HEADER_LIMITS, f"model summary {path}")
+    if not isinstance(info, dict):
+        raise BadRequest(f"model summary {path} is not a JSON object")
+    if info.get("model_id") != model_id or info.get("key_id") != key_id or not isinstance(info.get("created"), str):
+        raise BadRequest(f"model summary {path} does not describe model {model_id} under key {key_id} "
+                         "(model_id, key_id and created are wrong or missing)")
+    return info
+
+
 # -- the store -------------------------------------------------------------------------------------
 
 class ModelStore:
@@ -107,7 +124,7 @@ class ModelStore:
             try:
                 model = EncryptedModel.deserialize(public_key, (entry / MODEL_FILE).read_bytes())
                 setup = decode_setup(model, (entry / SETUP_FILE).read_bytes())
-                info = json.loads((entry / INFO_FILE).read_text())
+                info = read_info(entry / INFO_FILE, entry.name, model.public_key.key_id)
             except (OSError, ValueError, ArithmeticError, HECNNError) as e:  # ArithmeticError: int() of an infinity
                 raise DataDirError(f"stored model {entry} is corrupt or not under the cloud key ({e}); "
                                    "move it away and upload the model again") from e

@@ -16,15 +16,18 @@ Endpoints:
                                          (``running``, ``queue``, ``limits``), the pool levels (``pools``:
                                          [size, target] per pool; ``pool_detail``: the same by name, and more)
   ``GET  /v1/public-key``                S2's public key, relayed (users only talk to S1)
+  ``GET  /v1/owner/check``               owner token; 200, no effect (the owner asks before it trains)
   ``POST /v1/models``                    owner token; body = ``EncryptedModel.serialize()``; 201 + summary
   ``GET  /v1/models``                    the stored models
   ``GET  /v1/models/<id>``               a model's public architecture
   ``POST /v1/models/<id>/classify``      wire message {user_n, image} -> wire message {class_vector}
+  ``GET  /metrics``                      Prometheus metrics, no token (:mod:`servers.metrics`)
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +48,7 @@ from he_cnn.wire import Message, decode, encode
 
 from .config import S1Config
 from .http import QueryGate, new_app, request_body, require_bearer, wire_response, worker_pool
+from .metrics import CloudMetrics, install as install_metrics
 from .model_store import ModelStore, StoredModel
 from .pools import USER_KEY_POOL, PoolFiller, pool_target
 from .storage import DataDirError, atomic_write, ensure_private_dir
@@ -209,6 +213,12 @@ def public_key() -> Response:
     return wire_response(peer.public_key()[1])
 
 
+@bp.get("/owner/check")
+def check_owner_token() -> Response:
+    require_bearer(current_app.extensions["he_cnn.s1.config"].owner_token, "owner token")
+    return jsonify({"owner_token": "accepted"})
+
+
 @bp.post("/models")
 def upload_model() -> Response:
     require_bearer(current_app.extensions["he_cnn.s1.config"].owner_token, "owner token")
@@ -252,7 +262,9 @@ def classify(model_id: str) -> Response:
     image, user_key = read_query(decode(body), stored.model, key.paillier, current_app.extensions["he_cnn.s1.user_keys"])
     offline = current_app.extensions["he_cnn.s1.offline"]
     pools: PoolFiller | None = current_app.extensions.get("he_cnn.pools")
+    arrived = time.perf_counter()
     with current_app.extensions["he_cnn.s1.gate"].slot():  # ServiceBusy (429) when running and queue are full
+        admitted = time.perf_counter()
         taken = offline.take(stored)
         try:
             result = run_with_setup(peer, store, stored, image, user_key, taken)
@@ -262,7 +274,11 @@ def classify(model_id: str) -> Response:
             offline.refill(stored)
             if pools is not None:
                 pools.mark_query()  # what this query drew sets the pools' low watermarks
-    reply = Message(meta={"model_id": stored.model_id, **query_stats(result),
+    stats = query_stats(result)
+    metrics: CloudMetrics = current_app.extensions["he_cnn.metrics"]
+    metrics.observe_query(stored.model_id, waited=admitted - arrived, seconds=time.perf_counter() - admitted,
+                          rounds=stats["rounds"], bytes_to_s2=stats["bytes_to_s2"], bytes_to_s1=stats["bytes_to_s1"])
+    reply = Message(meta={"model_id": stored.model_id, **stats,
                           "offline_seconds": round(taken[1].seconds, 4) if taken else None})
     reply.arrays["class_vector"] = result.output.data
     reply.widths["class_vector"] = user_key.ciphertext_bytes
@@ -363,6 +379,7 @@ def create_app(config: S1Config) -> Flask:
         app.extensions["he_cnn.pools"] = PoolFiller(app, pools, workers=peer.workers,
                                                     more=(lambda: user_keys.pools(USER_KEY_POOL)) if target else None)
     app.register_blueprint(bp)
+    install_metrics(app, "s1", app.extensions.get("he_cnn.pools"), app.extensions["he_cnn.s1.gate"])
     log.info("S1 ready: %d models from %s, S2 at %s", loaded, data_dir, peer.url)
     return app
 

@@ -12,7 +12,8 @@ where each query ends (the ``to_user`` step).
 
 Endpoints: ``GET /v1/health`` (also the pool levels and the rounds running), ``GET /v1/public-key`` (wire message, see
 :func:`he_cnn.transport.http_channel.public_key_message`), ``POST /v1/rounds/<step>`` (cloud token; the body is
-the wire request of one protocol round, the reply its wire answer).
+the wire request of one protocol round, the reply its wire answer), ``GET /metrics`` (Prometheus metrics, no token:
+:mod:`servers.metrics`).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from he_cnn.wire import Message, decode, encode
 
 from .config import S2Config
 from .http import new_app, request_body, require_bearer, wire_response, worker_pool
+from .metrics import CloudMetrics, install as install_metrics
 from .pools import USER_KEY_POOL, PoolFiller, pool_target
 from .storage import DataDirError, atomic_write, ensure_private_dir
 
@@ -201,6 +203,8 @@ def protocol_round(step: str) -> Response:
             raise UnknownSetup(f"unknown model set-up: {e}") from e
         raise
     _after_step(step)
+    metrics: CloudMetrics = current_app.extensions["he_cnn.metrics"]
+    metrics.observe_round(step, len(body), len(reply))
     return wire_response(reply)
 
 
@@ -249,6 +253,7 @@ def create_app(config: S2Config, key_cloud: KeyCloud | None = None) -> Flask:
         app, [(cloud.keys.public.pool, target // 5, "paillier"), (cloud.dgk_public.pool, target, "dgk", False)],
         more=(lambda: cloud.user_keys.pools(USER_KEY_POOL)) if target else None, workers=cloud.workers)
     app.register_blueprint(bp)
+    install_metrics(app, "s2", app.extensions["he_cnn.pools"])
     log.info("S2 ready: key %s (%d bits), %d set-ups from %s", cloud.keys.public.key_id, cloud.keys.public.bits,
              loaded, data_dir)
     return app

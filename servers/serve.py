@@ -1,9 +1,11 @@
 """Serving a cloud with waitress (a production WSGI server), and the ``he-cnn serve s1|s2`` commands.
 
 Settings come from flags or from ``HECNN_S1_*`` / ``HECNN_S2_*`` environment variables (prefer the
-variables for tokens: command lines are visible to other users in ``ps``). When the socket is bound,
-one line ``S1 listening on http://host:port`` goes to stderr (with the real port when ``--port 0``
-asked for a free one), so scripts can wait for it. SIGTERM and Ctrl-C stop the server cleanly.
+variables for tokens: command lines are visible to other users in ``ps``). The settings and the port
+are checked before the cloud touches its data directory (a busy port is one line, exit status 1, and
+leaves nothing behind). When the socket is bound, one line ``S1 listening on http://host:port`` goes to
+stderr (with the real port when ``--port 0`` asked for a free one), so scripts can wait for it. SIGTERM
+and Ctrl-C stop the server cleanly.
 
 ``he-cnn serve s1`` also takes ``--comparison {ot,dgk}`` (the comparison protocol of every query; "ot"
 by default) and the load limits ``--max-concurrent`` (queries at once, default 2) and ``--max-queue``
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 from types import FrameType
@@ -20,6 +23,7 @@ from typing import Callable
 
 import click
 from flask import Flask
+from waitress.adjustments import Adjustments
 from waitress.server import create_server
 
 from he_cnn.errors import HECNNError
@@ -102,7 +106,38 @@ def _cloud_options(role: str, port: int, max_body: int) -> Callable[[Callable[..
     return decorate
 
 
-def _start(role: str, build: Callable[[], Flask], host: str, port: int, threads: int) -> None:
+def check_port(host: str, port: int) -> None:
+    """Bind every address ``host:port`` stands for, as waitress will, and let go: OSError if the port is
+    taken or the address is not this machine's.
+
+    A probe, not the server's own socket: while it builds, a cloud forks its worker processes, which
+    would inherit a socket bound before (and keep the port after a crashed cloud). The port may still
+    be taken between the probe and waitress's bind; :func:`_start` reports that the same way.
+    """
+    try:
+        addresses = Adjustments(host=host, port=port).listen
+    except ValueError as e:  # waitress's word for a host name that does not resolve
+        raise OSError(f"cannot resolve {host!r}") from e
+    for family, kind, proto, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as waitress: a TIME_WAIT port is free
+            probe.bind(address)
+
+
+def _start(role: str, build: Callable[[], Flask], config: S1Config | S2Config) -> None:
+    """Check the settings and the port (nothing on disk yet), then build the app and serve it."""
+    def cannot_listen(e: OSError) -> click.ClickException:
+        return click.ClickException(f"{role} cannot listen on {config.host}:{config.port}: {e.strerror or e}")
+
+    try:
+        config.validate()
+        check_port(config.host, config.port)
+    except HECNNError as e:
+        raise click.ClickException(f"{role} cannot start: {e}") from e
+    except OSError as e:
+        raise cannot_listen(e) from e
     try:
         app = build()
     except HECNNError as e:
@@ -110,9 +145,9 @@ def _start(role: str, build: Callable[[], Flask], host: str, port: int, threads:
     except OSError as e:
         raise click.ClickException(f"{role} cannot start: {e.strerror or e}: {e.filename or ''}") from e
     try:
-        run_server(app, role, host, port, threads)
-    except OSError as e:  # e.g. the port is taken
-        raise click.ClickException(f"{role} cannot listen on {host}:{port}: {e.strerror or e}") from e
+        run_server(app, role, config.host, config.port, config.threads)
+    except OSError as e:  # the port was taken after the check
+        raise cannot_listen(e) from e
 
 
 @click.group("serve")
@@ -135,7 +170,7 @@ def serve_s2(build_app: Callable[[S2Config], Flask] | None, host: str, port: int
     _setup_logging(verbose)
     config = S2Config(data_dir=data_dir, cloud_token=cloud_token, host=host, port=port, key_bits=key_bits,
                       max_body_bytes=max_body_bytes, threads=threads, workers=workers)
-    _start("S2", lambda: (build_app or create_app)(config), host, port, threads)
+    _start("S2", lambda: (build_app or create_app)(config), config)
 
 
 @serve.command("s1")
@@ -168,4 +203,4 @@ def serve_s1(host: str, port: int, data_dir: Path, cloud_token: str, max_body_by
                       host=host, port=port, max_body_bytes=max_body_bytes, threads=threads, peer_timeout=peer_timeout,
                       workers=workers, precompute=precompute, comparison=comparison,
                       max_concurrent=max_concurrent, max_queue=max_queue)
-    _start("S1", lambda: create_app(config), host, port, threads)
+    _start("S1", lambda: create_app(config), config)

@@ -1,7 +1,8 @@
 """``he-cnn user``: make your own key pair, classify images, read the answer only you can decrypt.
 
-Results go to stdout (one line per image, or one JSON object with ``--json``); progress to stderr.
-Expected failures end with one line on stderr and exit status 1, never a traceback.
+Results go to stdout (one line per image, or one JSON object with ``--json``); progress to stderr (a
+bar only on a terminal; ``--quiet`` for none). Expected failures end with one line on stderr and exit
+status 1, never a traceback: an unreachable S1, or S2 failing behind it, is said in one sentence.
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import click
 from tqdm import tqdm
 
 from he_cnn.crypto.paillier import DEFAULT_KEY_BITS, MIN_KEY_BITS
-from he_cnn.console import run_step
+from he_cnn.console import Reporter, run_step
 
 from .keys import create_user_key, is_private_file, load_user_key, public_path
-from .query import Classification, Session
+from .client import Classification, Client
 
 
 @click.group("user")
@@ -54,21 +55,24 @@ def _record(result: Classification) -> dict[str, Any]:
 @click.option("--key", "key_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Your secret key file (he-cnn user keygen).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@click.option("--progress/--no-progress", default=None, show_default="when stderr is a terminal",
+              help="Progress bar on stderr.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress bar on stderr (results, warnings and errors still show).")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-def query(s1_url: str, model_id: str, key_path: Path, as_json: bool, progress: bool, images: tuple[str, ...]) -> None:
+def query(s1_url: str, model_id: str, key_path: Path, as_json: bool, progress: bool | None, quiet: bool,
+          images: tuple[str, ...]) -> None:
     """Classify IMAGES (PNG, JPEG or .npy; grey or colour, converted to the model's channels and resized
     to its input as the model's preprocessing says) without revealing them."""
     keys = run_step(lambda: load_user_key(key_path))
     if not is_private_file(key_path):
         click.echo(f"warning: {key_path} is readable by other users; run: chmod 600 {key_path}", err=True)
-    session = run_step(lambda: Session(s1_url, model_id, keys))
+    client = run_step(lambda: Client(s1_url, keys, model=model_id))
     results = []
-    with tqdm(total=len(images), desc="classifying", unit="image", file=sys.stderr, disable=not progress,
-              leave=False) as bar:
+    with Reporter(quiet, progress).bar(len(images), "classifying", "image") as bar:
         for path in images:
             bar.set_postfix_str(Path(path).name)
-            result = run_step(lambda: session.classify(path))
+            result = run_step(lambda: client.classify(path)[0])
             bar.update(1)
             results.append(result)
             if not as_json:

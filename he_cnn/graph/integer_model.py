@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from he_cnn.bounded_json import JSONLimits, read_json_file
 from he_cnn.errors import BadRequest, HECNNError, ShapeError
 from he_cnn.graph import parse
 from he_cnn.graph.layers import Interval, Layer, LinearLayer, check_kind, layer_from_file, layer_from_spec
@@ -44,6 +45,11 @@ MAX_VALUE_BITS = 4096
 MAX_TENSOR_ELEMENTS = 1 << 22
 #: the most layers a model may have
 MAX_LAYERS = 4096
+#: the owner's model file: 8 million values (weights, mostly) in at most 128 MiB. A model file spends
+#: ~9 bytes per value (one weight a line); S1's default upload limit of 64 MiB carries ~130,000 2048-bit
+#: ciphertexts, so this leaves a wide margin for operators who raise it, while a hostile file costs at
+#: most a few hundred MB of memory to refuse or read.
+MODEL_FILE_LIMITS = JSONLimits(max_bytes=128 << 20, max_items=1 << 23)
 
 
 @dataclass(frozen=True)
@@ -300,11 +306,11 @@ def load_integer_model(path: str | Path) -> IntegerModel:
     """Read a model written by :func:`save_integer_model`; :class:`BadRequest` if anything is off."""
     source = Path(path)
     try:
-        document = json.loads(source.read_text())
+        document = read_json_file(source, MODEL_FILE_LIMITS, f"integer model file {str(source)!r}")
     except FileNotFoundError as e:
         raise BadRequest(f"integer model file {str(source)!r} does not exist") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadRequest(f"integer model file {str(source)!r} is not readable JSON: {e}") from e
+    except OSError as e:
+        raise BadRequest(f"integer model file {str(source)!r} is not readable: {e.strerror or e}") from e
     try:
         return _model_from_file(document)
     except HECNNError as e:

@@ -3,15 +3,21 @@
 :class:`HTTPChannel` is the network twin of :class:`~he_cnn.transport.channel.InProcessChannel`: one protocol
 round is one ``POST {peer}/v1/rounds/{step}`` whose body and reply are the same wire bytes the
 in-process channel hands over, so protocol code cannot tell the two apart. Failures come back as our
-own exceptions: an unreachable or silent peer is :class:`PeerUnavailable`; a JSON error body from the
-peer (``{"error": code, "message": ...}``) is re-raised as the he-cnn error class with that code
-(:func:`he_cnn.errors.error_classes`), carrying the peer's message and tagged with ``peer_code`` and
-``peer_status`` so the caller knows it was the peer that refused. The cloud public key travels as a wire message too
-(:func:`public_key_message` / :func:`parse_public_key`), so S2, S1 and clients agree on one format.
+own exceptions: an unreachable or silent peer is :class:`PeerUnavailable`, whose message says in plain
+words which cloud failed, how (refused, closed the connection, timed out, TLS, unknown host) and what to
+check; a JSON error body from the peer (``{"error": code, "message": ...}``) is re-raised as the he-cnn
+error class with that code (:func:`he_cnn.errors.error_classes`), carrying the peer's message and tagged
+with ``peer``, ``peer_code``, ``peer_status`` and ``peer_message`` so the caller knows it was the peer that
+refused (:func:`he_cnn.console.describe_failure` says an error S1 reports about S2 in words for a person).
+The cloud public key travels as a wire message too (:func:`public_key_message` / :func:`parse_public_key`),
+so S2, S1 and clients agree on one format.
 """
 from __future__ import annotations
 
+import http.client
 import re
+import socket
+import ssl
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,14 +34,16 @@ from he_cnn.wire import Message, decode, encode
 DEFAULT_TIMEOUT = 120.0
 ROUNDS_PATH = "/v1/rounds/"
 PUBLIC_KEY_PATH = "/v1/public-key"
+#: S1's answer to "is this the owner token?", a request with no effect (the owner asks before its work)
+OWNER_CHECK_PATH = "/v1/owner/check"
 WIRE_CONTENT_TYPE = "application/octet-stream"
 
 
 def error_from_response(response: requests.Response, peer: str) -> HECNNError:
     """The he-cnn exception a non-2xx JSON error reply stands for (``ProtocolError`` if unknown).
 
-    The returned exception has ``peer_code`` (the peer's ``error`` field) and ``peer_status`` (its
-    HTTP status) attributes.
+    The returned exception has ``peer`` (who answered), ``peer_code`` (the peer's ``error`` field),
+    ``peer_status`` (its HTTP status) and ``peer_message`` (its message) attributes.
     """
     try:
         body = response.json()
@@ -45,8 +53,10 @@ def error_from_response(response: requests.Response, peer: str) -> HECNNError:
         message = f"HTTP {response.status_code} without a JSON error body"
     cls = errors.error_classes().get(code, ProtocolError)
     err = cls(f"{peer}: {message}")
+    err.peer = peer  # type: ignore[attr-defined]
     err.peer_code = code  # type: ignore[attr-defined]
     err.peer_status = response.status_code  # type: ignore[attr-defined]
+    err.peer_message = message  # type: ignore[attr-defined]
     return err
 
 
@@ -54,20 +64,17 @@ def http_request(method: str, url: str, peer: str, timeout: float, *, token: str
                  data: bytes | None = None, session: requests.Session | None = None) -> requests.Response:
     """One HTTP request to a he-cnn service; a 2xx response, or the he-cnn error the failure stands for.
 
-    ``peer`` names the service in messages ("S2 at http://... is unreachable: ...").
+    ``peer`` names the service in messages ("S2 at http://... is unreachable: connection refused (...)").
     """
     headers = {}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     if data is not None:
         headers["Content-Type"] = WIRE_CONTENT_TYPE
-    base = url.split("/v1/", 1)[0]
     try:
         response = (session or requests).request(method, url, data=data, headers=headers, timeout=timeout)
-    except requests.Timeout as e:
-        raise PeerUnavailable(f"{peer} at {base} did not answer within {timeout:g} s") from e
     except requests.RequestException as e:
-        raise PeerUnavailable(f"{peer} at {base} is unreachable: {_one_line(e)}") from e
+        raise PeerUnavailable(transport_failure(peer, url, e, timeout)) from e
     if not 200 <= response.status_code < 300:
         raise error_from_response(response, peer)
     return response
@@ -148,14 +155,60 @@ def fetch_public_key(base_url: str, timeout: float = 30.0, session: requests.Ses
     return parse_public_key(response.content), response.content
 
 
+def transport_failure(peer: str, url: str, error: requests.RequestException, timeout: float) -> str:
+    """What went wrong on the way to ``peer``, in one sentence that says what to check.
+
+    requests wraps urllib3's errors, which wrap the socket's: the cause is looked for in the whole chain.
+    """
+    base = url.split("/v1/", 1)[0]
+    where = f"{peer} at {base}"
+    causes = _causes(error)
+
+    def caused_by(*kinds: type[BaseException]) -> bool:
+        return any(isinstance(c, kinds) for c in causes)
+
+    if caused_by(requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema):
+        return f"{peer}'s URL {base!r} is not valid (expected http://host:port or https://host:port)"
+    tls = next((c for c in causes if isinstance(c, ssl.SSLError)), None)
+    if tls is not None or isinstance(error, requests.exceptions.SSLError):
+        reason = getattr(tls, "reason", None)  # OpenSSL's code, e.g. WRONG_VERSION_NUMBER (plain HTTP answered)
+        detail = (getattr(tls, "verify_message", None) or (reason and reason.replace("_", " ").lower())
+                  or _one_line(tls or error))
+        return (f"{where} is unreachable: the TLS handshake failed: {detail} (check the URL's scheme and the "
+                "certificates)")
+    if caused_by(socket.gaierror):
+        return f"{where} is unreachable: unknown host name (check the URL)"
+    if caused_by(ConnectionRefusedError):
+        return f"{where} is unreachable: connection refused (is {peer} running, and is the URL right?)"
+    if isinstance(error, requests.ConnectTimeout):
+        return f"{where} did not accept a connection within {timeout:g} s (is {peer} running, and is the URL right?)"
+    if isinstance(error, requests.Timeout):
+        return f"{where} did not answer within {timeout:g} s (overloaded or stuck? try again later)"
+    if caused_by(ConnectionResetError, ConnectionAbortedError, BrokenPipeError, http.client.RemoteDisconnected,
+                 http.client.IncompleteRead) or isinstance(error, requests.exceptions.ChunkedEncodingError):
+        return f"{where} is unreachable: it closed the connection without answering (did {peer} stop or restart?)"
+    return f"{where} is unreachable: {_one_line(error)}"
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """``error`` and every exception it wraps (causes, contexts, urllib3's ``reason``, exception arguments)."""
+    found: list[BaseException] = []
+    stack: list[object] = [error]
+    while stack:
+        item = stack.pop()
+        if not isinstance(item, BaseException) or any(item is seen for seen in found):
+            continue
+        found.append(item)
+        stack.extend([item.__cause__, item.__context__, getattr(item, "reason", None), *item.args])
+    return found
+
+
 def _one_line(e: BaseException) -> str:
     """The root cause of a transport error in a few words (requests nests urllib3's wrapped errors)."""
     text = " ".join(str(e).split())
     errno = _ERRNO.search(text)
     if errno:
         return errno.group(1).rstrip("'\")")
-    if "Name or service not known" in text or "nodename nor servname" in text:
-        return "unknown host name"
     return text if len(text) <= 160 else text[:157] + "..."
 
 
