@@ -30,7 +30,8 @@ from flask import Blueprint, Flask, Response, current_app, jsonify
 from gmpy2 import mpz
 
 from he_cnn.crypto.dgk import DGKPrivateKey, DGKPublicKey
-from he_cnn.errors import HECNNError, ProtocolError, UnknownSetup
+from he_cnn.bounded_json import JSONLimits, read_json_file
+from he_cnn.errors import BadRequest, HECNNError, ProtocolError, UnknownSetup
 from he_cnn.transport.http_channel import public_key_message
 from he_cnn.crypto.paillier import generate_keypair, keypair_from_primes
 from he_cnn.protocols import comparison, linear, output
@@ -86,14 +87,18 @@ def _cloud_from_document(doc: Any) -> KeyCloud:
     return KeyCloud(keys, dgk_public, dgk_private)
 
 
+#: S2's key file: a Paillier and a DGK key pair, a few kB at the largest key sizes
+KEY_FILE_LIMITS = JSONLimits(max_bytes=1 << 20, max_items=256)
+
+
 def load_or_create_key_cloud(data_dir: Path, key_bits: int) -> KeyCloud:
     """The key cloud of ``data_dir``: reloaded if its key file exists, else freshly generated and saved."""
     ensure_private_dir(data_dir)
     path = data_dir / KEY_FILE
     if path.exists():
         try:
-            doc = json.loads(path.read_bytes())
-        except (OSError, ValueError) as e:
+            doc = read_json_file(path, KEY_FILE_LIMITS, f"S2 key file {path}")
+        except (OSError, BadRequest) as e:
             raise DataDirError(f"S2 key file {path} is unreadable or not JSON ({e}); restore it from a backup, "
                                "or move it away to make S2 generate a new key (S1 must then re-upload every model)") from e
         try:

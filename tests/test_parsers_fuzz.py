@@ -448,3 +448,15 @@ def test_owner_upload_with_a_deep_model_file_is_one_line(clouds, tmp_path, conte
     line = run_cli("owner", "upload", "--s1", clouds[3], "--model", str(model), "--quiet",
                    env={"HECNN_OWNER_TOKEN": OWNER_TOKEN})
     assert "model.json" in line and f"deeper than {MAX_DEPTH} levels" in line
+
+
+def test_a_deep_s2_key_file_stops_the_start_in_one_line(tmp_path):
+    """S2's key file is read through the bounded reader: a deeply nested one is a DataDirError."""
+    from he_cnn.servers.s2 import KEY_FILE, load_or_create_key_cloud
+    from he_cnn.servers.storage import DataDirError
+
+    data = tmp_path / "s2"
+    data.mkdir(mode=0o700)
+    (data / KEY_FILE).write_text("[" * 100_000)
+    with pytest.raises(DataDirError, match="S2 key file"):
+        load_or_create_key_cloud(data, 1024)
