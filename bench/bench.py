@@ -775,7 +775,7 @@ def run_service(bits, im, ds, indices, em, pk, uk, s2, s2_url, token, owner_toke
     """The deployed service: owner upload to S1 (S1 runs the set-up with S2), user classify requests."""
     out: dict[str, Any] = {}
     log(f"{bits}: service: starting S1")
-    s1 = CloudProcess("S1", ["--data-dir", f"{tmp}/s1", "--peer-url", s2_url, "--quiet",
+    s1 = CloudProcess("S1", ["--data-dir", f"{tmp}/s1", "--peer-url", s2_url, "--quiet", "--open",
                              "--comparison", args.comparison[0]],
                       {"HECNN_S1_CLOUD_TOKEN": token, "HECNN_S1_OWNER_TOKEN": owner_token, "PYTHONPATH": str(ROOT)},
                       on_log=forward, cwd=ROOT)

@@ -1,7 +1,7 @@
 """The ``he-cnn`` command: one entry point for the clouds, the owner, the user and the demo.
 
 ``he-cnn serve s1|s2`` (:mod:`he_cnn.servers.serve`), ``he-cnn owner ...`` (:mod:`he_cnn.owner.cli`),
-``he-cnn user ...`` (:mod:`he_cnn.user.cli`) and ``he-cnn demo`` (:mod:`he_cnn.servers.demo`); each has ``--help``.
+``he-cnn user ...`` (:mod:`he_cnn.user.cli`), ``he-cnn admin user ...`` (:mod:`he_cnn.servers.admin`) and ``he-cnn demo`` (:mod:`he_cnn.servers.demo`); each has ``--help``.
 Each sub-command's module is imported only when that sub-command runs: the owner's and the demo's
 modules load torch and the training code (seconds), which a cloud process neither needs nor should
 carry.
@@ -14,7 +14,7 @@ import click
 
 #: sub-command name -> "module:attribute" of its click command
 COMMANDS = {"serve": "he_cnn.servers.serve:serve", "owner": "he_cnn.owner.cli:owner",
-            "user": "he_cnn.user.cli:user", "demo": "he_cnn.servers.demo:demo"}
+            "user": "he_cnn.user.cli:user", "demo": "he_cnn.servers.demo:demo", "admin": "he_cnn.servers.admin:admin"}
 
 
 class LazyGroup(click.Group):

@@ -98,6 +98,10 @@ class S1Config:
     #: queries run at once, and queries that may wait for a place (beyond both: 429 with Retry-After)
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
     max_queue: int = DEFAULT_MAX_QUEUE
+    #: classify only with a user API key (``he-cnn admin user add``); False is the open service. The
+    #: ``he-cnn serve s1`` command requires keys unless ``--open``; this default stays open for programs
+    #: and tests that build the app directly
+    require_user_keys: bool = False
 
     def validate(self) -> "S1Config":
         _check_common("S1", self.host, self.port, self.max_body_bytes, self.threads, self.workers,

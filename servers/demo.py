@@ -76,7 +76,7 @@ def run_demo(images: int, key_bits: int, epochs: int, use_cache: bool, verbose: 
             s2_url = s2.wait_ready()
             note(f"S2: listening on {s2_url}")
             s1 = CloudProcess("S1", ["--data-dir", str(work / "s1"), "--peer-url", s2_url, "--comparison", comparison,
-                                     "--quiet"],
+                                     "--quiet", "--open"],
                               {"HECNN_S1_CLOUD_TOKEN": cloud_token, "HECNN_S1_OWNER_TOKEN": owner_token},
                               on_log=forward)
             s1_url = s1.wait_ready()

@@ -20,7 +20,13 @@ Endpoints:
   ``POST /v1/models``                    owner token; body = ``EncryptedModel.serialize()``; 201 + summary
   ``GET  /v1/models``                    the stored models
   ``GET  /v1/models/<id>``               a model's public architecture
-  ``POST /v1/models/<id>/classify``      wire message {user_n, image} -> wire message {class_vector}
+  ``POST /v1/models/<id>/classify``      user API key (unless S1 is open); wire message {user_n, image} ->
+                                         wire message {class_vector}; 401 for a missing, unknown or revoked
+                                         key, 429 beyond the key's rate or concurrent queries
+  ``POST /v1/users``                     owner token; JSON {name, rate_per_minute?, concurrent?} -> 201 +
+                                         the new key, shown this once (:mod:`servers.users`)
+  ``GET  /v1/users``                     owner token; the users and their limits (never keys or hashes)
+  ``DELETE /v1/users/<name>``            owner token; revokes the user's key at once
   ``GET  /metrics``                      Prometheus metrics, no token (:mod:`servers.metrics`)
 """
 from __future__ import annotations
@@ -33,8 +39,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from flask import Blueprint, Flask, Response, current_app, jsonify
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import Unauthorized
 
+from he_cnn.bounded_json import JSONLimits, parse_json
 from he_cnn.errors import BadRequest, HECNNError, KeyMismatch, PeerKeyChanged, ShapeError, UnknownSetup
 from he_cnn.transport.http_channel import CloudPublicKey, HTTPChannel, fetch_public_key, parse_public_key
 from he_cnn.crypto.paillier import MAX_USER_KEY_BITS, MIN_KEY_BITS, PublicKey, UserKeys
@@ -52,11 +60,14 @@ from .metrics import CloudMetrics, install as install_metrics
 from .model_store import ModelStore, StoredModel
 from .pools import USER_KEY_POOL, PoolFiller, pool_target
 from .storage import DataDirError, atomic_write, ensure_private_dir
+from .users import DEFAULT_CONCURRENT, DEFAULT_RATE_PER_MINUTE, KeyQuotas, User, UserStore
 
 CLOUD_KEY_FILE = "cloud-key.hecn"
 HEALTH_TIMEOUT = 3.0
 START_KEY_TIMEOUT = 5.0
 KEY_TIMEOUT = 30.0
+#: the body of POST /v1/users: one small object
+NEW_USER_LIMITS = JSONLimits(max_bytes=1024, max_items=8, max_depth=2)
 
 log = logging.getLogger("he_cnn.servers.s1")
 
@@ -253,8 +264,70 @@ def describe_model(model_id: str) -> Response:
     return jsonify({"model_id": stored.model_id, "key_id": stored.info["key_id"], "spec": stored.model.spec})
 
 
+def _users() -> UserStore:
+    return current_app.extensions["he_cnn.s1.users"]
+
+
+def authenticate_user() -> User | None:
+    """The user whose API key the request carries (None when S1 is open); 401 for none, unknown or revoked."""
+    if not current_app.extensions["he_cnn.s1.config"].require_user_keys:
+        return None
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized("classifying needs a user API key as 'Authorization: Bearer <key>' "
+                           "(the operator issues keys: he-cnn admin user add)")
+    user = _users().find(key.strip())
+    if user is None:
+        raise Unauthorized("unknown or revoked user API key")
+    return user
+
+
+@contextmanager
+def user_quota() -> Iterator[None]:
+    """The request's user's place within its key's limits (nothing to hold when S1 is open)."""
+    user = authenticate_user()
+    if user is None:
+        yield
+        return
+    with current_app.extensions["he_cnn.s1.quotas"].admit(user):
+        yield
+
+
+@bp.post("/users")
+def add_user() -> Response:
+    require_bearer(current_app.extensions["he_cnn.s1.config"].owner_token, "owner token")
+    fields = parse_json(request.get_data(cache=False), NEW_USER_LIMITS, "the new user")
+    if not isinstance(fields, dict) or set(fields) - {"name", "rate_per_minute", "concurrent"}:
+        raise BadRequest("expected a JSON object {name, rate_per_minute?, concurrent?}")
+    user, key = _users().add(fields.get("name"), fields.get("rate_per_minute", DEFAULT_RATE_PER_MINUTE),
+                             fields.get("concurrent", DEFAULT_CONCURRENT))
+    log.info("S1 issued a key to user %s", user.name)
+    response = jsonify({**user.public(), "key": key})
+    response.status_code = 201
+    return response
+
+
+@bp.get("/users")
+def list_users() -> Response:
+    require_bearer(current_app.extensions["he_cnn.s1.config"].owner_token, "owner token")
+    return jsonify({"users": [u.public() for u in _users().all()]})
+
+
+@bp.delete("/users/<name>")
+def revoke_user(name: str) -> Response:
+    require_bearer(current_app.extensions["he_cnn.s1.config"].owner_token, "owner token")
+    _users().revoke(name)
+    log.info("S1 revoked the key of user %s", name)
+    return jsonify({"revoked": name})
+
+
 @bp.post("/models/<model_id>/classify")
 def classify(model_id: str) -> Response:
+    with user_quota():  # before any work: 401 without a valid key, 429 beyond its limits
+        return _classify(model_id)
+
+
+def _classify(model_id: str) -> Response:
     peer, store = _service()
     stored = store.get(model_id)
     body = request_body()
@@ -371,6 +444,9 @@ def create_app(config: S1Config) -> Flask:
         offline.refill(stored)
     app.extensions["he_cnn.s1.user_keys"] = user_keys = UserKeys()
     app.extensions["he_cnn.s1.gate"] = QueryGate(config.max_concurrent, config.max_queue)
+    app.extensions["he_cnn.s1.users"] = users = UserStore(data_dir)
+    users.all()  # a corrupt user file stops S1 here, with what is wrong, not at the first query
+    app.extensions["he_cnn.s1.quotas"] = KeyQuotas()
     if peer.pinned is not None:  # S1 draws Paillier randomizers for re-randomising, DGK ones for blinding
         target = pool_target()  # (and, per user key, one randomizer per class to re-randomise the answer)
         pools = [(peer.pinned.paillier.pool, target // 12, "paillier")]

@@ -10,6 +10,7 @@ and Ctrl-C stop the server cleanly.
 ``he-cnn serve s1`` also takes ``--comparison {ot,dgk}`` (the comparison protocol of every query; "ot"
 by default) and the load limits ``--max-concurrent`` (queries at once, default 2) and ``--max-queue``
 (queries waiting, default 4; beyond both, 429 with ``Retry-After``; see :class:`servers.http.QueryGate`).
+Classify needs a user API key (``he-cnn admin user add``, :mod:`servers.users`) unless ``--open``.
 """
 from __future__ import annotations
 
@@ -192,9 +193,12 @@ def serve_s2(build_app: Callable[[S2Config], Flask] | None, host: str, port: int
 @click.option("--max-queue", envvar="HECNN_S1_MAX_QUEUE", type=click.IntRange(0, 256), default=DEFAULT_MAX_QUEUE,
               show_default=True, help="Queries that may wait for a place, first come first served; any more get "
                                       "429 with Retry-After. Running + waiting must stay below --threads.")
+@click.option("--open", "open_service", envvar="HECNN_S1_OPEN", is_flag=True,
+              help="Open service: anyone may classify, without a user API key (by default every query needs "
+                   "a key issued with: he-cnn admin user add).")
 def serve_s1(host: str, port: int, data_dir: Path, cloud_token: str, max_body_bytes: int, threads: int,
              workers: int, verbose: bool, peer_url: str, owner_token: str, peer_timeout: float,
-             precompute: bool, comparison: str, max_concurrent: int, max_queue: int) -> None:
+             precompute: bool, comparison: str, max_concurrent: int, max_queue: int, open_service: bool) -> None:
     """Start S1, the compute cloud: stores encrypted models, classifies encrypted images with S2."""
     from .s1 import create_app
 
@@ -202,5 +206,5 @@ def serve_s1(host: str, port: int, data_dir: Path, cloud_token: str, max_body_by
     config = S1Config(data_dir=data_dir, peer_url=peer_url, owner_token=owner_token, cloud_token=cloud_token,
                       host=host, port=port, max_body_bytes=max_body_bytes, threads=threads, peer_timeout=peer_timeout,
                       workers=workers, precompute=precompute, comparison=comparison,
-                      max_concurrent=max_concurrent, max_queue=max_queue)
+                      max_concurrent=max_concurrent, max_queue=max_queue, require_user_keys=not open_service)
     _start("S1", lambda: create_app(config), config)

@@ -55,7 +55,7 @@ class Clouds:
         return CloudProcess(role, args, env, on_log=self.logs.append)
 
     def start_s1(self) -> CloudProcess:
-        s1 = self._start("S1", ["--data-dir", str(self.root / "s1"), "--peer-url", self.s2_url],
+        s1 = self._start("S1", ["--data-dir", str(self.root / "s1"), "--peer-url", self.s2_url, "--open"],
                          {"HECNN_S1_CLOUD_TOKEN": self.cloud_token, "HECNN_S1_OWNER_TOKEN": self.owner_token})
         self.s1_url = s1.wait_ready()
         return s1

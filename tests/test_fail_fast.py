@@ -74,7 +74,7 @@ def runner_error(result, *fragments: str) -> str:
 def lone_s1(tmp_path_factory):
     """S1 alone: its S2 is a closed port, so it has no cloud key (it still answers and checks tokens)."""
     s1 = CloudProcess("S1", ["--data-dir", str(tmp_path_factory.mktemp("lone") / "s1"), "--peer-url", closed_port_url(),
-                             "--quiet", "--no-precompute"],
+                             "--quiet", "--no-precompute", "--open"],
                       {"HECNN_RANDOMNESS_POOL": "0", "HECNN_S1_CLOUD_TOKEN": CLOUD_TOKEN,
                        "HECNN_S1_OWNER_TOKEN": GOOD_OWNER_TOKEN})
     yield ready(s1)

@@ -132,7 +132,7 @@ class CloudPair:
 
     def start_s1(self) -> CloudProcess:
         peer = self.relay.url if self.relay is not None else self.s2_url
-        s1 = CloudProcess("S1", ["--data-dir", str(self.s1_dir), "--peer-url", peer, "--quiet", *self.s1_args],
+        s1 = CloudProcess("S1", ["--data-dir", str(self.s1_dir), "--peer-url", peer, "--quiet", "--open", *self.s1_args],
                           self.env(HECNN_S1_CLOUD_TOKEN=self.cloud_token, HECNN_S1_OWNER_TOKEN=self.owner_token),
                           on_log=self.logs.append)
         return ready(s1)

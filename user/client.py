@@ -32,13 +32,17 @@ class Client:
 
     ``user_key`` is the user's own key pair, or the path of its secret key file (``he-cnn user keygen``).
     ``model`` is a model id (``he-cnn owner upload`` prints it, :meth:`models` lists them); without it the
-    client takes S1's only model, and refuses to guess when S1 holds several.
+    client takes S1's only model, and refuses to guess when S1 holds several. ``api_key`` is the API key
+    the operator issued (``he-cnn admin user add``), sent with every query; ``HECNN_API_KEY`` if not given,
+    none for an open S1.
     """
 
-    def __init__(self, s1_url: str, user_key: KeyPair | FilePath, model: str | None = None):
+    def __init__(self, s1_url: str, user_key: KeyPair | FilePath, model: str | None = None,
+                 api_key: str | None = None):
         self.s1_url = s1_url.rstrip("/")
         self.keys = user_key if isinstance(user_key, KeyPair) else load_user_key(Path(user_key))
-        self.session = Session(self.s1_url, model if model is not None else self._only_model(), self.keys)
+        api_key = api_key if api_key is not None else os.environ.get("HECNN_API_KEY") or None
+        self.session = Session(self.s1_url, model if model is not None else self._only_model(), self.keys, api_key)
 
     def __repr__(self) -> str:  # the key id only: never the secret key
         return f"Client(s1_url={self.s1_url!r}, model={self.model_id!r}, key_id={self.keys.public.key_id!r})"

@@ -107,9 +107,10 @@ def read_answer(data: bytes, info: ModelInfo, user: KeyPair) -> tuple[list[int],
 class Session:
     """One user talking to one S1 about one model."""
 
-    def __init__(self, s1_url: str, model_id: str, user: KeyPair):
+    def __init__(self, s1_url: str, model_id: str, user: KeyPair, api_key: str | None = None):
         self.s1_url = s1_url.rstrip("/")
         self.user = user
+        self._api_key = api_key  # sent with each query only; never shown
         self.info = fetch_model_info(self.s1_url, model_id)
         self.cloud_key = fetch_public_key(self.s1_url, INFO_TIMEOUT, peer="S1")[0]
         if self.cloud_key.key_id != self.info.key_id:
@@ -123,7 +124,7 @@ class Session:
         pixels = encode_image(path, self.info)
         body = query_message(pixels, self.cloud_key, self.user)
         response = http_request("POST", f"{self.s1_url}/v1/models/{self.info.model_id}/classify", "S1",
-                                QUERY_TIMEOUT, data=body)
+                                QUERY_TIMEOUT, data=body, token=self._api_key)
         vector, server = read_answer(response.content, self.info, self.user)
         predicted = int(np.argmax(vector))
         return Classification(str(path), pixels, vector, predicted, self.info.classes[predicted],

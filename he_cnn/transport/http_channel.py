@@ -61,7 +61,8 @@ def error_from_response(response: requests.Response, peer: str) -> HECNNError:
 
 
 def http_request(method: str, url: str, peer: str, timeout: float, *, token: str | None = None,
-                 data: bytes | None = None, session: requests.Session | None = None) -> requests.Response:
+                 data: bytes | None = None, session: requests.Session | None = None,
+                 content_type: str = WIRE_CONTENT_TYPE) -> requests.Response:
     """One HTTP request to a he-cnn service; a 2xx response, or the he-cnn error the failure stands for.
 
     ``peer`` names the service in messages ("S2 at http://... is unreachable: connection refused (...)").
@@ -70,7 +71,7 @@ def http_request(method: str, url: str, peer: str, timeout: float, *, token: str
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     if data is not None:
-        headers["Content-Type"] = WIRE_CONTENT_TYPE
+        headers["Content-Type"] = content_type
     try:
         response = (session or requests).request(method, url, data=data, headers=headers, timeout=timeout)
     except requests.RequestException as e:
