@@ -460,3 +460,23 @@ def test_a_deep_s2_key_file_stops_the_start_in_one_line(tmp_path):
     (data / KEY_FILE).write_text("[" * 100_000)
     with pytest.raises(DataDirError, match="S2 key file"):
         load_or_create_key_cloud(data, 1024)
+
+
+@settings(max_examples=60, deadline=None)
+@given(body=st.one_of(st.binary(max_size=200),
+                      st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=5)),
+                                   lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                           st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+                                   max_leaves=20).map(lambda v: json.dumps({"users": v}).encode()),
+                      st.integers(40, 5000).map(lambda depth: b'{"users": ' + b"[" * depth)))
+def test_a_hostile_user_file_is_one_clean_error(tmp_path_factory, body):
+    """S1's users.json: whatever it holds, reading it gives users or a BadRequest, nothing else."""
+    from he_cnn.errors import BadRequest
+    from he_cnn.servers.users import USERS_FILE, UserStore
+
+    folder = tmp_path_factory.mktemp("users")
+    (folder / USERS_FILE).write_bytes(body)
+    try:
+        UserStore(folder).all()
+    except BadRequest:
+        pass
