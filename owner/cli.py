@@ -115,44 +115,47 @@ def train_command(save_path: str, as_json: bool, quiet: bool, **settings: Any) -
                    "instead of training one.")
 @click.option("--save-model", "save_path", type=click.Path(dir_okay=False),
               help="Also save the integer model (JSON) here.")
-def upload_command(s1_url: str, token: str, model_path: str | None, save_path: str | None, as_json: bool,
-                   quiet: bool, **settings: Any) -> None:
+@click.option("--tls-ca", envvar="HECNN_TLS_CA", show_envvar=True, type=click.Path(exists=True, dir_okay=False),
+              default=None, help="CA (or self-signed certificate) S1's HTTPS certificate must chain to "
+                                 "[default: the system's CAs].")
+def upload_command(s1_url: str, token: str, model_path: str | None, save_path: str | None, tls_ca: str | None,
+                   as_json: bool, quiet: bool, **settings: Any) -> None:
     """Train (or load) a model, encrypt it under the clouds' key and upload it to S1; prints the model id."""
     report = Reporter(quiet)
     model = _read(model_path, report) if model_path else None  # a broken file costs nothing to find
-    key = _check_s1(s1_url, token, report)  # before minutes of training, scoring and encrypting
+    key = _check_s1(s1_url, token, report, tls_ca)  # before minutes of training, scoring and encrypting
     trained = _obtain(TrainSettings(**settings), model, report)
     if save_path:
         run_step(lambda: save_integer_model(trained.model, save_path))
     if not as_json:
         _print_accuracy(trained)
-    result = upload_model(trained, s1_url, token, report, key)
+    result = upload_model(trained, s1_url, token, report, key, tls_ca)
     if as_json:
         click.echo(json.dumps({**_accuracy_report(trained), **result}))
     else:
         click.echo(f"model id: {result['model_id']}")
 
 
-def _check_s1(s1_url: str, token: str, report: Reporter) -> CloudPublicKey:
+def _check_s1(s1_url: str, token: str, report: Reporter, tls_ca: str | None = None) -> CloudPublicKey:
     """S1 answers, takes the owner token and relays the clouds' key (:func:`~he_cnn.owner.pipeline.check_owner`)."""
-    key = run_step(lambda: check_owner(s1_url, token))
+    key = run_step(lambda: check_owner(s1_url, token, tls_ca))
     report.note(f"S1 at {s1_url} takes the owner token; cloud key {key.key_id} ({key.paillier.bits} bits)")
     return key
 
 
 def upload_model(trained: TrainedModel, s1_url: str, token: str, report: Reporter | None = None,
-                 key: CloudPublicKey | None = None) -> dict[str, Any]:
+                 key: CloudPublicKey | None = None, tls_ca: str | None = None) -> dict[str, Any]:
     """Check S1 and the token (unless ``key`` says that was done), encrypt with a progress bar on stderr,
-    upload; S1's answer plus timings."""
+    upload; S1's answer plus timings. ``tls_ca``: the CA S1's HTTPS certificate must chain to."""
     report = report or Reporter()
-    key = key or _check_s1(s1_url, token, report)
+    key = key or _check_s1(s1_url, token, report, tls_ca)
     started = time.perf_counter()
     with report.bar(count_ciphertexts(trained.model), "encrypting weights", "ct") as bar:
         body = run_step(lambda: encrypt_for_upload(trained.model, key, bar.update))
     encrypted = time.perf_counter()
     report.note(f"encrypted in {encrypted - started:.1f} s ({len(body) / 2**20:.1f} MiB); uploading, S1 and S2 "
                 "run the set-up")
-    result = run_step(lambda: upload(s1_url, token, body))
+    result = run_step(lambda: upload(s1_url, token, body, tls_ca))
     return {**result, "key_bits": key.paillier.bits, "encrypt_seconds": round(encrypted - started, 3),
             "upload_seconds": round(time.perf_counter() - encrypted, 3), "upload_bytes": len(body)}
 

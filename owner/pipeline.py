@@ -214,17 +214,18 @@ def _as_owner(s1_url: str, request: Callable[[], Any]) -> Any:
                                 "was started with (--token or HECNN_OWNER_TOKEN)") from e
 
 
-def check_owner(s1_url: str, owner_token: str) -> CloudPublicKey:
+def check_owner(s1_url: str, owner_token: str, tls_ca: str | None = None) -> CloudPublicKey:
     """Before any expensive work: S1 answers, takes ``owner_token`` (a request with no effect), and
-    relays the clouds' public key (which needs S2 once); that key."""
+    relays the clouds' public key (which needs S2 once); that key. ``tls_ca``: the CA S1's HTTPS
+    certificate must chain to (None: the system's)."""
     _as_owner(s1_url, lambda: http_request("GET", s1_url.rstrip("/") + OWNER_CHECK_PATH, "S1", KEY_TIMEOUT,
-                                           token=owner_token))
-    return fetch_cloud_key(s1_url)
+                                           token=owner_token, tls_ca=tls_ca))
+    return fetch_cloud_key(s1_url, tls_ca)
 
 
-def fetch_cloud_key(s1_url: str) -> CloudPublicKey:
+def fetch_cloud_key(s1_url: str, tls_ca: str | None = None) -> CloudPublicKey:
     """The clouds' public key, as S1 relays it."""
-    return fetch_public_key(s1_url, KEY_TIMEOUT, peer="S1")[0]
+    return fetch_public_key(s1_url, KEY_TIMEOUT, peer="S1", tls_ca=tls_ca)[0]
 
 
 def encrypt_for_upload(model: IntegerModel, key: CloudPublicKey,
@@ -237,8 +238,8 @@ def count_ciphertexts(model: IntegerModel) -> int:
     return sum(layer.weight.size + layer.bias.size for layer in model.linear_layers())
 
 
-def upload(s1_url: str, owner_token: str, body: bytes) -> dict[str, Any]:
+def upload(s1_url: str, owner_token: str, body: bytes, tls_ca: str | None = None) -> dict[str, Any]:
     """POST the encrypted model to S1; S1 runs the set-up with S2 and answers with the model's summary."""
     response = _as_owner(s1_url, lambda: http_request("POST", s1_url.rstrip("/") + "/v1/models", "S1", UPLOAD_TIMEOUT,
-                                                      token=owner_token, data=body))
+                                                      token=owner_token, data=body, tls_ca=tls_ca))
     return response.json()

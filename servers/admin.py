@@ -30,6 +30,9 @@ def _rate(value: str | int) -> int:
 
 
 def _where(f: Callable[..., None]) -> Callable[..., None]:
+    f = click.option("--tls-ca", envvar="HECNN_TLS_CA", show_envvar=True, type=click.Path(exists=True, dir_okay=False),
+                     default=None, help="With an https:// --s1: the CA (or self-signed certificate) S1's certificate "
+                                        "must chain to [default: the system's CAs].")(f)
     f = click.option("--token", envvar="HECNN_OWNER_TOKEN", show_envvar=True, default=None,
                      help="The owner token, with --s1 (prefer the env var).")(f)
     f = click.option("--s1", "s1_url", default=None, help="S1's base URL: go through its owner-token endpoints.")(f)
@@ -38,12 +41,14 @@ def _where(f: Callable[..., None]) -> Callable[..., None]:
                         help="S1's data directory (without --s1).")(f)
 
 
-def _remote(method: str, s1_url: str, token: str | None, path: str, body: dict[str, Any] | None = None) -> Any:
+def _remote(method: str, s1_url: str, token: str | None, path: str, body: dict[str, Any] | None = None,
+            tls_ca: str | None = None) -> Any:
     if not token:
         raise click.ClickException("--s1 needs the owner token: set HECNN_OWNER_TOKEN or pass --token")
     data = json.dumps(body).encode() if body is not None else None
     return run_step(lambda: http_request(method, f"{s1_url.rstrip('/')}/v1/users{path}", "S1", ADMIN_TIMEOUT,
-                                         token=token, data=data, content_type="application/json").json())
+                                         token=token, data=data, content_type="application/json",
+                                         tls_ca=tls_ca).json())
 
 
 def _store(data_dir: Path) -> UserStore:
@@ -73,11 +78,13 @@ def user() -> None:
 @click.option("--concurrent", type=click.IntRange(1, MAX_CONCURRENT), default=DEFAULT_CONCURRENT, show_default=True,
               help="Queries the key may run at once.")
 @_where
-def add(name: str, rate: str, concurrent: int, data_dir: Path, s1_url: str | None, token: str | None) -> None:
+def add(name: str, rate: str, concurrent: int, data_dir: Path, s1_url: str | None, token: str | None,
+        tls_ca: str | None) -> None:
     """Issue a key to NAME; the key is printed this once (S1 stores only its hash)."""
     per_minute = _rate(rate)
     if s1_url:
-        info = _remote("POST", s1_url, token, "", {"name": name, "rate_per_minute": per_minute, "concurrent": concurrent})
+        info = _remote("POST", s1_url, token, "", {"name": name, "rate_per_minute": per_minute, "concurrent": concurrent},
+                       tls_ca)
         key = info.get("key")
     else:
         user_, key = run_step(lambda: _store(data_dir).add(name, per_minute, concurrent))
@@ -87,9 +94,9 @@ def add(name: str, rate: str, concurrent: int, data_dir: Path, s1_url: str | Non
 
 @user.command("list")
 @_where
-def list_(data_dir: Path, s1_url: str | None, token: str | None) -> None:
+def list_(data_dir: Path, s1_url: str | None, token: str | None, tls_ca: str | None) -> None:
     """The users and their limits, one per line (never their keys)."""
-    users = (_remote("GET", s1_url, token, "").get("users", []) if s1_url
+    users = (_remote("GET", s1_url, token, "", tls_ca=tls_ca).get("users", []) if s1_url
              else [u.public() for u in run_step(lambda: _store(data_dir).all())])
     for info in users:
         click.echo(_line(info))
@@ -100,10 +107,10 @@ def list_(data_dir: Path, s1_url: str | None, token: str | None) -> None:
 @user.command("revoke")
 @click.argument("name")
 @_where
-def revoke(name: str, data_dir: Path, s1_url: str | None, token: str | None) -> None:
+def revoke(name: str, data_dir: Path, s1_url: str | None, token: str | None, tls_ca: str | None) -> None:
     """Revoke NAME's key; S1 refuses it from its next request on."""
     if s1_url:
-        _remote("DELETE", s1_url, token, f"/{name}")
+        _remote("DELETE", s1_url, token, f"/{name}", tls_ca=tls_ca)
     else:
         run_step(lambda: _store(data_dir).revoke(name))
     click.echo(f"{name}: key revoked")

@@ -3,6 +3,9 @@
 Tokens are excluded from ``repr`` so a config can be logged safely. S1's load limits must leave a
 request thread free (``max_concurrent + max_queue < threads``): a waiting query holds a thread. ``validate`` raises
 :class:`~he_cnn.errors.BadRequest` with what is wrong, which the CLI shows as one line.
+A cloud serves HTTPS when given a :class:`ServerTLS` (``--tls-cert/--tls-key``); S2's ``client_ca``
+makes it accept only clients whose certificate that CA signed (S1's, for mutual TLS on the S1-S2 link),
+and S1's ``peer_ca`` / ``peer_cert`` / ``peer_key`` are its side of that link.
 """
 from __future__ import annotations
 
@@ -39,8 +42,41 @@ DEFAULT_MAX_QUEUE = 4
 SPARE_THREADS = 1
 
 
+def _check_files(role: str, files: dict[str, Path | str | None]) -> None:
+    for name, path in files.items():
+        if path is not None and not Path(path).is_file():
+            raise BadRequest(f"{role}: the {name} {path} is not a readable file")
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """A cloud's TLS settings: its certificate chain and private key (PEM), and optionally the CA (a
+    bundle, or the client's self-signed certificate) that a client's certificate must chain to; with
+    ``client_ca`` a client without such a certificate is refused during the handshake."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def validate(self, role: str) -> None:
+        _check_files(role, {"TLS certificate": self.cert, "TLS key": self.key, "TLS client CA": self.client_ca})
+
+
+def server_tls(role: str, cert: Path | None, key: Path | None, client_ca: Path | None = None) -> ServerTLS | None:
+    """The flags ``--tls-cert/--tls-key[/--tls-client-ca]`` as settings: None for plain HTTP."""
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise BadRequest(f"{role}: a TLS client CA needs TLS itself: pass --tls-cert and --tls-key too")
+        return None
+    if cert is None or key is None:
+        raise BadRequest(f"{role}: TLS needs both a certificate and its key (--tls-cert and --tls-key)")
+    return ServerTLS(Path(cert), Path(key), Path(client_ca) if client_ca is not None else None)
+
+
 def _check_common(role: str, host: str, port: int, max_body_bytes: int, threads: int, workers: int,
-                  tokens: dict[str, str]) -> None:
+                  tokens: dict[str, str], tls: ServerTLS | None = None) -> None:
+    if tls is not None:
+        tls.validate(role)
     if not host:
         raise BadRequest(f"{role}: host must not be empty")
     if not 0 <= port <= 65535:
@@ -68,9 +104,12 @@ class S2Config:
     threads: int = DEFAULT_THREADS
     #: processes for the heavy loops of each protocol round (1 = inline, in the request thread)
     workers: int = 1
+    #: HTTPS (None: plain HTTP); with ``tls.client_ca``, mutual TLS: only S1's certificate gets in
+    tls: ServerTLS | None = None
 
     def validate(self) -> "S2Config":
-        _check_common("S2", self.host, self.port, self.max_body_bytes, self.threads, self.workers, {"cloud token": self.cloud_token})
+        _check_common("S2", self.host, self.port, self.max_body_bytes, self.threads, self.workers,
+                      {"cloud token": self.cloud_token}, self.tls)
         if self.key_bits < MIN_KEY_BITS:
             raise BadRequest(f"S2: key size {self.key_bits} bits is too small: expected at least {MIN_KEY_BITS}")
         return self
@@ -102,12 +141,29 @@ class S1Config:
     #: ``he-cnn serve s1`` command requires keys unless ``--open``; this default stays open for programs
     #: and tests that build the app directly
     require_user_keys: bool = False
+    #: HTTPS for S1's clients (None: plain HTTP)
+    tls: ServerTLS | None = None
+    #: S1's side of the TLS link to S2: the CA S2's certificate must chain to (None: the system's), and
+    #: the client certificate and key S1 presents to S2 (mutual TLS)
+    peer_ca: Path | None = None
+    peer_cert: Path | None = None
+    peer_key: Path | None = None
+
+    @property
+    def peer_client_cert(self) -> tuple[str, str] | None:
+        """``(certificate, key)`` for requests' ``cert``, or None without mutual TLS."""
+        return (str(self.peer_cert), str(self.peer_key)) if self.peer_cert is not None else None
 
     def validate(self) -> "S1Config":
         _check_common("S1", self.host, self.port, self.max_body_bytes, self.threads, self.workers,
-                      {"owner token": self.owner_token, "cloud token": self.cloud_token})
+                      {"owner token": self.owner_token, "cloud token": self.cloud_token}, self.tls)
         if not self.peer_url.startswith(("http://", "https://")):
             raise BadRequest(f"S1: peer URL must start with http:// or https://, got {self.peer_url!r}")
+        if (self.peer_cert is None) != (self.peer_key is None):
+            raise BadRequest("S1: a client certificate for S2 needs both --peer-cert and --peer-key")
+        if (self.peer_cert is not None or self.peer_ca is not None) and not self.peer_url.startswith("https://"):
+            raise BadRequest(f"S1: --peer-ca/--peer-cert need an https:// peer URL, got {self.peer_url!r}")
+        _check_files("S1", {"peer CA": self.peer_ca, "peer certificate": self.peer_cert, "peer key": self.peer_key})
         if self.peer_timeout <= 0:
             raise BadRequest(f"S1: peer timeout must be positive, got {self.peer_timeout}")
         if self.owner_token == self.cloud_token:

@@ -2,7 +2,9 @@
 
 :class:`CloudProcess` runs ``python -m he_cnn serve s1|s2 --port 0 ...`` (tokens passed through the
 environment, never on the command line), reads its stderr until the ``... listening on http://...``
-line to learn the URL, and forwards the rest of its log (to a callback, e.g. our stderr). ``stop``
+line (or ``https://``) to learn the URL, and forwards the rest of its log (to a callback, e.g. our stderr).
+Over HTTPS the readiness check trusts ``tls_ca`` and, for an S2 that requires client certificates,
+presents ``client_cert``. ``stop``
 sends SIGTERM and waits, killing only if the process does not exit in time. Used by ``he-cnn demo``
 and by the end-to-end tests.
 """
@@ -21,8 +23,9 @@ from typing import Callable, Sequence
 import requests
 
 from he_cnn.errors import HECNNError, PeerUnavailable
+from he_cnn.transport.http_channel import tls_options
 
-LISTENING = re.compile(r"^(S1|S2) listening on (http://\S+)\s*$")
+LISTENING = re.compile(r"^(S1|S2) listening on (https?://\S+)\s*$")
 STOP_TIMEOUT = 15.0
 
 
@@ -39,8 +42,12 @@ class CloudProcess:
 
     def __init__(self, role: str, args: Sequence[str], env: dict[str, str],
                  on_log: Callable[[str], None] | None = None, cwd: Path | None = None,
-                 launcher: Sequence[str] = ("-m", "he_cnn", "serve")):
+                 launcher: Sequence[str] = ("-m", "he_cnn", "serve"), tls_ca: str | Path | None = None,
+                 client_cert: tuple[str | Path, str | Path] | None = None):
         self.role = role.upper()
+        #: requests' keywords for the health check over HTTPS
+        self._tls = tls_options(str(tls_ca) if tls_ca else None,
+                                (str(client_cert[0]), str(client_cert[1])) if client_cert else None)
         self.url: str | None = None
         self._listening = threading.Event()
         self._tail: deque[str] = deque(maxlen=20)
@@ -76,7 +83,7 @@ class CloudProcess:
         assert self.url is not None  # set together with the event
         while True:
             try:
-                if requests.get(self.url + "/v1/health", timeout=5).status_code == 200:
+                if requests.get(self.url + "/v1/health", timeout=5, **self._tls).status_code == 200:  # type: ignore[arg-type]
                     return self.url
             except requests.RequestException:
                 pass
@@ -107,14 +114,18 @@ class CloudProcess:
         self.stop()
 
 
-def wait_offline(urls: Sequence[str], timeout: float, prepared: bool = False) -> tuple[float, bool]:
+def wait_offline(urls: Sequence[str], timeout: float, prepared: bool = False, tls_ca: str | None = None,
+                 client_cert: tuple[str, str] | None = None) -> tuple[float, bool]:
     """Wait until every cloud at ``urls`` reports full randomness pools (and, with ``prepared``, S1 a
     prepared query): the offline phase a running service does between requests. Returns the seconds
     waited and whether it finished within ``timeout``. Health checks are GETs, which the pool fillers
-    do not count as activity, so polling does not hold them back."""
+    do not count as activity, so polling does not hold them back. ``tls_ca`` / ``client_cert`` as for
+    :class:`CloudProcess`."""
     started = time.monotonic()
+    tls = tls_options(tls_ca, client_cert)
     while True:
-        states = [requests.get(f"{u.rstrip('/')}/v1/health", timeout=30).json() for u in urls]
+        states = [requests.get(f"{u.rstrip('/')}/v1/health", timeout=30, **tls).json()  # type: ignore[arg-type]
+                  for u in urls]
         done = all((st.get("pools") or {"full": True})["full"] and (not prepared or st.get("prepared", 1) >= 1)
                    for st in states)
         waited = time.monotonic() - started

@@ -83,6 +83,9 @@ class PeerLink:
         self.ot_link = OTLink()
         self.timeout = config.peer_timeout
         self._token = config.cloud_token
+        #: TLS to S2: the CA its certificate must chain to, and S1's client certificate (mutual TLS)
+        self._tls = {"tls_ca": str(config.peer_ca) if config.peer_ca else None,
+                     "client_cert": config.peer_client_cert}
         self._key_path = Path(config.data_dir) / CLOUD_KEY_FILE
         self._key: CloudPublicKey | None = None
         self._key_bytes: bytes | None = None
@@ -103,7 +106,8 @@ class PeerLink:
         """The cloud key: pinned, or fetched from S2 once and pinned (PeerUnavailable if S2 is down)."""
         with self._lock:
             if self._key is None:
-                key, data = fetch_public_key(self.url, timeout or min(self.timeout, KEY_TIMEOUT), peer="S2")
+                key, data = fetch_public_key(self.url, timeout or min(self.timeout, KEY_TIMEOUT), peer="S2",
+                                             **self._tls)
                 atomic_write(self._key_path, data, mode=0o644)
                 self._key, self._key_bytes = key, data
                 log.info("S1 pinned the cloud public key %s (%d bits) from S2", key.key_id, key.paillier.bits)
@@ -112,7 +116,7 @@ class PeerLink:
     def check_peer_key(self, timeout: float = HEALTH_TIMEOUT) -> dict[str, Any]:
         """Ask S2 for its key now: reachable?, and does it still hold the pinned key?"""
         try:
-            key, _ = fetch_public_key(self.url, timeout, peer="S2")
+            key, _ = fetch_public_key(self.url, timeout, peer="S2", **self._tls)
         except HECNNError as e:
             return {"reachable": False, "message": str(e)}
         pinned = self._key
@@ -133,7 +137,7 @@ class PeerLink:
     def context(self) -> Iterator[S1Context]:
         """A fresh S1 context over a fresh HTTP channel (its own counters and connection)."""
         key, _ = self.public_key()
-        channel = HTTPChannel(self.url, self._token, self.timeout)
+        channel = HTTPChannel(self.url, self._token, self.timeout, **self._tls)
         try:
             yield S1Context(key.paillier, key.dgk, channel, workers=self.workers, comparison=self.comparison,
                             ot_link=self.ot_link)

@@ -1,4 +1,4 @@
-"""Serving a cloud with waitress (a production WSGI server), and the ``he-cnn serve s1|s2`` commands.
+"""Serving a cloud with waitress, or cheroot for HTTPS (production WSGI servers), and the ``he-cnn serve s1|s2`` commands.
 
 Settings come from flags or from ``HECNN_S1_*`` / ``HECNN_S2_*`` environment variables (prefer the
 variables for tokens: command lines are visible to other users in ``ps``). The settings and the port
@@ -11,18 +11,30 @@ and Ctrl-C stop the server cleanly.
 by default) and the load limits ``--max-concurrent`` (queries at once, default 2) and ``--max-queue``
 (queries waiting, default 4; beyond both, 429 with ``Retry-After``; see :class:`servers.http.QueryGate`).
 Classify needs a user API key (``he-cnn admin user add``, :mod:`servers.users`) unless ``--open``.
+
+TLS: with ``--tls-cert/--tls-key`` a cloud serves HTTPS (``... listening on https://...``). waitress has
+no TLS, so then the same Flask app runs under cheroot instead: CherryPy's WSGI server, pure Python, TLS
+through the standard library's ``ssl`` module (``BuiltinSSLAdapter``), with the same thread count, body
+limit and SIGTERM handling. Without the flags waitress serves plain HTTP exactly as before. S2's
+``--tls-client-ca`` requires every client to present a certificate that CA signed (mutual TLS: S1's),
+refused in the handshake otherwise; S1's ``--peer-ca`` checks S2's certificate and ``--peer-cert/--peer-key``
+is the certificate S1 shows S2. The cloud token stays required on the rounds, a second factor.
 """
 from __future__ import annotations
 
 import logging
 import signal
 import socket
+import ssl
 import sys
+import threading
 from pathlib import Path
 from types import FrameType
 from typing import Callable
 
 import click
+from cheroot.ssl.builtin import BuiltinSSLAdapter
+from cheroot.wsgi import Server as CherootServer
 from flask import Flask
 from waitress.adjustments import Adjustments
 from waitress.server import create_server
@@ -33,7 +45,8 @@ from he_cnn.crypto.paillier import DEFAULT_KEY_BITS
 from he_cnn.parallel import default_worker_count
 
 from .config import (COMPARISONS, DEFAULT_COMPARISON, DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUE, DEFAULT_S1_MAX_BODY,
-                     DEFAULT_S1_PORT, DEFAULT_S2_MAX_BODY, DEFAULT_S2_PORT, DEFAULT_THREADS, S1Config, S2Config)
+                     DEFAULT_S1_PORT, DEFAULT_S2_MAX_BODY, DEFAULT_S2_PORT, DEFAULT_THREADS, S1Config, S2Config,
+                     ServerTLS, server_tls)
 from .http import shutdown_app
 
 
@@ -47,26 +60,86 @@ WAITRESS_BUFFERS = {"recv_bytes": 1 << 18, "send_bytes": 1 << 18, "inbuf_overflo
                     "outbuf_overflow": 8 << 20, "connection_limit": 32}
 
 
-def run_server(app: Flask, role: str, host: str, port: int, threads: int) -> None:
-    """Serve ``app`` until SIGTERM/SIGINT; announce the bound address on stderr."""
+#: seconds cheroot's worker threads get to finish their requests on SIGTERM (waitress does not wait)
+TLS_STOP_GRACE = 5.0
+
+
+def _max_body(app: Flask) -> int:
+    """The server's own body limit: 4x the app's (the app answers up to that, with its JSON 413)."""
+    return max(4 * app.config["MAX_CONTENT_LENGTH"], 1 << 20)
+
+
+def tls_adapter(tls: ServerTLS) -> BuiltinSSLAdapter:
+    """cheroot's TLS adapter for ``tls`` (reads the files now: ssl.SSLError or OSError if they are bad)."""
+    adapter = BuiltinSSLAdapter(str(tls.cert), str(tls.key))
+    adapter.context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.client_ca is not None:
+        adapter.context.verify_mode = ssl.CERT_REQUIRED
+        adapter.context.load_verify_locations(str(tls.client_ca))
+    return adapter
+
+
+def _serve_plain(app: Flask, role: str, host: str, port: int, threads: int) -> tuple[tuple[str, int], Callable[[], None], Callable[[], None]]:
+    """waitress, bound: (address, run, close)."""
     server = create_server(app, host=host, port=port, threads=threads, ident=f"he-cnn {role}",
-                           clear_untrusted_proxy_headers=True, **WAITRESS_BUFFERS,
-                           max_request_body_size=max(4 * app.config["MAX_CONTENT_LENGTH"], 1 << 20))
-    bound_host, bound_port = server.socket.getsockname()[:2]  # type: ignore[union-attr]
+                           clear_untrusted_proxy_headers=True, **WAITRESS_BUFFERS, max_request_body_size=_max_body(app))
+    return server.socket.getsockname()[:2], server.run, server.close  # type: ignore[union-attr]
+
+
+def _serve_tls(app: Flask, role: str, host: str, port: int, threads: int,
+               adapter: BuiltinSSLAdapter) -> tuple[tuple[str, int], Callable[[], None], Callable[[], None]]:
+    """cheroot with TLS, bound: (address, run, close)."""
+    server = CherootServer((host, port), app, numthreads=threads, max=threads, server_name=f"he-cnn {role}",
+                    shutdown_timeout=TLS_STOP_GRACE)
+    server.ssl_adapter = adapter
+    server.max_request_body_size = _max_body(app)
+    # threads inherit daemon status from the thread that starts them: workers started from a daemon
+    # thread, like waitress's, do not hold the process after SIGTERM while a long query is in flight
+    failed: list[BaseException] = []
+
+    def prepare() -> None:
+        try:
+            server.prepare()  # binds, listens, starts the workers
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            failed.append(e)
+
+    starter = threading.Thread(target=prepare, name=f"{role}-start", daemon=True)
+    starter.start()
+    starter.join()
+    if failed:
+        raise failed[0]
+
+    def close() -> None:
+        stopper = threading.Thread(target=server.stop, name=f"{role}-stop", daemon=True)
+        stopper.start()
+        stopper.join(TLS_STOP_GRACE + 1)
+
+    return server.socket.getsockname()[:2], server.serve, close
+
+
+def run_server(app: Flask, role: str, host: str, port: int, threads: int,
+               tls: ServerTLS | BuiltinSSLAdapter | None = None) -> None:
+    """Serve ``app`` until SIGTERM/SIGINT; announce the bound address on stderr. With ``tls`` (settings, or
+    an adapter made from them by :func:`tls_adapter`), HTTPS under cheroot; else plain HTTP under waitress."""
+    if tls is None:
+        (bound_host, bound_port), run, close = _serve_plain(app, role, host, port, threads)
+    else:
+        adapter = tls_adapter(tls) if isinstance(tls, ServerTLS) else tls
+        (bound_host, bound_port), run, close = _serve_tls(app, role, host, port, threads, adapter)
     shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
 
     def stop(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    click.echo(f"{role} listening on http://{shown}:{bound_port}", err=True)
+    click.echo(f"{role} listening on {'https' if tls is not None else 'http'}://{shown}:{bound_port}", err=True)
     sys.stderr.flush()
     try:
-        server.run()
+        run()
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
-        server.close()
+        close()
         shutdown_app(app)
         click.echo(f"{role} stopped", err=True)
 
@@ -78,12 +151,15 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("waitress").setLevel(logging.WARNING)
 
 
+PEM_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
 def _cloud_options(role: str, port: int, max_body: int) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """The flags both clouds share, with this cloud's environment variable names (HECNN_S1_* or HECNN_S2_*)."""
     env = f"HECNN_{role}_"
     options = [
         click.option("--host", envvar=env + "HOST", default="127.0.0.1", show_default=True,
-                     help="Interface to bind (0.0.0.0 for all; put TLS in front in a real deployment)."),
+                     help="Interface to bind (0.0.0.0 for all; then serve HTTPS with --tls-cert/--tls-key)."),
         click.option("--port", envvar=env + "PORT", type=click.IntRange(0, 65535), default=port, show_default=True,
                      help="TCP port (0 picks a free one and prints it)."),
         click.option("--data-dir", envvar=env + "DATA_DIR", type=click.Path(file_okay=False, path_type=Path),
@@ -97,6 +173,10 @@ def _cloud_options(role: str, port: int, max_body: int) -> Callable[[Callable[..
         click.option("--workers", envvar=env + "WORKERS", type=click.IntRange(1, 256), default=default_worker_count(),
                      show_default="all cores", help="Processes for the heavy loops of each protocol round."),
         click.option("--verbose/--quiet", default=True, show_default=True, help="Log start-up, set-ups and errors."),
+        click.option("--tls-cert", envvar=env + "TLS_CERT", type=PEM_FILE, default=None,
+                     help="Serve HTTPS with this certificate (PEM, chain allowed); needs --tls-key."),
+        click.option("--tls-key", envvar=env + "TLS_KEY", type=PEM_FILE, default=None,
+                     help="The private key of --tls-cert (PEM, unencrypted)."),
     ]
 
     def decorate(f: Callable[..., None]) -> Callable[..., None]:
@@ -128,15 +208,22 @@ def check_port(host: str, port: int) -> None:
 
 
 def _start(role: str, build: Callable[[], Flask], config: S1Config | S2Config) -> None:
-    """Check the settings and the port (nothing on disk yet), then build the app and serve it."""
+    """Check the settings, the TLS files and the port (nothing on disk yet), then build the app and serve it."""
     def cannot_listen(e: OSError) -> click.ClickException:
         return click.ClickException(f"{role} cannot listen on {config.host}:{config.port}: {e.strerror or e}")
 
+    adapter = None
     try:
         config.validate()
+        if config.tls is not None:
+            adapter = tls_adapter(config.tls)
         check_port(config.host, config.port)
     except HECNNError as e:
         raise click.ClickException(f"{role} cannot start: {e}") from e
+    except ssl.SSLError as e:  # before OSError: its subclass
+        raise click.ClickException(f"{role} cannot start: the TLS certificate, key or client CA is not usable "
+                                   f"(expected PEM files, the key unencrypted and matching the certificate): "
+                                   f"{e.reason or e}") from e
     except OSError as e:
         raise cannot_listen(e) from e
     try:
@@ -146,31 +233,43 @@ def _start(role: str, build: Callable[[], Flask], config: S1Config | S2Config) -
     except OSError as e:
         raise click.ClickException(f"{role} cannot start: {e.strerror or e}: {e.filename or ''}") from e
     try:
-        run_server(app, role, config.host, config.port, config.threads)
+        run_server(app, role, config.host, config.port, config.threads, adapter)
     except OSError as e:  # the port was taken after the check
         raise cannot_listen(e) from e
 
 
+def _tls_settings(role: str, cert: Path | None, key: Path | None, client_ca: Path | None = None) -> ServerTLS | None:
+    try:
+        return server_tls(role, cert, key, client_ca)
+    except HECNNError as e:
+        raise click.ClickException(f"{role} cannot start: {e}") from e
+
+
 @click.group("serve")
 def serve() -> None:
-    """Run one of the two clouds (S1 compute, S2 key cloud) with the waitress WSGI server."""
+    """Run one of the two clouds (S1 compute, S2 key cloud) with the waitress WSGI server (cheroot for HTTPS)."""
 
 
 @serve.command("s2")
 @_cloud_options("S2", DEFAULT_S2_PORT, DEFAULT_S2_MAX_BODY)
 @click.option("--key-bits", envvar="HECNN_S2_KEY_BITS", type=click.IntRange(1024), default=DEFAULT_KEY_BITS,
               show_default=True, help="Size of the cloud Paillier key, generated on first start only.")
+@click.option("--tls-client-ca", envvar="HECNN_S2_TLS_CLIENT_CA", type=PEM_FILE, default=None,
+              help="Mutual TLS: accept only clients (S1) whose certificate this CA, or this self-signed "
+                   "certificate, signed; needs --tls-cert/--tls-key.")
 @click.pass_obj
 def serve_s2(build_app: Callable[[S2Config], Flask] | None, host: str, port: int, data_dir: Path, cloud_token: str,
-             max_body_bytes: int, threads: int, workers: int, verbose: bool, key_bits: int) -> None:
+             max_body_bytes: int, threads: int, workers: int, verbose: bool, tls_cert: Path | None,
+             tls_key: Path | None, key_bits: int, tls_client_ca: Path | None) -> None:
     """Start S2, the key cloud: holds the cloud key pair, answers S1's protocol rounds."""
     # build_app is the click context's obj: None from the he-cnn command; a program that runs
     # serve.main(..., obj=f) gets S2 built by f(config), e.g. create_app around a wrapped key cloud
     from .s2 import create_app
 
     _setup_logging(verbose)
+    tls = _tls_settings("S2", tls_cert, tls_key, tls_client_ca)
     config = S2Config(data_dir=data_dir, cloud_token=cloud_token, host=host, port=port, key_bits=key_bits,
-                      max_body_bytes=max_body_bytes, threads=threads, workers=workers)
+                      max_body_bytes=max_body_bytes, threads=threads, workers=workers, tls=tls)
     _start("S2", lambda: (build_app or create_app)(config), config)
 
 
@@ -196,9 +295,17 @@ def serve_s2(build_app: Callable[[S2Config], Flask] | None, host: str, port: int
 @click.option("--open", "open_service", envvar="HECNN_S1_OPEN", is_flag=True,
               help="Open service: anyone may classify, without a user API key (by default every query needs "
                    "a key issued with: he-cnn admin user add).")
+@click.option("--peer-ca", envvar="HECNN_S1_PEER_CA", type=PEM_FILE, default=None,
+              help="Check S2's certificate against this CA (or S2's self-signed certificate) [default: the system's CAs].")
+@click.option("--peer-cert", envvar="HECNN_S1_PEER_CERT", type=PEM_FILE, default=None,
+              help="Mutual TLS: the client certificate S1 presents to S2 (S2's --tls-client-ca must accept it).")
+@click.option("--peer-key", envvar="HECNN_S1_PEER_KEY", type=PEM_FILE, default=None,
+              help="The private key of --peer-cert (PEM, unencrypted).")
 def serve_s1(host: str, port: int, data_dir: Path, cloud_token: str, max_body_bytes: int, threads: int,
-             workers: int, verbose: bool, peer_url: str, owner_token: str, peer_timeout: float,
-             precompute: bool, comparison: str, max_concurrent: int, max_queue: int, open_service: bool) -> None:
+             workers: int, verbose: bool, tls_cert: Path | None, tls_key: Path | None, peer_url: str,
+             owner_token: str, peer_timeout: float, precompute: bool, comparison: str, max_concurrent: int,
+             max_queue: int, open_service: bool, peer_ca: Path | None, peer_cert: Path | None,
+             peer_key: Path | None) -> None:
     """Start S1, the compute cloud: stores encrypted models, classifies encrypted images with S2."""
     from .s1 import create_app
 
@@ -206,5 +313,7 @@ def serve_s1(host: str, port: int, data_dir: Path, cloud_token: str, max_body_by
     config = S1Config(data_dir=data_dir, peer_url=peer_url, owner_token=owner_token, cloud_token=cloud_token,
                       host=host, port=port, max_body_bytes=max_body_bytes, threads=threads, peer_timeout=peer_timeout,
                       workers=workers, precompute=precompute, comparison=comparison,
-                      max_concurrent=max_concurrent, max_queue=max_queue, require_user_keys=not open_service)
+                      max_concurrent=max_concurrent, max_queue=max_queue, require_user_keys=not open_service,
+                      tls=_tls_settings("S1", tls_cert, tls_key), peer_ca=peer_ca, peer_cert=peer_cert,
+                      peer_key=peer_key)
     _start("S1", lambda: create_app(config), config)

@@ -56,20 +56,23 @@ def _record(result: Classification) -> dict[str, Any]:
               help="Your secret key file (he-cnn user keygen).")
 @click.option("--api-key", envvar="HECNN_API_KEY", show_envvar=True, default=None,
               help="Your API key from S1's operator (prefer the env var; not needed for an open S1).")
+@click.option("--tls-ca", envvar="HECNN_TLS_CA", show_envvar=True, type=click.Path(exists=True, dir_okay=False),
+              default=None, help="CA (or self-signed certificate) S1's HTTPS certificate must chain to "
+                                 "[default: the system's CAs].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--progress/--no-progress", default=None, show_default="when stderr is a terminal",
               help="Progress bar on stderr.")
 @click.option("-q", "--quiet", is_flag=True,
               help="No progress bar on stderr (results, warnings and errors still show).")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-def query(s1_url: str, model_id: str, key_path: Path, api_key: str | None, as_json: bool, progress: bool | None, quiet: bool,
-          images: tuple[str, ...]) -> None:
+def query(s1_url: str, model_id: str, key_path: Path, api_key: str | None, tls_ca: str | None, as_json: bool,
+          progress: bool | None, quiet: bool, images: tuple[str, ...]) -> None:
     """Classify IMAGES (PNG, JPEG or .npy; grey or colour, converted to the model's channels and resized
     to its input as the model's preprocessing says) without revealing them."""
     keys = run_step(lambda: load_user_key(key_path))
     if not is_private_file(key_path):
         click.echo(f"warning: {key_path} is readable by other users; run: chmod 600 {key_path}", err=True)
-    client = run_step(lambda: Client(s1_url, keys, model=model_id, api_key=api_key))
+    client = run_step(lambda: Client(s1_url, keys, model=model_id, api_key=api_key, tls_ca=tls_ca))
     results = []
     with Reporter(quiet, progress).bar(len(images), "classifying", "image") as bar:
         for path in images:

@@ -34,15 +34,18 @@ class Client:
     ``model`` is a model id (``he-cnn owner upload`` prints it, :meth:`models` lists them); without it the
     client takes S1's only model, and refuses to guess when S1 holds several. ``api_key`` is the API key
     the operator issued (``he-cnn admin user add``), sent with every query; ``HECNN_API_KEY`` if not given,
-    none for an open S1.
+    none for an open S1. ``tls_ca`` is the CA (or self-signed certificate) S1's HTTPS certificate must
+    chain to; ``HECNN_TLS_CA`` if not given, the system's CAs without either.
     """
 
     def __init__(self, s1_url: str, user_key: KeyPair | FilePath, model: str | None = None,
-                 api_key: str | None = None):
+                 api_key: str | None = None, tls_ca: FilePath | None = None):
         self.s1_url = s1_url.rstrip("/")
         self.keys = user_key if isinstance(user_key, KeyPair) else load_user_key(Path(user_key))
         api_key = api_key if api_key is not None else os.environ.get("HECNN_API_KEY") or None
-        self.session = Session(self.s1_url, model if model is not None else self._only_model(), self.keys, api_key)
+        self.tls_ca = str(tls_ca) if tls_ca is not None else os.environ.get("HECNN_TLS_CA") or None
+        self.session = Session(self.s1_url, model if model is not None else self._only_model(), self.keys, api_key,
+                               self.tls_ca)
 
     def __repr__(self) -> str:  # the key id only: never the secret key
         return f"Client(s1_url={self.s1_url!r}, model={self.model_id!r}, key_id={self.keys.public.key_id!r})"
@@ -58,7 +61,7 @@ class Client:
 
     def models(self) -> list[dict]:
         """S1's stored models (id, layers, input shape, classes)."""
-        return _list_models(self.s1_url)
+        return _list_models(self.s1_url, self.tls_ca)
 
     def classify(self, images: FilePath | Iterable[FilePath]) -> list[Classification]:
         """Classify one image file or several, in order; one :class:`Classification` each."""
@@ -70,16 +73,16 @@ class Client:
             yield self.session.classify(path)
 
     def _only_model(self) -> str:
-        ids = [str(m.get("model_id")) for m in _list_models(self.s1_url)]
+        ids = [str(m.get("model_id")) for m in _list_models(self.s1_url, self.tls_ca)]
         if len(ids) != 1:
             held = f"it holds {len(ids)}: {', '.join(ids)}" if ids else "it holds none yet"
             raise BadRequest(f"name the model to query (model=...): S1 at {self.s1_url} has no single model; {held}")
         return ids[0]
 
 
-def _list_models(s1_url: str) -> list[dict]:
+def _list_models(s1_url: str, tls_ca: str | None = None) -> list[dict]:
     try:
-        body = http_request("GET", f"{s1_url}/v1/models", "S1", INFO_TIMEOUT).json()
+        body = http_request("GET", f"{s1_url}/v1/models", "S1", INFO_TIMEOUT, tls_ca=tls_ca).json()
     except ValueError as e:  # not JSON
         raise ProtocolError(f"S1 listed its models in an unexpected form: {e}") from e
     models = body.get("models") if isinstance(body, dict) else None

@@ -74,8 +74,8 @@ class Classification:
     server: dict[str, Any]  # S1's statistics: seconds, rounds, bytes each way, per layer
 
 
-def fetch_model_info(s1_url: str, model_id: str) -> ModelInfo:
-    response = http_request("GET", f"{s1_url.rstrip('/')}/v1/models/{model_id}", "S1", INFO_TIMEOUT)
+def fetch_model_info(s1_url: str, model_id: str, tls_ca: str | None = None) -> ModelInfo:
+    response = http_request("GET", f"{s1_url.rstrip('/')}/v1/models/{model_id}", "S1", INFO_TIMEOUT, tls_ca=tls_ca)
     return ModelInfo.from_json(response.json())
 
 
@@ -105,14 +105,17 @@ def read_answer(data: bytes, info: ModelInfo, user: KeyPair) -> tuple[list[int],
 
 
 class Session:
-    """One user talking to one S1 about one model."""
+    """One user talking to one S1 about one model (``tls_ca``: the CA S1's HTTPS certificate must chain
+    to; None: the system's)."""
 
-    def __init__(self, s1_url: str, model_id: str, user: KeyPair, api_key: str | None = None):
+    def __init__(self, s1_url: str, model_id: str, user: KeyPair, api_key: str | None = None,
+                 tls_ca: str | None = None):
         self.s1_url = s1_url.rstrip("/")
         self.user = user
         self._api_key = api_key  # sent with each query only; never shown
-        self.info = fetch_model_info(self.s1_url, model_id)
-        self.cloud_key = fetch_public_key(self.s1_url, INFO_TIMEOUT, peer="S1")[0]
+        self.tls_ca = tls_ca
+        self.info = fetch_model_info(self.s1_url, model_id, tls_ca)
+        self.cloud_key = fetch_public_key(self.s1_url, INFO_TIMEOUT, peer="S1", tls_ca=tls_ca)[0]
         if self.cloud_key.key_id != self.info.key_id:
             raise ProtocolError(f"S1 serves cloud key {self.cloud_key.key_id} but the model is under "
                                 f"{self.info.key_id}")
@@ -124,7 +127,7 @@ class Session:
         pixels = encode_image(path, self.info)
         body = query_message(pixels, self.cloud_key, self.user)
         response = http_request("POST", f"{self.s1_url}/v1/models/{self.info.model_id}/classify", "S1",
-                                QUERY_TIMEOUT, data=body, token=self._api_key)
+                                QUERY_TIMEOUT, data=body, token=self._api_key, tls_ca=self.tls_ca)
         vector, server = read_answer(response.content, self.info, self.user)
         predicted = int(np.argmax(vector))
         return Classification(str(path), pixels, vector, predicted, self.info.classes[predicted],

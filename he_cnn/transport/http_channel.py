@@ -11,6 +11,10 @@ with ``peer``, ``peer_code``, ``peer_status`` and ``peer_message`` so the caller
 refused (:func:`he_cnn.console.describe_failure` says an error S1 reports about S2 in words for a person).
 The cloud public key travels as a wire message too (:func:`public_key_message` / :func:`parse_public_key`),
 so S2, S1 and clients agree on one format.
+
+TLS: every request takes ``tls_ca`` (a CA bundle, or a self-signed server certificate, that the server's
+certificate must chain to; requests' ``verify``; None for the system's CAs) and ``client_cert`` (a
+``(certificate, key)`` pair that S1 presents to S2 for mutual TLS; requests' ``cert``).
 """
 from __future__ import annotations
 
@@ -62,10 +66,12 @@ def error_from_response(response: requests.Response, peer: str) -> HECNNError:
 
 def http_request(method: str, url: str, peer: str, timeout: float, *, token: str | None = None,
                  data: bytes | None = None, session: requests.Session | None = None,
-                 content_type: str = WIRE_CONTENT_TYPE) -> requests.Response:
+                 content_type: str = WIRE_CONTENT_TYPE, tls_ca: str | None = None,
+                 client_cert: tuple[str, str] | None = None) -> requests.Response:
     """One HTTP request to a he-cnn service; a 2xx response, or the he-cnn error the failure stands for.
 
     ``peer`` names the service in messages ("S2 at http://... is unreachable: connection refused (...)").
+    ``tls_ca`` and ``client_cert`` as in the module's docstring; left out, a ``session``'s own settings hold.
     """
     headers = {}
     if token is not None:
@@ -73,7 +79,8 @@ def http_request(method: str, url: str, peer: str, timeout: float, *, token: str
     if data is not None:
         headers["Content-Type"] = content_type
     try:
-        response = (session or requests).request(method, url, data=data, headers=headers, timeout=timeout)
+        response = (session or requests).request(method, url, data=data, headers=headers, timeout=timeout,
+                                                 **tls_options(tls_ca, client_cert))
     except requests.RequestException as e:
         raise PeerUnavailable(transport_failure(peer, url, e, timeout)) from e
     if not 200 <= response.status_code < 300:
@@ -81,16 +88,32 @@ def http_request(method: str, url: str, peer: str, timeout: float, *, token: str
     return response
 
 
+def tls_options(tls_ca: str | None = None, client_cert: tuple[str, str] | None = None) -> dict[str, object]:
+    """requests' ``verify`` and ``cert`` keywords for these settings, only those given (a request's
+    ``verify=True`` would override its session's CA). Passed with each request rather than set on a
+    session: requests lets ``REQUESTS_CA_BUNDLE`` override a session's ``verify``, not a request's."""
+    options: dict[str, object] = {}
+    if tls_ca:
+        options["verify"] = str(tls_ca)
+    if client_cert:
+        options["cert"] = (str(client_cert[0]), str(client_cert[1]))
+    return options
+
+
 class HTTPChannel(Channel):
-    """Posts each protocol round to the S2 service at ``peer_url`` with the cloud token."""
+    """Posts each protocol round to the S2 service at ``peer_url`` with the cloud token (over mutual TLS
+    when ``tls_ca`` / ``client_cert`` are given)."""
 
     def __init__(self, peer_url: str, token: str, timeout: float = DEFAULT_TIMEOUT,
-                 session: requests.Session | None = None):
+                 session: requests.Session | None = None, tls_ca: str | None = None,
+                 client_cert: tuple[str, str] | None = None):
         super().__init__()
         self.peer_url = peer_url.rstrip("/")
         self.timeout = timeout
         self._token = token
         self._session = session or requests.Session()
+        self._tls_ca = tls_ca
+        self._client_cert = client_cert
 
     def __repr__(self) -> str:  # never show the token
         return f"HTTPChannel(peer_url={self.peer_url!r}, timeout={self.timeout})"
@@ -98,7 +121,8 @@ class HTTPChannel(Channel):
     def _exchange(self, step: str, payload: bytes) -> bytes:
         with self.tracer.op("s2_http"):  # S2's work and the network, seen from S1
             return http_request("POST", f"{self.peer_url}{ROUNDS_PATH}{step}", "S2", self.timeout,
-                                token=self._token, data=payload, session=self._session).content
+                                token=self._token, data=payload, session=self._session, tls_ca=self._tls_ca,
+                                client_cert=self._client_cert).content
 
     def close(self) -> None:
         self._session.close()
@@ -150,9 +174,11 @@ def parse_public_key(data: bytes) -> CloudPublicKey:
 
 
 def fetch_public_key(base_url: str, timeout: float = 30.0, session: requests.Session | None = None,
-                     peer: str = "server") -> tuple[CloudPublicKey, bytes]:
+                     peer: str = "server", tls_ca: str | None = None,
+                     client_cert: tuple[str, str] | None = None) -> tuple[CloudPublicKey, bytes]:
     """``GET {base_url}/v1/public-key``: the parsed key and the raw bytes (for relaying)."""
-    response = http_request("GET", base_url.rstrip("/") + PUBLIC_KEY_PATH, peer, timeout, session=session)
+    response = http_request("GET", base_url.rstrip("/") + PUBLIC_KEY_PATH, peer, timeout, session=session,
+                            tls_ca=tls_ca, client_cert=client_cert)
     return parse_public_key(response.content), response.content
 
 
@@ -175,6 +201,9 @@ def transport_failure(peer: str, url: str, error: requests.RequestException, tim
         reason = getattr(tls, "reason", None)  # OpenSSL's code, e.g. WRONG_VERSION_NUMBER (plain HTTP answered)
         detail = (getattr(tls, "verify_message", None) or (reason and reason.replace("_", " ").lower())
                   or _one_line(tls or error))
+        if getattr(tls, "verify_message", None):  # the server's certificate is not one this client trusts
+            return (f"{where} is unreachable: the TLS handshake failed: {detail} (pass the CA that signed "
+                    f"{peer}'s certificate: --tls-ca or HECNN_TLS_CA; S1 to S2: --peer-ca)")
         return (f"{where} is unreachable: the TLS handshake failed: {detail} (check the URL's scheme and the "
                 "certificates)")
     if caused_by(socket.gaierror):
