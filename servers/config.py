@@ -137,10 +137,9 @@ class S1Config:
     #: queries run at once, and queries that may wait for a place (beyond both: 429 with Retry-After)
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
     max_queue: int = DEFAULT_MAX_QUEUE
-    #: classify only with a user API key (``he-cnn admin user add``); False is the open service. The
-    #: ``he-cnn serve s1`` command requires keys unless ``--open``; this default stays open for programs
-    #: and tests that build the app directly
-    require_user_keys: bool = False
+    #: classify only with a user API key (``he-cnn admin user add``); False is the open service
+    #: (``he-cnn serve s1 --open``), which a program must ask for here too
+    require_user_keys: bool = True
     #: HTTPS for S1's clients (None: plain HTTP)
     tls: ServerTLS | None = None
     #: S1's side of the TLS link to S2: the CA S2's certificate must chain to (None: the system's), and

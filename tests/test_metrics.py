@@ -75,7 +75,7 @@ def service(keys1024, tmp_path_factory):
                                         key_bits=1024), key_cloud=cloud)
         server = start_server(s2)
         s2_url = f"http://127.0.0.1:{server.socket.getsockname()[1]}"
-        s1 = s1_app.create_app(S1Config(data_dir=tmp_path_factory.mktemp("s1"), peer_url=s2_url,
+        s1 = s1_app.create_app(S1Config(require_user_keys=False, data_dir=tmp_path_factory.mktemp("s1"), peer_url=s2_url,
                                         owner_token=OWNER_TOKEN, cloud_token=CLOUD_TOKEN, peer_timeout=60.0,
                                         precompute=False))
     model = tiny_model()

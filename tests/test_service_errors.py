@@ -137,7 +137,7 @@ def s1_dir(tmp_path_factory) -> Path:
 
 
 def make_s1(data_dir: Path, peer_url: str, cloud_token: str = CLOUD_TOKEN, max_body: int = 8 << 20):
-    config = S1Config(data_dir=data_dir, peer_url=peer_url, owner_token=OWNER_TOKEN, cloud_token=cloud_token,
+    config = S1Config(require_user_keys=False, data_dir=data_dir, peer_url=peer_url, owner_token=OWNER_TOKEN, cloud_token=cloud_token,
                       max_body_bytes=max_body, peer_timeout=10.0)
     return s1_app.create_app(config)
 

@@ -82,7 +82,7 @@ def service(small_pools, keys1024, tmp_path_factory):
     server = create_server(s2, host="127.0.0.1", port=0, threads=4)
     threading.Thread(target=server.run, daemon=True).start()
     s2_url = f"http://127.0.0.1:{server.socket.getsockname()[1]}"
-    config = S1Config(data_dir=tmp_path_factory.mktemp("s1"), peer_url=s2_url, owner_token=OWNER_TOKEN,
+    config = S1Config(require_user_keys=False, data_dir=tmp_path_factory.mktemp("s1"), peer_url=s2_url, owner_token=OWNER_TOKEN,
                       cloud_token=CLOUD_TOKEN, peer_timeout=60.0, precompute=False, comparison="dgk",
                       max_concurrent=1, max_queue=1, threads=4)
     s1 = s1_app.create_app(config)
@@ -205,7 +205,7 @@ def test_s2_fills_its_dgk_pool_only_after_a_dgk_comparison(small_pools, keys1024
 
 def test_an_ot_s1_keeps_no_dgk_pool_and_passes_its_comparison_to_every_context(small_pools, service, tmp_path):
     s2_url = service["s1"].extensions["he_cnn.s1.peer"].url
-    config = S1Config(data_dir=tmp_path, peer_url=s2_url, owner_token=OWNER_TOKEN, cloud_token=CLOUD_TOKEN,
+    config = S1Config(require_user_keys=False, data_dir=tmp_path, peer_url=s2_url, owner_token=OWNER_TOKEN, cloud_token=CLOUD_TOKEN,
                       precompute=False)
     assert config.comparison == DEFAULT_COMPARISON == "ot"
     app = s1_app.create_app(config)

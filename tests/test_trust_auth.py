@@ -41,7 +41,7 @@ class Clouds:
                                                  key_bits=1024, max_body_bytes=S2_LIMIT), key_cloud=self.cloud)
         self.s2_url = serve_in_thread(self.s2_app)
         self.s1_dir = tmp_path_factory.mktemp("s1")
-        self.s1_app = s1_app.create_app(S1Config(data_dir=self.s1_dir, peer_url=self.s2_url, owner_token=OWNER_TOKEN,
+        self.s1_app = s1_app.create_app(S1Config(require_user_keys=False, data_dir=self.s1_dir, peer_url=self.s2_url, owner_token=OWNER_TOKEN,
                                                  cloud_token=CLOUD_TOKEN, max_body_bytes=S1_LIMIT, peer_timeout=30))
         self.s1_url = serve_in_thread(self.s1_app)
         self.s1, self.s2 = self.s1_app.test_client(), self.s2_app.test_client()

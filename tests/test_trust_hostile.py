@@ -561,7 +561,7 @@ def world(tmp_path_factory):
         cloud = KeyCloud.create(generate_keypair(1024))
         s2 = s2_app.create_app(S2Config(data_dir=tmp_path_factory.mktemp("s2"), cloud_token=CLOUD_TOKEN, key_bits=1024,
                                         max_body_bytes=S2_LIMIT), key_cloud=cloud)
-        s1 = s1_app.create_app(S1Config(data_dir=tmp_path_factory.mktemp("s1"), peer_url=serve_in_thread(s2),
+        s1 = s1_app.create_app(S1Config(require_user_keys=False, data_dir=tmp_path_factory.mktemp("s1"), peer_url=serve_in_thread(s2),
                                         owner_token=OWNER_TOKEN, cloud_token=CLOUD_TOKEN, max_body_bytes=S1_LIMIT,
                                         peer_timeout=30))
 
