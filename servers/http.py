@@ -155,6 +155,9 @@ def worker_pool(count: int) -> Workers:
 def new_app(import_name: str, max_body_bytes: int) -> Flask:
     """A Flask app with the body limit and the JSON error handlers both clouds use."""
     app = Flask(import_name)
+    # a path with "//" is an unknown route (404 JSON), not a redirect to the merged path: a 308 would
+    # send a client's body and token to wherever werkzeug's guess leads
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     register_error_handlers(app)

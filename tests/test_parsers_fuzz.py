@@ -480,3 +480,17 @@ def test_a_hostile_user_file_is_one_clean_error(tmp_path_factory, body):
         UserStore(folder).all()
     except BadRequest:
         pass
+
+
+@pytest.mark.parametrize("path", ["/v1/models/0//classify", "/v1//models"])
+def test_a_doubled_slash_is_an_unknown_route_not_a_redirect(path):
+    """werkzeug would answer 308 to the path with the slashes merged (found by the hostile tier,
+    drawing the model id "0/"): both clouds answer 404 JSON naming the path instead."""
+    from he_cnn.servers.http import new_app
+
+    app = new_app("probe", 1 << 20)
+    app.add_url_rule("/v1/models/<model_id>/classify", "classify", lambda model_id: "", methods=["POST"])
+    app.add_url_rule("/v1/health", "health", lambda: "")
+    app.add_url_rule("/v1/models", "models", lambda: "")
+    reply = app.test_client().post(path) if "classify" in path else app.test_client().get(path)
+    assert reply.status_code == 404 and reply.is_json and path in reply.get_json()["message"]
