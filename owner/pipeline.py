@@ -33,7 +33,7 @@ from he_cnn.graph.integer_model import IntegerModel
 from he_cnn.transport.http_channel import OWNER_CHECK_PATH, CloudPublicKey, fetch_public_key, http_request
 from he_cnn.graph.integer_model import load_integer_model, save_integer_model
 from he_cnn.training.quantize import quantize_icnn
-from he_cnn.graph.reference import float_agreement, integer_accuracy
+from he_cnn.graph.reference import predict_reference
 from he_cnn.parties.compute_cloud import encrypt_model
 from he_cnn.training.train import predict_float, train_architecture
 from he_cnn.training.zoo import build_model
@@ -99,15 +99,13 @@ def load_dataset(settings: TrainSettings) -> Dataset:
                               input_max=settings.input_max)
 
 
+def integer_predictions(model: IntegerModel, dataset: Dataset) -> np.ndarray:
+    """The integer model's class (exact reference) for every test image: the slow part of scoring."""
+    return predict_reference(model, [model.preprocessing.quantize(x) for x in dataset.x_test])
+
+
 def score_integer_model(model: IntegerModel, dataset: Dataset) -> float:
-    images = [model.preprocessing.quantize(x) for x in dataset.x_test]
-    return integer_accuracy(model, images, dataset.y_test)
-
-
-def agreement(model: IntegerModel, float_model: torch.nn.Module, dataset: Dataset) -> float:
-    """Argmax agreement of the integer model (exact reference) with the float model on the test split."""
-    images = [model.preprocessing.quantize(x) for x in dataset.x_test]
-    return float_agreement(model, images, predict_float(float_model, dataset.x_test))
+    return float(np.mean(integer_predictions(model, dataset) == dataset.y_test))
 
 
 def train_model(settings: TrainSettings) -> TrainedModel:
@@ -127,8 +125,9 @@ def train_model(settings: TrainSettings) -> TrainedModel:
         model = compile_model(result.model, calibration, preprocessing=dataset.preprocessing,
                               weight_bits=settings.weight_bits, activation_bits=settings.activation_bits,
                               classes=dataset.classes).model
-    return TrainedModel(model, dataset, result.float_test_accuracy, score_integer_model(model, dataset), result.model,
-                        agreement(model, result.model, dataset))
+    predicted = integer_predictions(model, dataset)  # once, for the accuracy and the agreement
+    return TrainedModel(model, dataset, result.float_test_accuracy, float(np.mean(predicted == dataset.y_test)),
+                        result.model, float(np.mean(predicted == predict_float(result.model, dataset.x_test))))
 
 
 def load_model(path: str | Path, settings: TrainSettings) -> TrainedModel:

@@ -109,13 +109,18 @@ def register_error_handlers(app: Flask) -> None:
         return error_response(500, "internal_error", "internal server error (details are in the server log)")
 
 
+def bearer_token(missing: str) -> str:
+    """The token of the request's ``Authorization: Bearer <token>``; 401 saying ``missing`` without one."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized(missing)
+    return token.strip()
+
+
 def require_bearer(expected: str, what: str) -> None:
     """Abort with 401 unless the request carries ``Authorization: Bearer <expected>``."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized(f"this endpoint needs the {what} as 'Authorization: Bearer <token>'")
-    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+    token = bearer_token(f"this endpoint needs the {what} as 'Authorization: Bearer <token>'")
+    if not hmac.compare_digest(token.encode(), expected.encode()):
         raise Unauthorized(f"wrong {what}")
 
 

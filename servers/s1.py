@@ -55,7 +55,7 @@ from he_cnn.crypto.tensor import EncryptedTensor
 from he_cnn.wire import Message, decode, encode
 
 from .config import S1Config
-from .http import QueryGate, new_app, request_body, require_bearer, wire_response, worker_pool
+from .http import QueryGate, bearer_token, new_app, request_body, require_bearer, wire_response, worker_pool
 from .metrics import CloudMetrics, install as install_metrics
 from .model_store import ModelStore, StoredModel
 from .pools import USER_KEY_POOL, PoolFiller, pool_target
@@ -276,11 +276,9 @@ def authenticate_user() -> User | None:
     """The user whose API key the request carries (None when S1 is open); 401 for none, unknown or revoked."""
     if not current_app.extensions["he_cnn.s1.config"].require_user_keys:
         return None
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise Unauthorized("classifying needs a user API key as 'Authorization: Bearer <key>' "
-                           "(the operator issues keys: he-cnn admin user add)")
-    user = _users().find(key.strip())
+    key = bearer_token("classifying needs a user API key as 'Authorization: Bearer <key>' "
+                       "(the operator issues keys: he-cnn admin user add)")
+    user = _users().find(key)
     if user is None:
         raise Unauthorized("unknown or revoked user API key")
     return user

@@ -72,11 +72,16 @@ class CompiledModel:
         mean, std = (np.asarray(v)[None, :, None, None] for v in (self.preprocessing.mean, self.preprocessing.std))
         return self.source_graph((pixels - mean) / std)
 
+    def predictions(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The class of each pixel image by the integer model (exact integer reference) and by the user's
+        float model (argmax, first on ties)."""
+        return (predict_reference(self.model, self.integer_inputs(images)),
+                np.argmax(self.source_scores(images), axis=1))
+
     def agreement(self, images: np.ndarray) -> float:
-        """The fraction of pixel images on which the integer model's class (exact integer reference)
-        equals the user's float model's (argmax, first on ties)."""
-        integer = predict_reference(self.model, self.integer_inputs(images))
-        return float(np.mean(integer == np.argmax(self.source_scores(images), axis=1)))
+        """The fraction of pixel images on which the two :meth:`predictions` agree."""
+        integer, floating = self.predictions(images)
+        return float(np.mean(integer == floating))
 
 
 def compile_model(model: ModelSource | Any, calibration: np.ndarray, *, preprocessing: Preprocessing | None = None,

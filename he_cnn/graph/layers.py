@@ -37,7 +37,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
@@ -314,7 +314,7 @@ class Conv(LinearLayer):
 
     def evaluate(self, xs: list[np.ndarray]) -> np.ndarray:
         x = xs[0]
-        index = _patch_index(x.shape, self.kernel, self.stride, self.padding)
+        index = _frozen_index(im2col_indices, x.shape, self.kernel, self.stride, self.padding)
         padded = np.append(x.ravel(), 0)  # index -1 (zero padding) reads this trailing 0
         out = padded[index].dot(self.weight.reshape(self.channels, -1).T)  # (positions, c_out)
         oh, ow = conv_output_hw(x.shape[1], x.shape[2], self.kernel, self.stride, self.padding)
@@ -442,7 +442,7 @@ class MaxPool(Pool):
 
     def evaluate(self, xs: list[np.ndarray]) -> np.ndarray:
         x = xs[0] // (1 << self.shift)  # floor, also for negative values
-        index = _window_index(x.shape, self.kernel, self.stride, self.padding)
+        index = _frozen_index(_max_windows, x.shape, self.kernel, self.stride, self.padding)
         oh, ow = conv_output_hw(x.shape[1], x.shape[2], self.kernel, self.stride, self.padding)
         return x.ravel()[index].max(axis=1).reshape(x.shape[0], oh, ow)
 
@@ -474,7 +474,7 @@ class SumPool(Pool):
         return [v * area for v in lo], [v * area for v in hi]
 
     def _windows(self, shape: tuple[int, ...]) -> np.ndarray:
-        return _sum_index(tuple(shape), self.kernel, self.stride, self.padding)
+        return _frozen_index(window_indices, tuple(shape), self.kernel, self.stride, self.padding)
 
     def evaluate(self, xs: list[np.ndarray]) -> np.ndarray:
         x = xs[0]
@@ -655,32 +655,23 @@ def _with_zero(interval: Interval) -> Interval:
     return [min(v, 0) for v in lo], [max(v, 0) for v in hi]
 
 
-@lru_cache(maxsize=64)
-def _patch_index(shape: tuple[int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
+@lru_cache(maxsize=192)
+def _frozen_index(build: Callable[..., np.ndarray], shape: tuple[int, int, int], kernel: tuple[int, int],
+                  stride: tuple[int, int], padding: tuple[int, int]) -> np.ndarray:
+    """``build``'s index table for this geometry, computed once and read-only (the reference reuses it
+    for every image)."""
+    index = build(shape, kernel, stride, padding)
+    index.setflags(write=False)
+    return index
+
+
+def _max_windows(shape: tuple[int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
                  padding: tuple[int, int]) -> np.ndarray:
-    index = im2col_indices(shape, kernel, stride, padding)
-    index.setflags(write=False)
-    return index
-
-
-@lru_cache(maxsize=64)
-def _sum_index(shape: tuple[int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
-               padding: tuple[int, int]) -> np.ndarray:
-    index = window_indices(shape, kernel, stride, padding)
-    index.setflags(write=False)
-    return index
-
-
-@lru_cache(maxsize=64)
-def _window_index(shape: tuple[int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
-                  padding: tuple[int, int]) -> np.ndarray:
     """Pooling windows as a rectangular index matrix: short (padded) windows repeat their first
     element, which leaves their maximum unchanged."""
     windows = pool_windows(shape, kernel, stride, padding)
     width = kernel[0] * kernel[1]
-    index = np.array([w + [w[0]] * (width - len(w)) for w in windows], dtype=np.int64)
-    index.setflags(write=False)
-    return index
+    return np.array([w + [w[0]] * (width - len(w)) for w in windows], dtype=np.int64)
 
 
 def linear_siblings(layers: Sequence[Layer]) -> dict[str, list[str]]:
