@@ -121,6 +121,16 @@ class ServiceBusy(HECNNError):
         self.retry_after = retry_after
 
 
+class WorkersUnavailable(HECNNError):
+    """A cloud's workers failed during a request (a worker process or a Ray actor died, a node was lost):
+    the request is abandoned whole, never answered from partial results; the next one runs on the
+    restarted workers. A cloud relays its peer's as it is, so the user sees 503 and may retry."""
+
+    code = "workers_unavailable"
+    status = 503
+    relayed_as_is = True
+
+
 class BadRequest(HECNNError):
     """A request to a service is malformed or refers to something that does not exist."""
 

@@ -73,6 +73,14 @@ def server_tls(role: str, cert: Path | None, key: Path | None, client_ca: Path |
     return ServerTLS(Path(cert), Path(key), Path(client_ca) if client_ca is not None else None)
 
 
+def _check_ray_address(role: str, address: str | None) -> None:
+    if address is None or address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadRequest(f"{role}: --ray-address must be 'auto' or HOST:PORT of the cluster's head, got {address!r}")
+
+
 def _check_common(role: str, host: str, port: int, max_body_bytes: int, threads: int, workers: int,
                   tokens: dict[str, str], tls: ServerTLS | None = None) -> None:
     if tls is not None:
@@ -106,10 +114,13 @@ class S2Config:
     workers: int = 1
     #: HTTPS (None: plain HTTP); with ``tls.client_ca``, mutual TLS: only S1's certificate gets in
     tls: ServerTLS | None = None
+    #: run the heavy loops on this Ray cluster of S2's own ("auto" or HOST:PORT) instead of ``workers`` processes
+    ray_address: str | None = None
 
     def validate(self) -> "S2Config":
         _check_common("S2", self.host, self.port, self.max_body_bytes, self.threads, self.workers,
                       {"cloud token": self.cloud_token}, self.tls)
+        _check_ray_address("S2", self.ray_address)
         if self.key_bits < MIN_KEY_BITS:
             raise BadRequest(f"S2: key size {self.key_bits} bits is too small: expected at least {MIN_KEY_BITS}")
         return self
@@ -142,6 +153,8 @@ class S1Config:
     require_user_keys: bool = True
     #: HTTPS for S1's clients (None: plain HTTP)
     tls: ServerTLS | None = None
+    #: run the heavy loops on this Ray cluster of S1's own ("auto" or HOST:PORT) instead of ``workers`` processes
+    ray_address: str | None = None
     #: S1's side of the TLS link to S2: the CA S2's certificate must chain to (None: the system's), and
     #: the client certificate and key S1 presents to S2 (mutual TLS)
     peer_ca: Path | None = None
@@ -156,6 +169,7 @@ class S1Config:
     def validate(self) -> "S1Config":
         _check_common("S1", self.host, self.port, self.max_body_bytes, self.threads, self.workers,
                       {"owner token": self.owner_token, "cloud token": self.cloud_token}, self.tls)
+        _check_ray_address("S1", self.ray_address)
         if not self.peer_url.startswith(("http://", "https://")):
             raise BadRequest(f"S1: peer URL must start with http:// or https://, got {self.peer_url!r}")
         if (self.peer_cert is None) != (self.peer_key is None):

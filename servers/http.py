@@ -29,6 +29,7 @@ from werkzeug.exceptions import (HTTPException, MethodNotAllowed, NotFound, Requ
 from he_cnn.errors import BadRequest, HECNNError, PeerError, ServiceBusy
 from he_cnn.transport.http_channel import WIRE_CONTENT_TYPE
 from he_cnn.parallel import Workers
+from he_cnn.ray_workers import KeyLoader, RayWorkers
 
 MAX_MESSAGE_CHARS = 500
 #: how much of a request's path an error message quotes
@@ -149,8 +150,13 @@ def _ready() -> None:
     """A no-op task that makes the pool fork its workers."""
 
 
-def worker_pool(count: int) -> Workers:
-    """The cloud's process pool, forked now, while the process has no other threads (fork is safe then)."""
+def worker_pool(count: int, ray_address: str | None = None, role: str = "s1", key_loader: KeyLoader | None = None,
+                key_id: str | None = None) -> Workers:
+    """The cloud's workers: with ``ray_address``, actors on the cloud's own Ray cluster (S2's load its key
+    with ``key_loader``, :mod:`he_cnn.ray_workers`); else a process pool, forked now, while the process has
+    no other threads (fork is safe then)."""
+    if ray_address is not None:
+        return RayWorkers(ray_address, role, key_loader=key_loader, key_id=key_id)
     workers = Workers(count)
     if workers.count > 1:
         workers.map(_ready, [()] * workers.count)

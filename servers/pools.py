@@ -48,12 +48,14 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import CancelledError
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, Union
 
 from flask import Flask, request
 
 from he_cnn.crypto.paillier import RandomnessPool
+from he_cnn.errors import WorkersUnavailable
 from he_cnn.parallel import INLINE, Workers
 
 #: one 2048-bit ICNN query with the DGK comparison draws ~123,000 DGK randomizers at each cloud,
@@ -216,7 +218,13 @@ class PoolFiller:
         while not self._stop.is_set():
             try:
                 worked = self._step()
-            except (Exception, CancelledError):  # the worker pool shut down under it, or a worker died
+            except (WorkersUnavailable, BrokenProcessPool) as e:  # a worker died (its pool restarts): no traceback
+                if self._stop.is_set():
+                    return
+                log.warning("randomness pool filling stopped: %s; retrying in 1 s", e)
+                self._stop.wait(1.0)
+                continue
+            except (Exception, CancelledError):  # the worker pool shut down under it
                 if self._stop.is_set():
                     return
                 log.exception("randomness pool filling failed; retrying in 1 s")

@@ -422,7 +422,7 @@ def create_app(config: S1Config) -> Flask:
     """The S1 app for ``config``: pins the cloud key (now if S2 answers, else on first need) and loads models."""
     config.validate()
     data_dir = ensure_private_dir(Path(config.data_dir))
-    peer = PeerLink(config, worker_pool(config.workers))
+    peer = PeerLink(config, worker_pool(config.workers, config.ray_address, "s1"))
     store = ModelStore(data_dir)
     if peer.pinned is None:
         try:

@@ -37,6 +37,7 @@ from he_cnn.crypto.paillier import generate_keypair, keypair_from_primes
 from he_cnn.protocols import comparison, linear, output
 from he_cnn.protocols.linear import LinearGeometry
 from he_cnn.parties.key_cloud import KeyCloud
+from he_cnn.protocols.common import S2WorkerKey
 from he_cnn.crypto.tensor import as_int_array
 from he_cnn.wire import Message, decode, encode
 
@@ -89,6 +90,17 @@ def _cloud_from_document(doc: Any) -> KeyCloud:
 
 #: S2's key file: a Paillier and a DGK key pair, a few kB at the largest key sizes
 KEY_FILE_LIMITS = JSONLimits(max_bytes=1 << 20, max_items=256)
+
+
+def load_worker_key(path: str) -> S2WorkerKey:
+    """S2's key as its Ray actors hold it, read from S2's key file at ``path`` on the actor's node
+    (:class:`he_cnn.ray_workers.RayWorkers` passes this function and the path, never the key)."""
+    try:
+        doc = read_json_file(Path(path), KEY_FILE_LIMITS, f"S2 key file {path}")
+        return _cloud_from_document(doc).worker_key
+    except (OSError, HECNNError) as e:
+        raise DataDirError(f"this Ray node cannot read S2's key file {path}: {e} (every node of S2's cluster needs "
+                           "it at the same path)") from e
 
 
 def load_or_create_key_cloud(data_dir: Path, key_bits: int) -> KeyCloud:
@@ -246,7 +258,8 @@ def create_app(config: S2Config, key_cloud: KeyCloud | None = None) -> Flask:
     cloud = key_cloud if key_cloud is not None else load_or_create_key_cloud(data_dir, config.key_bits)
     loaded = load_setups(cloud, data_dir)
     persist_setups(cloud, data_dir)
-    cloud.workers = worker_pool(config.workers)
+    cloud.workers = worker_pool(config.workers, config.ray_address, "s2",
+                                (load_worker_key, str(data_dir / KEY_FILE)), cloud.keys.public.key_id)
     app = new_app(__name__, config.max_body_bytes)
     app.extensions["he_cnn.workers"] = cloud.workers
     app.extensions["he_cnn.s2"] = cloud

@@ -172,6 +172,9 @@ def _cloud_options(role: str, port: int, max_body: int) -> Callable[[Callable[..
                      show_default=True, help="Request threads (concurrent requests)."),
         click.option("--workers", envvar=env + "WORKERS", type=click.IntRange(1, 256), default=default_worker_count(),
                      show_default="all cores", help="Processes for the heavy loops of each protocol round."),
+        click.option("--ray-address", envvar=env + "RAY_ADDRESS", default=None,
+                     help=f"Run the heavy loops on a Ray cluster of {role}'s own ('auto' or HEAD:PORT; "
+                          "needs he-cnn[ray]) instead of --workers processes."),
         click.option("--verbose/--quiet", default=True, show_default=True, help="Log start-up, set-ups and errors."),
         click.option("--tls-cert", envvar=env + "TLS_CERT", type=PEM_FILE, default=None,
                      help="Serve HTTPS with this certificate (PEM, chain allowed); needs --tls-key."),
@@ -259,8 +262,8 @@ def serve() -> None:
                    "certificate, signed; needs --tls-cert/--tls-key.")
 @click.pass_obj
 def serve_s2(build_app: Callable[[S2Config], Flask] | None, host: str, port: int, data_dir: Path, cloud_token: str,
-             max_body_bytes: int, threads: int, workers: int, verbose: bool, tls_cert: Path | None,
-             tls_key: Path | None, key_bits: int, tls_client_ca: Path | None) -> None:
+             max_body_bytes: int, threads: int, workers: int, ray_address: str | None, verbose: bool,
+             tls_cert: Path | None, tls_key: Path | None, key_bits: int, tls_client_ca: Path | None) -> None:
     """Start S2, the key cloud: holds the cloud key pair, answers S1's protocol rounds."""
     # build_app is the click context's obj: None from the he-cnn command; a program that runs
     # serve.main(..., obj=f) gets S2 built by f(config), e.g. create_app around a wrapped key cloud
@@ -269,7 +272,8 @@ def serve_s2(build_app: Callable[[S2Config], Flask] | None, host: str, port: int
     _setup_logging(verbose)
     tls = _tls_settings("S2", tls_cert, tls_key, tls_client_ca)
     config = S2Config(data_dir=data_dir, cloud_token=cloud_token, host=host, port=port, key_bits=key_bits,
-                      max_body_bytes=max_body_bytes, threads=threads, workers=workers, tls=tls)
+                      max_body_bytes=max_body_bytes, threads=threads, workers=workers, tls=tls,
+                      ray_address=ray_address)
     _start("S2", lambda: (build_app or create_app)(config), config)
 
 
@@ -302,7 +306,8 @@ def serve_s2(build_app: Callable[[S2Config], Flask] | None, host: str, port: int
 @click.option("--peer-key", envvar="HECNN_S1_PEER_KEY", type=PEM_FILE, default=None,
               help="The private key of --peer-cert (PEM, unencrypted).")
 def serve_s1(host: str, port: int, data_dir: Path, cloud_token: str, max_body_bytes: int, threads: int,
-             workers: int, verbose: bool, tls_cert: Path | None, tls_key: Path | None, peer_url: str,
+             workers: int, ray_address: str | None, verbose: bool, tls_cert: Path | None, tls_key: Path | None,
+             peer_url: str,
              owner_token: str, peer_timeout: float, precompute: bool, comparison: str, max_concurrent: int,
              max_queue: int, open_service: bool, peer_ca: Path | None, peer_cert: Path | None,
              peer_key: Path | None) -> None:
@@ -315,5 +320,5 @@ def serve_s1(host: str, port: int, data_dir: Path, cloud_token: str, max_body_by
                       workers=workers, precompute=precompute, comparison=comparison,
                       max_concurrent=max_concurrent, max_queue=max_queue, require_user_keys=not open_service,
                       tls=_tls_settings("S1", tls_cert, tls_key), peer_ca=peer_ca, peer_cert=peer_cert,
-                      peer_key=peer_key)
+                      peer_key=peer_key, ray_address=ray_address)
     _start("S1", lambda: create_app(config), config)

@@ -280,6 +280,22 @@ def test_unknown_step_and_bad_payload_are_typed(key_cloud):
         key_cloud.handle("smp", b"garbage")
 
 
+def exercise_protocols(ctx, private) -> None:
+    """A ReLU (a comparison, S2's decryptions and zero tests) and a convolution (set-up and query rounds)
+    through ``ctx``, each checked against its plaintext reference (also used by tests/test_ray.py)."""
+    x = edge_values(20)
+    assert list(comparison.secure_relu(ctx, enc(ctx, x), 20).decrypt(private)) == [max(v, 0) for v in x]
+    shape = (2, 5, 5)
+    xi = ints(50, -300, 300, shape)
+    w = ints(3 * 2 * 9, -31, 31, (3, 2, 3, 3))
+    b = ints(3, -1000, 1000)
+    layer = linear.EncryptedLinear("c", linear.LinearGeometry(shape, 3, 1, 1),
+                                   enc(ctx, np.ascontiguousarray(w.reshape(3, -1).T)), enc(ctx, b), 5)
+    setup = linear.setup_linear_layers(ctx, "par", [layer])
+    out = linear.secure_linear(ctx, "par", layer, setup["c"], enc(ctx, xi), 9)
+    assert (out.decrypt(private) == conv_reference(xi, w, b, 1, 1)).all()
+
+
 def test_protocols_exact_with_process_workers(keys1024, key_cloud):
     """The same results when S1 and S2 spread their loops over a process pool."""
     from he_cnn.transport.channel import InProcessChannel
@@ -289,21 +305,65 @@ def test_protocols_exact_with_process_workers(keys1024, key_cloud):
     workers = Workers(2)
     key_cloud.workers = workers
     try:
-        ctx = S1Context(keys1024.public, key_cloud.dgk_public, InProcessChannel(key_cloud.handle), workers=workers)
-        x = edge_values(20)
-        assert list(comparison.secure_relu(ctx, enc(ctx, x), 20).decrypt(keys1024.private)) == [max(v, 0) for v in x]
-        shape = (2, 5, 5)
-        xi = ints(50, -300, 300, shape)
-        w = ints(3 * 2 * 9, -31, 31, (3, 2, 3, 3))
-        b = ints(3, -1000, 1000)
-        layer = linear.EncryptedLinear("c", linear.LinearGeometry(shape, 3, 1, 1),
-                                       enc(ctx, np.ascontiguousarray(w.reshape(3, -1).T)), enc(ctx, b), 5)
-        setup = linear.setup_linear_layers(ctx, "par", [layer])
-        out = linear.secure_linear(ctx, "par", layer, setup["c"], enc(ctx, xi), 9)
-        assert (out.decrypt(keys1024.private) == conv_reference(xi, w, b, 1, 1)).all()
+        for comparison_name in ("ot", "dgk"):
+            ctx = S1Context(keys1024.public, key_cloud.dgk_public, InProcessChannel(key_cloud.handle),
+                            workers=workers, comparison=comparison_name)
+            exercise_protocols(ctx, keys1024.private)
     finally:
         key_cloud.workers = Workers(1)
         workers.shutdown()
+
+
+def test_a_dead_worker_fails_the_request_cleanly_and_the_pool_restarts(keys1024, key_cloud):
+    """A worker process killed mid-request: that request ends with WorkersUnavailable (503 at a service),
+    never a partial result, and the next one runs exactly on a fresh pool."""
+    import os
+    import signal
+
+    from he_cnn.errors import WorkersUnavailable
+    from he_cnn.parallel import Workers
+
+    workers = Workers(2)
+    try:
+        pids = workers.map(_pid_after, [(0.0,), (0.0,)])
+        with pytest.raises(WorkersUnavailable, match="worker process died"):
+            workers.map(_kill_self_or_wait, [(signal.SIGKILL,), (None,)])
+        assert workers.map(pow, [(2, 3), (3, 2)]) == [8, 9]
+        assert not set(workers.map(_pid_after, [(0.0,), (0.0,)])) & set(pids) or os.name != "posix"
+    finally:
+        workers.shutdown()
+
+
+def _pid_after(seconds: float) -> int:
+    import os
+    import time
+
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def _kill_self_or_wait(sig) -> int:
+    import os
+    import time
+
+    if sig is not None:
+        os.kill(os.getpid(), sig)
+    time.sleep(0.5)
+    return 0
+
+
+def test_chunks_are_sized_by_cost():
+    """Cheap items are grouped until a chunk holds min_task_seconds of work; dear ones spread over every
+    worker (and over twice as many chunks where the backend asks for it)."""
+    from he_cnn.parallel import Workers
+
+    workers = Workers(4)
+    assert len(workers.chunks(1000)) == 4
+    assert len(workers.chunks(1000, item_seconds=1e-6)) == 1  # 1 ms of work in all: not worth a hop
+    assert len(workers.chunks(1000, item_seconds=1e-5)) == 4
+    workers.chunks_per_worker = 2
+    chunks = workers.chunks(1000, item_seconds=1e-3)
+    assert len(chunks) == 8 and [i for r in chunks for i in r] == list(range(1000))
 
 
 def test_dgk_ciphertexts_are_range_checked_in_the_workers(keys1024, key_cloud, monkeypatch):

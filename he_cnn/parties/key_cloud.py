@@ -22,6 +22,7 @@ from he_cnn.crypto.paillier import MIN_KEY_BITS, KeyPair, PublicKey, UserKeys
 from he_cnn.crypto.ot import OTSender
 from he_cnn.protocols import comparison, linear, millionaire, output, smp
 from he_cnn.parallel import INLINE, Workers
+from he_cnn.protocols.common import S2WorkerKey
 from he_cnn.protocols.linear import LinearGeometry
 from he_cnn.trace import NULL_TRACER, Tracer
 from he_cnn.wire import Message, decode, encode
@@ -38,6 +39,12 @@ HANDLERS: dict[str, Callable[["KeyCloud", Message], Message]] = {
     millionaire.LEVEL_STEP: comparison.s2_compare_ot_level,
     output.STEP: output.s2_to_user,
 }
+
+
+def worker_key(keys: KeyPair, dgk_private: DGKPrivateKey) -> S2WorkerKey:
+    """S2's secret key material for its workers, from the key pair and the DGK private key."""
+    return S2WorkerKey(keys.public.key_id, int(keys.private.p), int(keys.private.q), int(dgk_private.public.n),
+                       int(dgk_private.p), int(dgk_private.v_p))
 
 
 class TicketStore:
@@ -112,6 +119,8 @@ class KeyCloud:
 
     def __post_init__(self) -> None:
         self.dgk_public.pool_pairs = True  # S2 encrypts bits: its pool keeps g h^r beside h^r
+        #: the key as S2's workers use it (keyed work: :meth:`he_cnn.parallel.Workers.map_keyed`)
+        self.worker_key = worker_key(self.keys, self.dgk_private)
 
     @classmethod
     def create(cls, keys: KeyPair, **kwargs) -> "KeyCloud":

@@ -23,7 +23,7 @@ from he_cnn.transport.channel import Channel
 from he_cnn.crypto.dgk import DGKPublicKey
 from he_cnn.errors import BoundExceeded, ProtocolError
 from he_cnn.crypto.paillier import KAPPA, PrivateKey, PublicKey, keypair_from_primes, random_ints
-from he_cnn.parallel import INLINE, Workers, from_blob, to_blob
+from he_cnn.parallel import INLINE, Workers, from_blob, powmod_seconds, to_blob
 from he_cnn.protocols.millionaire import OTLink  # (millionaire needs this module for typing only)
 from he_cnn.trace import NULL_TRACER, Tracer
 from he_cnn.crypto.tensor import EncryptedTensor, object_array
@@ -123,29 +123,55 @@ def _private_key(p: int, q: int) -> PrivateKey:
     return keypair_from_primes(p, q).private
 
 
-def _decrypt_chunk(p: int, q: int, packs: list[mpz]) -> list[int]:
-    key = _private_key(p, q)
-    return [int(key.decrypt_raw(key.public.validate(c))) for c in packs]
+@dataclass(frozen=True)
+class S2WorkerKey:
+    """S2's secret key material as its workers use it: the Paillier primes (decryption) and the DGK
+    prime and order (zero tests), named by the cloud key's id.
+
+    Keyed work receives it as its first argument through :meth:`he_cnn.parallel.Workers.map_keyed`; on
+    Ray each of S2's actors loads it once from S2's key file and a task carries only ``key_id``
+    (:mod:`he_cnn.ray_workers`). Its repr shows the id only.
+    """
+
+    key_id: str
+    p: int
+    q: int
+    dgk_n: int
+    dgk_p: int
+    dgk_v_p: int
+
+    def __repr__(self) -> str:
+        return f"S2WorkerKey(key_id={self.key_id!r})"
+
+    def paillier(self) -> PrivateKey:
+        return _private_key(self.p, self.q)
 
 
-def decrypt_many(private_key: PrivateKey, workers: Workers, ciphertexts: Sequence[int]) -> list[int]:
+def _decrypt_chunk(key: S2WorkerKey, packs: list[mpz]) -> list[int]:
+    private = key.paillier()
+    return [int(private.decrypt_raw(private.public.validate(c))) for c in packs]
+
+
+def decrypt_many(key: S2WorkerKey, workers: Workers, ciphertexts: Sequence[int]) -> list[int]:
     """Raw plaintexts of validated ciphertexts, spread over ``workers``."""
-    p, q = int(private_key.p), int(private_key.q)
-    calls = [(p, q, list(ciphertexts[r.start:r.stop])) for r in workers.chunks(len(ciphertexts), minimum=2)]
-    return [m for part in workers.map(_decrypt_chunk, calls) for m in part]
+    bits = int(key.p * key.q).bit_length()
+    chunks = workers.chunks(len(ciphertexts), minimum=2, item_seconds=2 * powmod_seconds(bits, bits // 2))
+    return [m for part in workers.map_keyed(_decrypt_chunk, [(list(ciphertexts[r.start:r.stop]),) for r in chunks], key)
+            for m in part]
 
 
-def unpack_revealed(private_key: PrivateKey, packs: np.ndarray, count: int, l: int, kappa: int,
+def unpack_revealed(key: S2WorkerKey, key_bits: int, packs: np.ndarray, count: int, l: int, kappa: int,
                     workers: Workers = INLINE) -> list[int]:
-    """S2: decrypt each pack and split it into ``count`` masked values, checking the guard bits."""
+    """S2: decrypt each pack (``key_bits``-bit key) and split it into ``count`` masked values, checking
+    the guard bits."""
     slot = slot_bits(l, kappa)
-    k = slots_per_pack(private_key.public.bits, slot)
+    k = slots_per_pack(key_bits, slot)
     if len(packs) != -(-count // k):
         raise ProtocolError(f"{len(packs)} packs cannot hold {count} values of {slot} bits")
     values: list[int] = []
     slot_mask = (1 << slot) - 1
     limit = 1 << (slot - 1)
-    for m in decrypt_many(private_key, workers, list(packs.reshape(-1))):
+    for m in decrypt_many(key, workers, list(packs.reshape(-1))):
         for _ in range(min(k, count - len(values))):
             v = m & slot_mask
             if v >= limit:
@@ -200,7 +226,8 @@ def read_revealed(cloud: "KeyCloud", msg: Message, name: str) -> tuple[list[int]
     if kappa < KAPPA or l < 0 or count < 0:
         raise ProtocolError(f"reveal parameters out of range: count={count}, bits={l}, kappa={kappa} (min {KAPPA})")
     with cloud.tracer.op("s2_decrypt"):
-        values = unpack_revealed(cloud.keys.private, msg.array(name), count, l, kappa, cloud.workers)
+        values = unpack_revealed(cloud.worker_key, cloud.keys.public.bits, msg.array(name), count, l, kappa,
+                                 cloud.workers)
     cloud.observe(name, values, l, kappa)
     return values, l
 

@@ -57,11 +57,12 @@ from he_cnn.crypto.dgk import DGKPublicKey
 from he_cnn.errors import BoundExceeded, ProtocolError, ShapeError
 from he_cnn.geometry import Size, conv_output_hw, max_runs, pair, window_ranges
 from he_cnn.crypto.paillier import batch_invert, random_ints
-from he_cnn.parallel import from_blob, to_blob
+from he_cnn.parallel import from_blob, powmod_seconds, to_blob
 from he_cnn.crypto.tensor import EncryptedTensor, object_array
 from he_cnn.wire import Message
 from he_cnn.protocols import millionaire
-from he_cnn.protocols.common import COMPARISONS, S1Context, encrypted_reply, read_ciphertexts, masked_reveal, read_revealed
+from he_cnn.protocols.common import (COMPARISONS, S1Context, S2WorkerKey, encrypted_reply, masked_reveal,
+                                     read_ciphertexts, read_revealed)
 
 if TYPE_CHECKING:
     from he_cnn.parties.key_cloud import KeyCloud
@@ -317,15 +318,15 @@ def _blind_chunk(dgk: dict, enc_bits: bytes, r_low: list[int], signs: list[int],
     return to_blob(blind_bit_comparisons(key, bits, r_low, signs, from_blob(randomizers, width)), width)
 
 
-def _zero_chunk(n: int, p: int, v_p: int, width: int, row_length: int, blob: bytes) -> list[int]:
+def _zero_chunk(key: S2WorkerKey, width: int, row_length: int, blob: bytes) -> list[int]:
     """delta for each row: 1 if one of its DGK ciphertexts encrypts 0 (c^v_p = 1 mod p); each checked
     first to be in (0, n).
 
     Every position is tested, also after a zero is found: stopping early would make the round's
     duration depend on the outcomes, which S1 could correlate with its secret signs.
     """
-    p, v_p = mpz(p), mpz(v_p)
-    cts = _in_range(from_blob(blob, width), mpz(n), "blinded")
+    p, v_p = mpz(key.dgk_p), mpz(key.dgk_v_p)
+    cts = _in_range(from_blob(blob, width), mpz(key.dgk_n), "blinded")
     return [int(sum(gmpy2.powmod(c, v_p, p) == 1 for c in cts[i:i + row_length]) > 0)
             for i in range(0, len(cts), row_length)]
 
@@ -355,15 +356,16 @@ def s2_compare_zero(cloud: "KeyCloud", msg: Message) -> Message:
         raise ProtocolError("the product needs the comparison of all bits")
     if msg.shape("blinded") != (len(d), k + 1):
         raise ShapeError(f"expected {len(d)} x {k + 1} blinded ciphertexts, got {msg.shape('blinded')}")
-    dgk, dgk_priv = cloud.dgk_public, cloud.dgk_private
+    dgk = cloud.dgk_public
     if msg.widths.get("blinded") != dgk.ciphertext_bytes:
         raise ProtocolError(f"blinded DGK ciphertexts of {msg.widths.get('blinded')} bytes: "
                             f"expected {dgk.ciphertext_bytes}")
     width, blob, row = dgk.ciphertext_bytes, msg.payload("blinded"), (k + 1) * dgk.ciphertext_bytes
-    calls = [(int(dgk.n), int(dgk_priv.p), int(dgk_priv.v_p), width, k + 1, blob[r.start * row:r.stop * row])
-             for r in cloud.workers.chunks(len(d), minimum=8)]
+    zero_test = powmod_seconds(int(cloud.dgk_private.p).bit_length(), int(cloud.dgk_private.v_p).bit_length())
+    calls = [(width, k + 1, blob[r.start * row:r.stop * row])
+             for r in cloud.workers.chunks(len(d), minimum=8, item_seconds=(k + 1) * zero_test)]
     with cloud.tracer.op("s2_zero"):
-        delta = [v for part in cloud.workers.map(_zero_chunk, calls) for v in part]
+        delta = [v for part in cloud.workers.map_keyed(_zero_chunk, calls, cloud.worker_key) for v in part]
     cloud.observe("delta", delta, 1, 0)
     return _result_reply(cloud, d, l, k, product, delta)
 
