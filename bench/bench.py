@@ -57,6 +57,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import resource
 import secrets
 import statistics
@@ -91,7 +92,7 @@ from he_cnn.parties.key_cloud import KeyCloud  # noqa: E402
 from he_cnn.parties.compute_cloud import PreparedQuery, encrypt_model, prepare_query, secure_inference, setup_model  # noqa: E402
 from he_cnn.crypto.tensor import EncryptedTensor  # noqa: E402
 
-from bench import baseline, instrument, peer_tenseal, report  # noqa: E402
+from bench import baseline, instrument, peer_tenseal, ray_scaling, report  # noqa: E402
 from he_cnn.compiler import cost as lowerbound  # noqa: E402
 
 #: the default ICNN of the owner's pipeline (seed 0, 15 epochs, 6-bit weights)
@@ -818,11 +819,14 @@ def run_service(bits, im, ds, indices, em, pk, uk, s2, s2_url, token, owner_toke
 
 # -- machine --------------------------------------------------------------------------------------
 
-def zoo_section(text: str) -> str:
-    """The model zoo's section of a benchmark report (bench/zoo.py writes it between its markers)."""
-    from bench.zoo import BEGIN, END
+#: a section another script measures apart and writes between its own markers (bench/zoo.py's "zoo",
+#: bench/ray_scaling.py's "ray", ...): kept when this script rewrites the report
+KEPT_SECTION = re.compile(r"<!-- ([\w-]+): begin \(bench/[\w.]+\) -->.*?<!-- \1: end -->", re.S)
 
-    return text[text.index(BEGIN):text.index(END) + len(END)] if BEGIN in text and END in text else ""
+
+def kept_sections(text: str) -> str:
+    """Every section of a benchmark report that another script wrote between its markers."""
+    return "\n\n".join(m.group(0) for m in KEPT_SECTION.finditer(text))
 
 
 def machine_facts(args) -> dict:
@@ -867,6 +871,10 @@ def machine_facts(args) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keys", type=int, nargs="+", default=[1024, 2048, 3072], help="cloud key sizes in bits")
+    ap.add_argument("--backend", choices=["local", "ray"], default="local",
+                    help="local: everything below, workers in process pools; ray: only the scaling over Ray nodes "
+                         "(bench/ray_scaling.py; the first of --keys, its options below)")
+    ray_scaling.add_arguments(ap)
     ap.add_argument("--images", type=int, default=None, help="test images per key size in-process (default 3; --quick 1)")
     ap.add_argument("--images-large", type=int, default=1, help="cap on images for keys above 2048 bits (default 1)")
     ap.add_argument("--workers", type=int, nargs="+", default=None,
@@ -943,6 +951,11 @@ def peer_available() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.backend == "ray":  # the deployed service with each cloud on its own Ray cluster, over node counts
+        args.bits = args.keys[0]
+        args.json = args.json or str(ROOT / "bench" / "results-ray.json")
+        args.markdown = args.markdown or str(ROOT / "docs" / "benchmarks.md")
+        return ray_scaling.report(ray_scaling.run(args), args)
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
         results["summary"] = report.analyse(results)
@@ -1029,7 +1042,7 @@ def write_outputs(results: dict, args) -> None:
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         target = Path(args.markdown)
-        kept = zoo_section(target.read_text()) if target.exists() else ""  # bench/zoo.py's, measured apart
+        kept = kept_sections(target.read_text()) if target.exists() else ""  # measured apart (zoo, ray, ...)
         target.write_text(report.markdown_report(results) + (f"\n{kept}\n" if kept else ""))
         log(f"wrote {args.markdown}")
 
