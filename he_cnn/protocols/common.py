@@ -93,7 +93,8 @@ def pack_masked(ctx: S1Context, values: EncryptedTensor, masks: Sequence[int], l
     with ctx.tracer.op("s1_pack"):
         randomizers = [pk.randomizer() for _ in range(n_packs)]  # drawn here, in order; used in the workers
         calls = [(pk.n, nsq, flat[r.start * k:r.stop * k], list(masks[r.start * k:r.stop * k]), slot, k,
-                  randomizers[r.start:r.stop]) for r in ctx.workers.chunks(n_packs, minimum=1)]
+                  randomizers[r.start:r.stop])
+                 for r in ctx.workers.chunks(n_packs, item_seconds=k * powmod_seconds(2 * pk.bits, slot))]
         packs = [c for part in ctx.workers.map(_pack_chunk, calls) for c in part]
     ctx.count("pack_values", flat.size)
     ctx.count("rerandomize", len(packs))
@@ -261,7 +262,8 @@ def encrypted_reply(cloud: "KeyCloud", fields: dict[str, Sequence[int]], meta: d
                 continue
             randomizers = [pk.randomizer() for _ in values]
             calls = [(pk.n, pk.nsq, values[r.start:r.stop], to_blob(randomizers[r.start:r.stop], width), width)
-                     for r in cloud.workers.chunks(len(values), minimum=PARALLEL_ENCRYPTIONS // 2)]
+                     for r in cloud.workers.chunks(len(values), minimum=PARALLEL_ENCRYPTIONS // 2,
+                                                   item_seconds=powmod_seconds(2 * pk.bits, 2))]
             msg.set_blob(name, b"".join(cloud.workers.map(_encrypt_chunk, calls)), width, shape)
     return msg
 

@@ -105,13 +105,14 @@ def secure_sign(ctx: S1Context, x: EncryptedTensor, bits: int, product: bool, lo
         columns = [read_ciphertexts(pk, reply2, f, (n,)).data for f in fields]
     if product:
         columns.append(xf.data)
+    per_element = len(columns) * powmod_seconds(2 * pk.bits, l + ctx.kappa)  # an exponentiation per column
     if sums is not None:  # the product's e M came by OT: no exponentiation (millionaire.product_answer)
         calls = [(pk.n, pk.nsq, l, [list(c[r.start:r.stop]) for c in columns], masks[r.start:r.stop],
-                  signs[r.start:r.stop], sums[r.start:r.stop]) for r in ctx.workers.chunks(n, minimum=8)]
+                  signs[r.start:r.stop], sums[r.start:r.stop]) for r in ctx.workers.chunks(n, 8, per_element)]
         results = [c for part in ctx.workers.map(_finish_product_chunk, calls) for c in part]
     else:
         calls = [(pk.n, pk.nsq, l, k, [list(c[r.start:r.stop]) for c in columns], masks[r.start:r.stop],
-                  signs[r.start:r.stop]) for r in ctx.workers.chunks(n, minimum=8)]
+                  signs[r.start:r.stop]) for r in ctx.workers.chunks(n, 8, per_element)]
         results = [c for part in ctx.workers.map(_finish_chunk, calls) for c in part]
         if product:
             ctx.count("exp_short", n)
@@ -136,7 +137,7 @@ def _dgk_carry(ctx: S1Context, msg: Message, masks: list[int], n: int, l: int, k
     width, bits_blob, row = dgk.ciphertext_bytes, reply.payload("bits"), (k + 1) * dgk.ciphertext_bytes
     calls = [(dgk.to_dict(), bits_blob[r.start * row:r.stop * row], r_low[r.start:r.stop],
               signs[r.start:r.stop], randomizers[r.start * row:r.stop * row])
-             for r in ctx.workers.chunks(n, minimum=8)]
+             for r in ctx.workers.chunks(n, 8, (k + 1) * powmod_seconds(int(dgk.n).bit_length(), 16))]
     with ctx.tracer.op("s1_blind"):
         blinded = b"".join(ctx.workers.map(_blind_chunk, calls))  # rows in order; the workers range-check the bits
     ctx.count("dgk_bit", n * (k + 1))
