@@ -1,5 +1,6 @@
 """``he-cnn owner``: train and quantise a model of the zoo (the ICNN by default) or compile one's own
-torch/ONNX model, then encrypt and upload it to S1.
+torch/ONNX model, then encrypt and upload it to S1. ``--dp-epsilon`` trains with DP-SGD, and ``audit``
+measures what a model's answers reveal about its training images (``docs/private-training.md``).
 
 Results go to stdout (``--json`` for scripts), progress and notes to stderr (``--quiet`` for none;
 progress bars only on a terminal). Expected failures (S1 unreachable, wrong token, unreadable image
@@ -16,9 +17,13 @@ import click
 
 from he_cnn.graph.integer_model import IntegerModel, load_integer_model, save_integer_model
 from he_cnn.console import Reporter, run_step
+from he_cnn.graph.privacy import MAX_EPSILON
+from he_cnn.training.audit import plot_roc
+from he_cnn.training.dp import DEFAULT_DELTA, DEFAULT_MAX_GRAD_NORM
 from he_cnn.training.zoo import ARCHITECTURES
 from he_cnn.transport.http_channel import CloudPublicKey
 
+from .auditing import DEFAULT_SHADOWS, audit_model
 from .pipeline import (TrainedModel, TrainSettings, check_owner, count_ciphertexts, encrypt_for_upload, score_model,
                        train_model, upload)
 
@@ -43,6 +48,13 @@ def _settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Pixels are encoded as integers 0..input-max [default: 15 for the ICNN, else 255]."),
         click.option("--weight-bits", "--bits", "weight_bits", type=click.IntRange(2, 16), default=None,
                      help="Signed bits per quantised weight [default: 6 for the ICNN, else 10]."),
+        click.option("--dp-epsilon", type=click.FloatRange(0, MAX_EPSILON, min_open=True), default=None,
+                     help="Train with DP-SGD (Opacus) to this epsilon; the model's public card shows the "
+                          "accountant's (epsilon, delta). icnn and vgg only (BatchNorm is not DP-trainable)."),
+        click.option("--dp-delta", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+                     help=f"The DP delta, below 1/(training images) [default: {DEFAULT_DELTA:g}]."),
+        click.option("--max-grad-norm", type=click.FloatRange(0, min_open=True), default=None,
+                     help=f"DP-SGD's per-example gradient clipping norm [default: {DEFAULT_MAX_GRAD_NORM:g}]."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text."),
         click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP),
     ]
@@ -61,20 +73,23 @@ def _obtain(settings: TrainSettings, model: IntegerModel | None, report: Reporte
     if model is not None:
         return run_step(lambda: score_model(model, settings))
     source = settings.images or settings.data
-    report.note(f"training {settings.arch} on {source} and "
+    report.note(f"training {settings.arch} on {source}"
+                f"{'' if settings.dp_epsilon is None else f' with DP-SGD (target ε = {settings.dp_epsilon:g})'} and "
                 f"{'quantising' if settings.arch == 'icnn' else 'compiling'} it")
     return run_step(lambda: train_model(settings))
 
 
 def _accuracy_report(trained: TrainedModel) -> dict[str, Any]:
     if trained.dataset is None:
-        return {"classes": trained.model.classes}
+        return {"classes": trained.model.classes, "privacy": trained.model.privacy.to_json()}
     return {"float_accuracy": trained.float_accuracy, "integer_accuracy": trained.integer_accuracy,
             "agreement": trained.agreement, "test_images": int(len(trained.dataset.y_test)),
-            "classes": list(trained.dataset.classes)}
+            "classes": list(trained.dataset.classes), "privacy": trained.model.privacy.to_json()}
 
 
 def _print_accuracy(trained: TrainedModel) -> None:
+    if trained.model.privacy.dp:  # the accountant's final epsilon, as the model's card declares it
+        click.echo(f"privacy:          {trained.model.privacy.describe()}")
     if trained.dataset is None:
         return
     if trained.float_accuracy is not None:
@@ -87,6 +102,8 @@ def _print_accuracy(trained: TrainedModel) -> None:
 @click.group("owner")
 def owner() -> None:
     """The data owner: train or compile a model, encrypt it and upload it."""
+
+
 
 
 @owner.command("train")
@@ -207,3 +224,40 @@ def compile_command(model_file: str, calibrate: str, labels: str | None, out: st
     else:
         for line in format_report(report):
             click.echo(line)
+
+
+@owner.command("audit")
+@_settings_options
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False),
+              help="Audit this saved integer model (he-cnn owner train --save-model; train it with the same --arch, "
+                   "--data, --size and --seed) [default: the model these settings train].")
+@click.option("--shadows", type=click.IntRange(0, 64), default=DEFAULT_SHADOWS, show_default=True,
+              help="LiRA's shadow models, an even number (each is one training run); 0: the loss attack only.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default="audit-roc.png", show_default=True,
+              help="Where to write the ROC plot (PNG).")
+def audit_command(model_path: str | None, shadows: int, plot_path: str, as_json: bool, quiet: bool,
+                  **settings: Any) -> None:
+    """Membership-inference audit of a model, in the clear on this machine: a loss-threshold attack and
+    LiRA (shadow models), each with its AUC and true-positive rate at 0.1 % and 1 % false positives."""
+    report = Reporter(quiet)
+    if shadows % 2:
+        raise click.BadParameter("LiRA needs an even number of shadow models", param_hint="--shadows")
+    model = _read(model_path, report) if model_path else None
+    result, audited = run_step(lambda: audit_model(TrainSettings(**settings), model, shadows, report.note))
+    try:
+        plot_roc(result, plot_path, f"membership inference: {audited.privacy.describe()}")
+        plotted: str | None = plot_path
+    except ImportError:  # the plot is a convenience: the numbers stand without it
+        plotted = None
+        click.echo("no ROC plot: matplotlib is not installed (pip install 'he-cnn[dp]')", err=True)
+    if as_json:
+        click.echo(json.dumps({**result.to_json(), "privacy": audited.privacy.to_json(), "plot": plotted}))
+        return
+    click.echo(f"model:       {audited.privacy.describe()}")
+    click.echo(f"pool:        {result.members} members (training split), {result.non_members} non-members; "
+               f"an attack that learns nothing has AUC 0.5 ± {result.null_auc_sd:.3f}")
+    for attack in result.attacks:
+        click.echo(f"{attack.name + ':':<12} AUC {attack.auc:.3f}, TPR {attack.tpr_at[0.001]:.2%} at 0.1% FPR, "
+                   f"{attack.tpr_at[0.01]:.2%} at 1% FPR")
+    if plotted:
+        click.echo(f"ROC plot:    {plotted}")

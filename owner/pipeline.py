@@ -8,8 +8,10 @@ the held-out split, encrypts every kernel and bias under the cloud key fetched f
 posts the encrypted model with the owner token. :func:`check_owner` asks S1 first (does it answer,
 does it take the owner token, has it the cloud key?), so that a wrong token or a dead S1 is known in
 a second, not after minutes of training and encrypting. :func:`cached_model` keeps trained models on disk,
-keyed by the settings and the training code (the demo and the benchmark both use it). Nothing here
-prints: callers pass a progress callback and decide what to show.
+keyed by the settings and the training code (the demo and the benchmark both use it). With a DP
+epsilon in the settings the model is trained by DP-SGD (:mod:`he_cnn.training.dp`) and declares the
+certified (ε, δ) in its public spec. Nothing here prints: callers pass a progress callback and decide
+what to show.
 """
 from __future__ import annotations
 
@@ -35,15 +37,16 @@ from he_cnn.graph.integer_model import load_integer_model, save_integer_model
 from he_cnn.training.quantize import quantize_icnn
 from he_cnn.graph.reference import predict_reference
 from he_cnn.parties.compute_cloud import encrypt_model
+from he_cnn.training.dp import DEFAULT_DELTA, DEFAULT_MAX_GRAD_NORM, DPSettings
 from he_cnn.training.train import predict_float, train_architecture
-from he_cnn.training.zoo import build_model
+from he_cnn.training.zoo import architecture, build_model
 
 UPLOAD_TIMEOUT = 900.0
 #: the modules whose code decides a trained integer model (a change in any retrains the cached ones)
 CODE_THAT_TRAINS = ("he_cnn.images", "he_cnn.graph.layers", "he_cnn.graph.integer_model", "he_cnn.training.data",
                     "he_cnn.training.icnn", "he_cnn.training.quantize", "he_cnn.training.train", "he_cnn.training.zoo",
                     "he_cnn.compiler", "he_cnn.compiler.float_graph", "he_cnn.compiler.lower",
-                    "he_cnn.compiler.onnx_import")
+                    "he_cnn.compiler.onnx_import", "he_cnn.training.dp", "he_cnn.graph.privacy")
 KEY_TIMEOUT = 30.0
 
 
@@ -53,7 +56,9 @@ class TrainSettings:
     means the architecture's default: the ICNN sends pixels as 0..15 with 6-bit weights (the patent's
     model), the compiled zoo models 0..255 with 10-bit weights (with 8, BatchNorm-folded channels of
     small scale lose precision: the residual net agreed with its float model on 98.4 % of the digits'
-    test split at 8 bits, 100 % at 10); sizes are 16 (digits, folders), 28 (MNIST)."""
+    test split at 8 bits, 100 % at 10); sizes are 16 (digits, folders), 28 (MNIST). ``dp_epsilon``
+    asks for DP-SGD (:class:`~he_cnn.training.dp.DPSettings`, with ``dp_delta``, ``max_grad_norm`` and
+    ``dp_noise_seed``; without it those three are ignored)."""
 
     images: str | None = None  # an image folder (one sub-folder per class); None = ``data``
     size: int | None = None
@@ -64,14 +69,34 @@ class TrainSettings:
     arch: str = "icnn"
     data: str = "digits"  # "digits", "mnist" (``images`` overrides it)
     activation_bits: int = 12  # the compiled models' calibrated activation width
+    dp_epsilon: float | None = None  # None: trained without differential privacy
+    dp_delta: float | None = None  # None: DEFAULT_DELTA
+    max_grad_norm: float | None = None  # None: DEFAULT_MAX_GRAD_NORM
+    #: None (the command line's only choice): DP-SGD's randomness comes from a secret seed; tests and
+    #: the benchmark fix it to be reproducible (:mod:`he_cnn.training.dp` says why a public one is void)
+    dp_noise_seed: int | None = None
 
     def resolved(self) -> "TrainSettings":
         """The settings with every default filled in for the architecture and data set."""
         icnn = self.arch == "icnn"
+        private = self.dp_epsilon is not None
+        plan = architecture(self.arch)
         size = self.size or (28 if self.data == "mnist" and not self.images else 16)
-        return dataclasses.replace(self, size=size, epochs=self.epochs or (15 if icnn else None),
+        return dataclasses.replace(self, size=size,
+                                   epochs=self.epochs or (plan.dp_epochs if private else (15 if icnn else None)),
                                    input_max=self.input_max or (15 if icnn else 255),
-                                   weight_bits=self.weight_bits or (6 if icnn else 10))
+                                   weight_bits=self.weight_bits or (6 if icnn else 10),
+                                   dp_delta=(self.dp_delta or DEFAULT_DELTA) if private else None,
+                                   max_grad_norm=(self.max_grad_norm or DEFAULT_MAX_GRAD_NORM) if private else None,
+                                   dp_noise_seed=self.dp_noise_seed if private else None)
+
+    def privacy(self) -> DPSettings | None:
+        """The DP-SGD request of these settings, or None."""
+        resolved = self.resolved()
+        if resolved.dp_epsilon is None:
+            return None
+        return DPSettings(resolved.dp_epsilon, resolved.dp_delta, resolved.max_grad_norm,  # type: ignore[arg-type]
+                          resolved.dp_noise_seed)
 
     def cache_key(self) -> str:
         """A hash of the settings and of the code that trains and quantises (a code change retrains)."""
@@ -91,6 +116,8 @@ class TrainedModel:
     float_model: torch.nn.Module | None = None
     #: the fraction of test images on which the integer model's class equals the float model's
     agreement: float | None = None
+    #: seconds the float training took (None when the model was loaded)
+    train_seconds: float | None = None
 
 
 def load_dataset(settings: TrainSettings) -> Dataset:
@@ -113,21 +140,27 @@ def train_model(settings: TrainSettings) -> TrainedModel:
     names and the preprocessing go into ``meta``."""
     settings = settings.resolved()
     dataset = load_dataset(settings)
-    result = train_architecture(settings.arch, dataset, seed=settings.seed, epochs=settings.epochs)
-    if settings.arch == "icnn":
+    privacy = settings.privacy()
+    result = train_architecture(settings.arch, dataset, seed=settings.seed, epochs=settings.epochs, privacy=privacy)
+    if settings.arch == "icnn":  # quantised from the weights alone: post-processing, the DP guarantee holds
         model = quantize_icnn(result.model, input_max=settings.input_max, weight_bits=settings.weight_bits)
         model = dataclasses.replace(model, meta={**model.meta, "classes": list(dataset.classes),
                                                  "preprocessing": dataset.preprocessing.to_json()})
     else:
         from he_cnn.compiler import compile_model  # onnx and the exporter only for compiled models
 
-        calibration = dataset.x_train[np.random.default_rng(settings.seed).permutation(len(dataset.x_train))[:256]]
+        # the calibration images choose the requantising shifts: drawn from the training images they would
+        # be a release DP-SGD never accounted for, so a DP model calibrates on held-out images instead
+        source = dataset.x_train if privacy is None else dataset.x_test
+        calibration = source[np.random.default_rng(settings.seed).permutation(len(source))[:256]]
         model = compile_model(result.model, calibration, preprocessing=dataset.preprocessing,
                               weight_bits=settings.weight_bits, activation_bits=settings.activation_bits,
                               classes=dataset.classes).model
+    model = dataclasses.replace(model, meta={**model.meta, "privacy": result.privacy.to_json()})
     predicted = integer_predictions(model, dataset)  # once, for the accuracy and the agreement
     return TrainedModel(model, dataset, result.float_test_accuracy, float(np.mean(predicted == dataset.y_test)),
-                        result.model, float(np.mean(predicted == predict_float(result.model, dataset.x_test))))
+                        result.model, float(np.mean(predicted == predict_float(result.model, dataset.x_test))),
+                        result.seconds)
 
 
 def load_model(path: str | Path, settings: TrainSettings) -> TrainedModel:

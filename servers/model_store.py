@@ -142,6 +142,7 @@ class ModelStore:
             "input_shape": list(model.input_shape),
             "input_max": model.spec["input_max"],
             "classes": list(model.spec["classes"]),
+            "privacy": model.graph.privacy.to_json(),  # the DP card, in the listing too
         }
         staging = self.root / f".upload-{model_id}"
         ensure_private_dir(staging)

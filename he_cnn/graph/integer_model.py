@@ -10,7 +10,8 @@ On the owner's side the layers carry their weights and ``bounds`` gives, for eac
 worst-case bound ``|v| <= bound`` proven by interval arithmetic from the input range and the weights
 (:func:`infer_shapes_and_bounds`). The public form (:meth:`IntegerModel.to_spec`) drops weights and
 keeps only each bound's bit length (exact bounds are weight norms) and the input's
-:class:`~he_cnn.images.Preprocessing` (how a user turns a picture into the input); S1 decodes an uploaded spec
+:class:`~he_cnn.images.Preprocessing` (how a user turns a picture into the input) and the training's
+:class:`~he_cnn.graph.privacy.TrainingPrivacy` (DP or not, its ε and δ); S1 decodes an uploaded spec
 with :meth:`IntegerModel.from_spec` into the same typed graph, without weights, checking every layer
 through the catalogue. :func:`save_integer_model` / :func:`load_integer_model` keep the owner's
 model (weights included) as versioned JSON.
@@ -30,6 +31,7 @@ from he_cnn.bounded_json import JSONLimits, read_json_file
 from he_cnn.errors import BadRequest, HECNNError, ShapeError
 from he_cnn.graph import parse
 from he_cnn.graph.layers import Interval, Layer, LinearLayer, check_kind, layer_from_file, layer_from_spec
+from he_cnn.graph.privacy import TrainingPrivacy
 from he_cnn.images import Preprocessing
 
 #: version of the public architecture (the spec S1 and S2 see)
@@ -61,7 +63,8 @@ class IntegerModel:
     to its worst-case absolute bound (owner side; empty in the public form) and ``bits`` to that
     bound's bit length l (|v| < 2^l), which is all the protocols need. ``output`` is the name of the
     class-vector tensor. ``meta`` may hold ``"preprocessing"`` (:meth:`Preprocessing.to_json`); a model
-    without one has :meth:`Preprocessing.default_for` its input.
+    without one has :meth:`Preprocessing.default_for` its input. ``meta["privacy"]`` is the owner's
+    :class:`~he_cnn.graph.privacy.TrainingPrivacy` card (absent: no DP declared).
     """
 
     layers: tuple[Layer, ...]
@@ -97,6 +100,11 @@ class IntegerModel:
         """How a user's picture becomes this model's input (checked against ``input_shape`` and ``input_max``)."""
         return Preprocessing.declared(self.meta.get("preprocessing"), self.input_shape, self.input_max)
 
+    @property
+    def privacy(self) -> TrainingPrivacy:
+        """Whether the model was trained with differential privacy, and its (epsilon, delta)."""
+        return TrainingPrivacy.declared(self.meta.get("privacy"))
+
     # -- the public architecture ------------------------------------------------------------------
     def to_spec(self) -> dict[str, Any]:
         """The public part of the model: layers without weights, shapes, and bit lengths only."""
@@ -114,6 +122,7 @@ class IntegerModel:
             "bits": dict(self.bits),
             "classes": self.classes,
             "preprocessing": self.preprocessing.to_json(),
+            "privacy": self.privacy.to_json(),
         }
 
     @classmethod
@@ -133,7 +142,8 @@ class IntegerModel:
         """The same graph without weights or exact bounds: what S1 holds."""
         return IntegerModel(tuple(layer.public() for layer in self.layers), self.input_shape, self.input_max,
                             self.input_name, self.output, self.num_classes, dict(self.shapes), {},
-                            {"classes": self.classes, "preprocessing": self.preprocessing.to_json()}, dict(self.bits))
+                            {"classes": self.classes, "preprocessing": self.preprocessing.to_json(),
+                             "privacy": self.privacy.to_json()}, dict(self.bits))
 
 
 def _read_io(fields: dict[str, Any], where: str) -> tuple[str, tuple[int, int, int], int, str, int]:
@@ -184,8 +194,13 @@ def _public_model(spec: Any) -> IntegerModel:
     if "preprocessing" in spec and spec["preprocessing"] is None:
         raise BadRequest("model spec: preprocessing must be a JSON object, got null")
     preprocessing = Preprocessing.declared(spec.get("preprocessing"), input_shape, input_max)
+    # optional too (specs stored before it existed declare no DP), but never null
+    if "privacy" in spec and spec["privacy"] is None:
+        raise BadRequest("model spec: privacy must be a JSON object, got null")
+    privacy = TrainingPrivacy.declared(spec.get("privacy"))
     return IntegerModel(layers, input_shape, input_max, input_name, output, num_classes, shapes, {},
-                        {"classes": list(classes), "preprocessing": preprocessing.to_json()}, bits)
+                        {"classes": list(classes), "preprocessing": preprocessing.to_json(),
+                         "privacy": privacy.to_json()}, bits)
 
 
 def _check_wiring(layers: tuple[Layer, ...], input_name: str, input_shape: tuple[int, ...], output: str,
@@ -326,6 +341,7 @@ def _model_from_file(document: Any) -> IntegerModel:
     input_name, input_shape, input_max, output, num_classes = _read_io(top, "")
     meta = parse.expect_dict(parse.field(top, "meta"), "meta")
     Preprocessing.declared(meta.get("preprocessing"), input_shape, input_max)  # a bad one fails here, not at upload
+    TrainingPrivacy.declared(meta.get("privacy"))
     raw_layers = parse.field(top, "layers")
     if not isinstance(raw_layers, list) or not raw_layers:
         raise BadRequest("layers must be a non-empty list")

@@ -5,19 +5,23 @@ is deterministic for a given seed: it runs on one CPU thread with torch's determ
 and draws initial weights and batch order from a forked random state, so it neither depends on nor
 disturbs the caller's global torch state. Small networks overfit the 1347 training digits quickly, so
 training images are shifted by up to one pixel at random; with Adam on a one-cycle schedule the
-ICNN reaches 98-99% on the digits test split in well under ten seconds.
+ICNN reaches 98-99% on the digits test split in well under ten seconds. With
+:class:`~he_cnn.training.dp.DPSettings` the same loop runs DP-SGD (:mod:`he_cnn.training.dp`): Poisson
+batches, clipped per-example gradients and noise, and the accountant's (ε, δ) in the result.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from he_cnn.graph.privacy import TrainingPrivacy
+from he_cnn.training import dp
 from he_cnn.training.data import Dataset
 from he_cnn.training.zoo import architecture, build_model
 
@@ -32,6 +36,8 @@ class TrainResult:
     epochs: int
     seconds: float
     epoch_losses: tuple[float, ...]
+    #: the guarantee DP-SGD's accountant certified (no DP when trained without it)
+    privacy: TrainingPrivacy = TrainingPrivacy()
 
 
 def train_icnn(
@@ -43,18 +49,22 @@ def train_icnn(
 
 
 def train_architecture(arch: str, dataset: Dataset, seed: int = 0, epochs: int | None = None,
-                       lr: float | None = None) -> TrainResult:
+                       lr: float | None = None, privacy: dp.DPSettings | None = None) -> TrainResult:
     """Train a new model of the zoo's ``arch`` on ``dataset``, with the zoo's epochs and learning rate
-    for it unless ``epochs`` or ``lr`` are given."""
+    for it (its DP-SGD ones with ``privacy``) unless ``epochs`` or ``lr`` are given."""
     plan = architecture(arch)
     model = build_model(arch, dataset.x_train.shape[1:], len(dataset.classes))
+    if privacy is not None:
+        dp.check_trainable(model, arch)
+        return train_classifier(model, dataset, plan.dp_epochs if epochs is None else epochs, seed,
+                                plan.dp_lr if lr is None else lr, dp.BATCH_SIZE, privacy=privacy)
     return train_classifier(model, dataset, plan.epochs if epochs is None else epochs, seed,
                             plan.lr if lr is None else lr)
 
 
 def train_classifier(
     model: nn.Module, dataset: Dataset, epochs: int = 15, seed: int = 0, lr: float = 1e-2, batch_size: int = 32,
-    shift: bool = True,
+    shift: bool = True, privacy: dp.DPSettings | None = None, initial_state: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` with Adam and cross-entropy; report float accuracies.
 
@@ -62,36 +72,51 @@ def train_classifier(
     runs first (so the result does not depend on how or when ``model`` was built; parameters of a
     module without that method keep their values). ``model`` is trained in place, in train mode
     (batch norm learns its statistics), and left in eval mode. ``lr`` is the peak of the one-cycle
-    schedule; ``shift`` turns the one-pixel augmentation on.
+    schedule; ``shift`` turns the one-pixel augmentation on. With ``privacy`` the steps are DP-SGD's
+    (``batch_size`` is then the expected size of a Poisson batch, and the model is checked first:
+    :func:`~he_cnn.training.dp.check_trainable`); the initial weights still come from ``seed``, the private
+    randomness from ``privacy.noise_seed``. With ``initial_state`` (a federated round's average) training
+    goes on from those weights instead of fresh ones; ``seed`` still orders the batches.
     """
     started = time.perf_counter()
     x_train = torch.from_numpy(dataset.x_train)
     y_train = torch.from_numpy(dataset.y_train)
     losses = []
-    with _reproducible(seed):
+    with _reproducible(seed), (nullcontext() if privacy is None else dp.silenced()):
         for module in model.modules():
             if callable(getattr(module, "reset_parameters", None)):
                 module.reset_parameters()
+        if initial_state is not None:
+            model.load_state_dict(initial_state)
         optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-        batches = -(-len(y_train) // batch_size)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=epochs * batches)
+        if privacy is None:
+            trained, steps = model, -(-len(y_train) // batch_size)
+
+            def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                return ((x_train[b], y_train[b]) for b in torch.randperm(len(y_train)).split(batch_size))
+        else:
+            private = dp.make_private(model, optimiser, x_train, y_train, epochs, privacy)
+            trained, optimiser = private.module, private.optimiser
+            batches, steps = private.batches, private.steps_per_epoch
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=epochs * steps)
         loss_fn = nn.CrossEntropyLoss()
         for _ in range(epochs):
-            model.train()
+            trained.train()
             total = 0.0
-            for batch in torch.randperm(len(y_train)).split(batch_size):
+            for images, labels in batches():
                 optimiser.zero_grad()
-                images = random_shift(x_train[batch]) if shift else x_train[batch]
-                loss = loss_fn(model(images), y_train[batch])
+                loss = loss_fn(trained(random_shift(images) if shift else images), labels)
                 loss.backward()
                 optimiser.step()
                 schedule.step()
-                total += loss.item() * len(batch)
+                total += loss.item() * len(labels)
             losses.append(total / len(y_train))
+        spent = TrainingPrivacy() if privacy is None else private.finish()
         model.eval()
         test_accuracy = float(np.mean(predict_float(model, dataset.x_test) == dataset.y_test))
         train_accuracy = float(np.mean(predict_float(model, dataset.x_train) == dataset.y_train))
-    return TrainResult(model, test_accuracy, train_accuracy, epochs, time.perf_counter() - started, tuple(losses))
+    return TrainResult(model, test_accuracy, train_accuracy, epochs, time.perf_counter() - started, tuple(losses),
+                       spent)
 
 
 def random_shift(images: torch.Tensor, pixels: int = 1) -> torch.Tensor:

@@ -27,6 +27,8 @@ ReLU, pool, the block, pool, global average pool, dense. Each :class:`Architectu
 epochs and peak learning rate it trains well with (:func:`~he_cnn.training.train.train_architecture`):
 with them, seed 0, on one thread, the float test accuracy is 98.2% for the VGG (1.6 s) and 97.6% for
 the ResNet (3.3 s) on the 16x16 digits, 97.5% (7.4 s) and 96.2% (15.7 s) on the 28x28 MNIST sample.
+DP-SGD (``--dp-epsilon``) trains the ICNN and the VGG with their ``dp_epochs`` and ``dp_lr``; it cannot
+train the ResNet, whose batch norm mixes the examples of a batch (:mod:`he_cnn.training.dp`).
 """
 from __future__ import annotations
 
@@ -100,6 +102,9 @@ class Architecture:
     build: Callable[[Shape, int], nn.Module]
     epochs: int
     lr: float  # peak of the one-cycle schedule
+    #: DP-SGD's (:mod:`he_cnn.training.dp`): noisy, clipped steps learn slower and want a higher rate
+    dp_epochs: int = 30
+    dp_lr: float = 3e-2
 
 
 #: every architecture, by name
