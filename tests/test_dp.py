@@ -186,3 +186,33 @@ def test_without_a_noise_seed_the_private_randomness_is_secret():
     runs = [train_architecture("vgg", data, seed=0, epochs=1, privacy=DPSettings(8.0, 1e-3)) for _ in range(2)]
     weights = [np.concatenate([p.detach().numpy().ravel() for p in r.model.parameters()]) for r in runs]
     assert not np.array_equal(*weights)
+
+
+# -- end to end ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_dp_model_through_real_clouds_shows_its_card_and_answers_exactly(tmp_path):
+    """The owner trains the ICNN with DP-SGD and uploads it with the CLI to S1 and S2 running as
+    processes (1024-bit key); the card reaches users over real HTTP, and a user's decrypted vector equals
+    the integer reference (DP changes the weights, not the secure protocol)."""
+    import requests
+
+    from test_e2e import Clouds, he_cnn, query_and_check, upload
+
+    saved = tmp_path / "icnn-dp.json"
+    report = json.loads(he_cnn("owner", "train", "--epochs", "2", "--dp-epsilon", "8", "--save-model", str(saved),
+                               "--json"))
+    card = TrainingPrivacy.declared(report["privacy"])
+    assert card.dp and 0 < card.epsilon <= 8
+    image = tmp_path / "digit.npy"
+    np.save(image, load_dataset("digits", size=16, seed=0).x_test[0][0])
+    clouds = Clouds(tmp_path / "clouds", 1024)
+    try:
+        model_id = upload(clouds, saved)
+        shown = requests.get(f"{clouds.s1_url}/v1/models/{model_id}", timeout=10).json()
+        assert TrainingPrivacy.declared(shown["spec"]["privacy"]) == card
+        key = tmp_path / "me.key"
+        he_cnn("user", "keygen", "--out", str(key), "--bits", "1024")
+        query_and_check(clouds, model_id, key, image, saved)
+    finally:
+        clouds.stop()
