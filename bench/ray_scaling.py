@@ -63,20 +63,23 @@ def _free_port() -> int:
 
 
 def measure(nodes: int, trained, images: list[Path], references: list[list[int]], args, root: Path) -> dict:
-    """One node count: clusters, services, upload, latency and throughput."""
+    """One node count (0: no Ray, the local process pool of ``--local-workers``): clusters, services,
+    upload, latency and throughput."""
     token, owner_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     user_key = generate_keypair(args.bits)
     with ExitStack() as stack:
-        clusters = {role: stack.enter_context(local_cluster(nodes, args.cpus_per_node, _free_port(),
-                                                            root / f"{role.lower()}{nodes}"))
-                    for role in ("S1", "S2")}
+        if nodes:
+            backend = {role: ["--ray-address", stack.enter_context(local_cluster(
+                nodes, args.cpus_per_node, _free_port(), root / f"{role.lower()}{nodes}"))] for role in ("S1", "S2")}
+        else:
+            backend = {role: ["--workers", str(args.local_workers)] for role in ("S1", "S2")}
         env = {"PYTHONPATH": str(ROOT)}
         s2 = stack.enter_context(CloudProcess("S2", ["--data-dir", str(root / f"data{nodes}" / "s2"), "--key-bits",
-                                                     str(args.bits), "--quiet", "--ray-address", clusters["S2"]],
+                                                     str(args.bits), "--quiet", *backend["S2"]],
                                               {**env, "HECNN_S2_CLOUD_TOKEN": token}, cwd=ROOT))
         s2_url = s2.wait_ready(timeout=600)
         s1 = stack.enter_context(CloudProcess("S1", ["--data-dir", str(root / f"data{nodes}" / "s1"), "--peer-url",
-                                                     s2_url, "--quiet", "--open", "--ray-address", clusters["S1"]],
+                                                     s2_url, "--quiet", "--open", *backend["S1"]],
                                               {**env, "HECNN_S1_CLOUD_TOKEN": token,
                                                "HECNN_S1_OWNER_TOKEN": owner_token}, cwd=ROOT))
         s1_url = s1.wait_ready(timeout=600)
@@ -100,26 +103,31 @@ def measure(nodes: int, trained, images: list[Path], references: list[list[int]]
         wall = time.perf_counter() - started
         exact += sum([int(v) for v in r.vector] == references[i % len(images)] for i, r in enumerate(results))
         log(f"{nodes} node(s): {args.ray_batch} queries in {wall:.1f} s")
-    return {"nodes": nodes, "cpus_per_node": args.cpus_per_node, "cpus_per_cloud": nodes * args.cpus_per_node,
+    return {"nodes": nodes, "cpus_per_node": args.cpus_per_node,
+            "cpus_per_cloud": nodes * args.cpus_per_node if nodes else args.local_workers,
             "online_seconds": online, "online_mean": statistics.mean(online),
             "batch": args.ray_batch, "batch_seconds": wall, "images_per_hour": args.ray_batch / wall * 3600,
             "exact": exact, "queries": len(online) + len(results)}
 
 
 def markdown(out: dict) -> str:
-    points = out["points"]
+    points = [p for p in out["points"] if p["nodes"]]
+    local = [p for p in out["points"] if not p["nodes"]]
     base = points[0]
     lines = [BEGIN, "", "## Scaling over Ray nodes (each cloud on a Ray cluster of its own)", "",
              f"`python bench/bench.py --backend ray --keys {out['bits']} --nodes "
-             f"{' '.join(str(p['nodes']) for p in points)} --cpus-per-node {out['cpus_per_node']}` on {out['machine']}, "
+             f"{' '.join(str(p['nodes']) for p in points)} --cpus-per-node {out['cpus_per_node']}"
+             f"{' --local-workers ' + str(local[0]['cpus_per_cloud']) if local else ''}` on {out['machine']}, "
              f"one run: for each node count, two local clusters (S1's and S2's, that many `ray start` nodes each), "
              "the services started with `--ray-address`, the default ICNN uploaded, digits test images classified "
-             "over HTTP. Online = one query after both clouds report their offline phase done; throughput = "
+             "over HTTP; the speed-ups are over the fewest Ray nodes" + (
+                 f", and the first row is the same service without Ray, each cloud on a process pool of "
+                 f"{local[0]['cpus_per_cloud']} workers" if local else "") + ". Online = one query after both clouds report their offline phase done; throughput = "
              f"{out['batch']} queries from {out['threads']} users at once with nothing prepared (offline included).", "",
              "| nodes per cloud | CPUs per cloud | online s (mean) | speed-up | images/h (offline incl.) | speed-up | "
              "secure == reference |", "|---|---|---|---|---|---|---|"]
-    for p in points:
-        lines.append(f"| {p['nodes']} | {p['cpus_per_cloud']} | {p['online_mean']:.2f} | "
+    for p in local + points:
+        lines.append(f"| {p['nodes'] or 'no Ray: process pool'} | {p['cpus_per_cloud']} | {p['online_mean']:.2f} | "
                      f"{base['online_mean'] / p['online_mean']:.2f}x | {p['images_per_hour']:.0f} | "
                      f"{p['images_per_hour'] / base['images_per_hour']:.2f}x | {p['exact']}/{p['queries']} |")
     lines += ["", out.get("note", ""), "", END]
@@ -139,6 +147,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The options of the Ray run (also ``bench/bench.py --backend ray``'s)."""
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 2], help="Ray nodes per cloud, one run each")
     ap.add_argument("--cpus-per-node", type=int, default=1, help="CPUs each ray start node offers")
+    ap.add_argument("--local-workers", type=int, default=0,
+                    help="also measure the service without Ray, each cloud on a process pool of this many workers "
+                         "(the reference row; 0: not measured)")
     ap.add_argument("--ray-images", type=int, default=2, help="online queries per node count")
     ap.add_argument("--ray-batch", type=int, default=4, help="queries in the throughput run")
     ap.add_argument("--ray-threads", type=int, default=2, help="users at once in the throughput run")
@@ -158,7 +169,8 @@ def run(args: argparse.Namespace) -> dict:
         model = trained.model
         references = [[int(v) for v in classify_reference(model, quantize_image(
             load_image_file(p, model.input_shape[1]), model.input_max))] for p in images]
-        points = [measure(n, trained, images, references, args, root) for n in args.nodes]
+        counts = ([0] if args.local_workers else []) + list(args.nodes)
+        points = [measure(n, trained, images, references, args, root) for n in counts]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return {"bits": args.bits, "cpus_per_node": args.cpus_per_node, "batch": args.ray_batch, "threads": args.ray_threads,
