@@ -144,6 +144,14 @@ class UnknownModel(BadRequest):
     status = 404
 
 
+class RoundNotReady(HECNNError):
+    """A federated round's sum is asked for before every owner uploaded (retry later), or an upload
+    names a round that is not the session's open one."""
+
+    code = "round_not_ready"
+    status = 409
+
+
 def error_classes() -> dict[str, type[HECNNError]]:
     """Every error class of this module, by its ``code``: what a JSON error body's ``error`` stands for.
 

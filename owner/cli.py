@@ -24,6 +24,9 @@ from he_cnn.training.zoo import ARCHITECTURES
 from he_cnn.transport.http_channel import CloudPublicKey
 
 from .auditing import DEFAULT_SHADOWS, audit_model
+from .enrol_cli import enrol_command
+from .federate_cli import federate_command
+from .gradient_audit import run_and_print as run_gradient_audit
 from .pipeline import (TrainedModel, TrainSettings, check_owner, count_ciphertexts, encrypt_for_upload, score_model,
                        train_model, upload)
 
@@ -104,6 +107,8 @@ def owner() -> None:
     """The data owner: train or compile a model, encrypt it and upload it."""
 
 
+owner.add_command(enrol_command)  # he-cnn owner enrol: a gallery for identification (enrol_cli)
+owner.add_command(federate_command)  # he-cnn owner federate: several owners train one model (federate_cli)
 
 
 @owner.command("train")
@@ -235,11 +240,16 @@ def compile_command(model_file: str, calibrate: str, labels: str | None, out: st
               help="LiRA's shadow models, an even number (each is one training run); 0: the loss attack only.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default="audit-roc.png", show_default=True,
               help="Where to write the ROC plot (PNG).")
+@click.option("--gradient-leakage", is_flag=True,
+              help="Instead: DLG/iDLG against one ICNN gradient (batch 1 and 4) and against what the clouds see of "
+                   "it as a federated update; PNGs gradient-leakage-batch<B>.png (owner/gradient_audit.py).")
 def audit_command(model_path: str | None, shadows: int, plot_path: str, as_json: bool, quiet: bool,
                   **settings: Any) -> None:
     """Membership-inference audit of a model, in the clear on this machine: a loss-threshold attack and
     LiRA (shadow models), each with its AUC and true-positive rate at 0.1 % and 1 % false positives."""
     report = Reporter(quiet)
+    if settings.pop("gradient_leakage"):
+        return run_gradient_audit(as_json, report.note)
     if shadows % 2:
         raise click.BadParameter("LiRA needs an even number of shadow models", param_hint="--shadows")
     model = _read(model_path, report) if model_path else None

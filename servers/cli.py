@@ -14,7 +14,8 @@ import click
 
 #: sub-command name -> "module:attribute" of its click command
 COMMANDS = {"serve": "he_cnn.servers.serve:serve", "owner": "he_cnn.owner.cli:owner",
-            "user": "he_cnn.user.cli:user", "demo": "he_cnn.servers.demo:demo", "admin": "he_cnn.servers.admin:admin"}
+            "user": "he_cnn.user.cli:user", "demo": "he_cnn.servers.demo:demo", "admin": "he_cnn.servers.admin:admin",
+            "federate-demo": "he_cnn.servers.federate_demo:federate_demo"}
 
 
 class LazyGroup(click.Group):

@@ -70,9 +70,14 @@ def _quoted_path() -> str:
 
 
 def _routes() -> str:
-    """The app's routes, for a 404 that says what there is instead."""
-    rules = sorted({rule.rule for rule in current_app.url_map.iter_rules() if rule.endpoint != "static"})
-    return ", ".join(rules)
+    """The app's routes, for a 404 that says what there is instead: each family once, by its first two
+    segments (``/v1/models/...``), so that the list stays short as the service grows."""
+    families = set()
+    for rule in current_app.url_map.iter_rules():
+        if rule.endpoint != "static":
+            parts = rule.rule.strip("/").split("/")
+            families.add("/" + "/".join(parts[:2]) + ("/..." if len(parts) > 2 else ""))
+    return ", ".join(sorted(families))
 
 
 def _http_message(e: HTTPException) -> tuple[str, dict[str, str] | None]:

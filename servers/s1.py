@@ -28,6 +28,10 @@ Endpoints:
   ``GET  /v1/users``                     owner token; the users and their limits (never keys or hashes)
   ``DELETE /v1/users/<name>``            owner token; revokes the user's key at once
   ``GET  /metrics``                      Prometheus metrics, no token (:mod:`servers.metrics`)
+  ``/v1/galleries...``                   enrolment (owner token), identify and verify (user key):
+                                         :mod:`servers.galleries`, registered by :func:`create_app`
+  ``/v1/federations...``                 federated sessions (owner token, then each owner's session token):
+                                         :mod:`servers.federation`, registered by :func:`create_app`
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import Unauthorized
@@ -49,12 +53,14 @@ from he_cnn.crypto.paillier import MAX_USER_KEY_BITS, MIN_KEY_BITS, PublicKey, U
 from he_cnn.parallel import INLINE, Workers
 from he_cnn.protocols.common import S1Context
 from he_cnn.protocols.millionaire import OTLink
-from he_cnn.parties.compute_cloud import (EncryptedModel, InferenceResult, ModelSetup, PreparedQuery, prepare_query,
-                                 secure_inference, setup_model)
+from he_cnn.parties.compute_cloud import (EncryptedModel, Finish, InferenceResult, ModelSetup, PreparedQuery,
+                                          prepare_query, secure_inference, setup_model)
 from he_cnn.crypto.tensor import EncryptedTensor
 from he_cnn.wire import Message, decode, encode
 
 from .config import S1Config
+from .galleries import install as install_galleries
+from .federation import install as install_federation
 from .http import QueryGate, bearer_token, new_app, request_body, require_bearer, wire_response, worker_pool
 from .metrics import CloudMetrics, install as install_metrics
 from .model_store import ModelStore, StoredModel
@@ -234,10 +240,9 @@ def check_owner_token() -> Response:
     return jsonify({"owner_token": "accepted"})
 
 
-@bp.post("/models")
-def upload_model() -> Response:
-    require_bearer(current_app.extensions["he_cnn.s1.config"].owner_token, "owner token")
-    body = request_body()
+def publish_model(body: bytes) -> StoredModel:
+    """An upload's bytes (an owner's, or a federation's aggregate: :mod:`servers.federation`) checked,
+    set up with S2, stored, and its next query prepared."""
     peer, store = _service()
     key, _ = peer.public_key()
     model = read_model(body, key.paillier)
@@ -250,6 +255,13 @@ def upload_model() -> Response:
     current_app.extensions["he_cnn.s1.offline"].refill(stored)
     log.info("S1 stored model %s (%d layers); set-up with S2 took %.1f s", stored.model_id,
              stored.info["layers"], ctx.channel.stats.seconds)
+    return stored
+
+
+@bp.post("/models")
+def upload_model() -> Response:
+    require_bearer(current_app.extensions["he_cnn.s1.config"].owner_token, "owner token")
+    stored = publish_model(request_body())
     response = jsonify({k: stored.info[k] for k in ("model_id", "layers", "input_shape", "classes")})
     response.status_code = 201
     return response
@@ -391,15 +403,17 @@ def read_query(msg: Message, model: EncryptedModel, cloud_key: PublicKey,
 
 
 def run_with_setup(peer: PeerLink, store: ModelStore, stored: StoredModel, image: EncryptedTensor,
-                   user_key: PublicKey, taken: tuple[ModelSetup, PreparedQuery] | None = None) -> InferenceResult:
+                   user_key: PublicKey, taken: tuple[ModelSetup, PreparedQuery] | None = None,
+                   finish: Callable[[S1Context], Finish] | None = None) -> InferenceResult:
     """Secure inference; if S2 no longer knows the model's set-up, run the set-up again once and retry.
 
-    ``taken`` is a set-up and the offline phase prepared for it (used once, dropped on a retry).
+    ``taken`` is a set-up and the offline phase prepared for it (used once, dropped on a retry);
+    ``finish`` makes ``finish(ctx)`` the last step (:func:`secure_inference`'s ``finish``).
     """
     setup, prepared = taken if taken is not None else (stored.setup, None)
     try:
         with peer.context() as ctx:
-            return secure_inference(ctx, stored.model, setup, image, user_key, prepared)
+            return secure_inference(ctx, stored.model, setup, image, user_key, prepared, finish and finish(ctx))
     except UnknownSetup:
         log.warning("S2 does not know the set-up of model %s; running it again", stored.model_id)
     with stored.setup_lock:
@@ -407,7 +421,7 @@ def run_with_setup(peer: PeerLink, store: ModelStore, stored: StoredModel, image
             with peer.context() as ctx:
                 store.replace_setup(stored, setup_model(ctx, stored.model))
     with peer.context() as ctx:
-        return secure_inference(ctx, stored.model, stored.setup, image, user_key)
+        return secure_inference(ctx, stored.model, stored.setup, image, user_key, finish=finish and finish(ctx))
 
 
 def query_stats(result: InferenceResult) -> dict[str, Any]:
@@ -456,6 +470,9 @@ def create_app(config: S1Config) -> Flask:
             pools.append((peer.pinned.dgk.pool, target, "dgk"))
         app.extensions["he_cnn.pools"] = PoolFiller(app, pools, workers=peer.workers,
                                                     more=(lambda: user_keys.pools(USER_KEY_POOL)) if target else None)
+    install_galleries(app, data_dir, peer.pinned.paillier if peer.pinned else None, user_quota, read_query,
+                      run_with_setup)
+    install_federation(app, data_dir, lambda: peer.public_key()[0].paillier, peer.context, peer.pinned.paillier if peer.pinned else None, publish_model)
     app.register_blueprint(bp)
     install_metrics(app, "s1", app.extensions.get("he_cnn.pools"), app.extensions["he_cnn.s1.gate"])
     log.info("S1 ready: %d models from %s, S2 at %s", loaded, data_dir, peer.url)

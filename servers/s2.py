@@ -42,6 +42,7 @@ from he_cnn.crypto.tensor import as_int_array
 from he_cnn.wire import Message, decode, encode
 
 from .config import S2Config
+from .galleries import install_s2_galleries
 from .http import new_app, request_body, require_bearer, wire_response, worker_pool
 from .metrics import CloudMetrics, install as install_metrics
 from .pools import USER_KEY_POOL, PoolFiller, pool_target
@@ -258,6 +259,7 @@ def create_app(config: S2Config, key_cloud: KeyCloud | None = None) -> Flask:
     cloud = key_cloud if key_cloud is not None else load_or_create_key_cloud(data_dir, config.key_bits)
     loaded = load_setups(cloud, data_dir)
     persist_setups(cloud, data_dir)
+    install_s2_galleries(cloud, data_dir)
     cloud.workers = worker_pool(config.workers, config.ray_address, "s2",
                                 (load_worker_key, str(data_dir / KEY_FILE)), cloud.keys.public.key_id)
     app = new_app(__name__, config.max_body_bytes)

@@ -46,6 +46,15 @@ def trained_icnn():
     return dataset, result, quantize_icnn(result.model)
 
 
+@pytest.fixture(scope="module")
+def no_pool_filling():
+    """No background randomness pools in a module's services: apps that are never shut down would keep
+    filling them in daemon threads for the rest of the session and slow every later test (the GIL)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HECNN_RANDOMNESS_POOL", "0")
+        yield
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """The figures the trust tests measured (cases tried, faults injected, throughput), if any ran."""
     support = sys.modules.get("trust_support")  # imported by the trust tests only

@@ -38,6 +38,9 @@ from he_cnn.wire import HEADER_LIMITS, MAGIC, VERSION, Message, decode, encode
 from test_service_errors import (AUTH_CLOUD, AUTH_OWNER, CLOUD_TOKEN, OWNER_TOKEN, WIRE, error_of, healthy, make_s1,
                                  start_server, tiny_model)
 
+# the apps here are never shut down: randomness pools filled in their daemon threads would slow every later test
+pytestmark = pytest.mark.usefixtures("no_pool_filling")
+
 ROOT = Path(__file__).resolve().parents[1]
 HYPOTHESIS = dict(deadline=None, database=None,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -329,11 +332,6 @@ def test_a_deep_stored_file_stops_s1_with_its_name(tmp_path, keys1024, corrupt):
 
 # -- over HTTP -------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def no_pool_filling():
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("HECNN_RANDOMNESS_POOL", "0")
-        yield
 
 
 @pytest.fixture(scope="module")

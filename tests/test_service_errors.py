@@ -30,6 +30,9 @@ from he_cnn.servers import s2 as s2_app
 from he_cnn.servers.config import S1Config, S2Config
 from he_cnn.servers.storage import DataDirError
 
+# the apps here are never shut down: randomness pools filled in their daemon threads would slow every later test
+pytestmark = pytest.mark.usefixtures("no_pool_filling")
+
 CLOUD_TOKEN = "cloud-token-" + "c" * 20
 OWNER_TOKEN = "owner-token-" + "o" * 20
 AUTH_OWNER = {"Authorization": f"Bearer {OWNER_TOKEN}"}
@@ -99,13 +102,6 @@ def healthy(client) -> None:
 
 # -- fixtures -------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def no_pool_filling():
-    """The apps here are never shut down: with their randomness pools on, each would keep filling them
-    in a daemon thread for the rest of the session and slow every later test (GIL)."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("HECNN_RANDOMNESS_POOL", "0")
-        yield
 
 
 @pytest.fixture(scope="module")

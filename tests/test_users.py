@@ -24,18 +24,15 @@ from he_cnn.user.keys import create_user_key
 from test_service_errors import start_server
 from trust_support import random_image, tiny_model
 
+# the apps here are never shut down: randomness pools filled in their daemon threads would slow every later test
+pytestmark = pytest.mark.usefixtures("no_pool_filling")
+
 OWNER_TOKEN = "o" * 24
 CLOUD_TOKEN = "c" * 24
 OWNER = {"Authorization": f"Bearer {OWNER_TOKEN}"}
 DEAD_S2 = "http://127.0.0.1:9"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_pool_filling():
-    """Apps that are never shut down must not keep filling randomness pools for later tests."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("HECNN_RANDOMNESS_POOL", "0")
-        yield
 
 
 def make_s1(data_dir, require_user_keys=True, peer_url=DEAD_S2):

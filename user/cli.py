@@ -19,11 +19,16 @@ from he_cnn.console import Reporter, run_step
 
 from .keys import create_user_key, is_private_file, load_user_key, public_path
 from .client import Classification, Client
+from .identify_cli import identify_command, verify_command
 
 
 @click.group("user")
 def user() -> None:
     """The user: own key pair, encrypted queries, decrypted answers."""
+
+
+user.add_command(identify_command)  # he-cnn user identify|verify: a gallery's best match (identify_cli)
+user.add_command(verify_command)
 
 
 @user.command("keygen")

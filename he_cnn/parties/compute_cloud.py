@@ -258,12 +258,19 @@ class SecureRun:
         return self.shared.get(tensor)
 
 
+#: a replacement for the last step of :func:`secure_inference`: (its kind, fn(E(output), bit bound))
+Finish = tuple[str, Callable[[EncryptedTensor, int], EncryptedTensor]]
+
+
 def secure_inference(ctx: S1Context, model: EncryptedModel, setup: ModelSetup, image: EncryptedTensor,
-                     user_key: PublicKey, prepared: PreparedQuery | None = None) -> InferenceResult:
+                     user_key: PublicKey, prepared: PreparedQuery | None = None,
+                     finish: Finish | None = None) -> InferenceResult:
     """Run the whole network on E(image) and return E_u(class vector) with per-layer statistics.
 
     ``prepared`` (from :func:`prepare_query`, used once) moves the query-independent work offline;
-    without it that work is done inline and counted in the layers' time.
+    without it that work is done inline and counted in the layers' time. ``finish`` = (kind, fn)
+    replaces the last step, the output's re-encryption to the user, by fn(E(output), its bit bound)
+    (identification: :mod:`he_cnn.protocols.identify`).
     """
     graph = model.graph
     if image.shape != model.input_shape:
@@ -298,5 +305,6 @@ def secure_inference(ctx: S1Context, model: EncryptedModel, setup: ModelSetup, i
         else:
             tensors[layer.output] = layer.secure(run, xs)
     y = tensors[graph.output]
-    out = timed("result", "to_user", lambda: reencrypt_for_user(ctx, y, model.bound_bits(graph.output), user_key))
+    kind, last = finish or ("to_user", lambda v, bits: reencrypt_for_user(ctx, v, bits, user_key))
+    out = timed("result", kind, lambda: last(y, model.bound_bits(graph.output)))
     return InferenceResult(out, stats, time.perf_counter() - start)

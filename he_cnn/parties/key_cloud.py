@@ -20,7 +20,7 @@ from he_cnn.crypto.dgk import DGKPrivateKey, DGKPublicKey, generate_dgk_keypair
 from he_cnn.errors import BadRequest, ProtocolError
 from he_cnn.crypto.paillier import MIN_KEY_BITS, KeyPair, PublicKey, UserKeys
 from he_cnn.crypto.ot import OTSender
-from he_cnn.protocols import comparison, linear, millionaire, output, smp
+from he_cnn.protocols import aggregate, comparison, identify, linear, millionaire, output, smp
 from he_cnn.parallel import INLINE, Workers
 from he_cnn.protocols.common import S2WorkerKey
 from he_cnn.protocols.linear import LinearGeometry
@@ -38,6 +38,8 @@ HANDLERS: dict[str, Callable[["KeyCloud", Message], Message]] = {
     millionaire.START_STEP: comparison.s2_compare_ot,
     millionaire.LEVEL_STEP: comparison.s2_compare_ot_level,
     output.STEP: output.s2_to_user,
+    **identify.S2_HANDLERS,
+    **aggregate.S2_HANDLERS,
 }
 
 
@@ -116,6 +118,10 @@ class KeyCloud:
     tracer: Tracer = NULL_TRACER
     #: S2's ends of the OT links, by session id (:func:`he_cnn.protocols.millionaire.s2_base`; oldest first)
     ot_links: dict[str, OTSender] = field(default_factory=dict)
+    #: per gallery its shape and the seeds of its masked templates (:mod:`he_cnn.protocols.identify`)
+    galleries: dict[str, "identify.S2Gallery"] = field(default_factory=dict)
+    #: called after a gallery's seeds change (the service persists them)
+    on_gallery: Callable[[str, "identify.S2Gallery"], None] | None = None
 
     def __post_init__(self) -> None:
         self.dgk_public.pool_pairs = True  # S2 encrypts bits: its pool keeps g h^r beside h^r

@@ -30,10 +30,8 @@ STEP = "to_user"
 
 def reencrypt_for_user(ctx: S1Context, y: EncryptedTensor, bits: int, user_key: PublicKey,
                        min_user_bits: int = MIN_KEY_BITS) -> EncryptedTensor:
-    if user_key.bits < min_user_bits:
-        raise ProtocolError(f"user key of {user_key.bits} bits is too small: expected at least {min_user_bits}")
     msg, masks = masked_reveal(ctx, "y", y.flatten(), bits)
-    msg.arrays["user_n"] = np.array([user_key.n], dtype=object)
+    attach_receiver_key(msg, user_key, min_user_bits)
     reply = ctx.channel.request(STEP, msg)
     with ctx.tracer.op("s1_validate"):
         out = read_ciphertexts(user_key, reply, "y_user", (y.size,))
@@ -43,14 +41,27 @@ def reencrypt_for_user(ctx: S1Context, y: EncryptedTensor, bits: int, user_key: 
 
 def s2_to_user(cloud: "KeyCloud", msg: Message) -> Message:
     values, _ = read_revealed(cloud, msg, "y")
+    reply = Message()
+    with cloud.tracer.op("s2_encrypt"):  # a new user key builds its randomizer table here
+        user_key = receiver_key(cloud, msg)
+        ciphertext_field(reply, "y_user", [user_key.encrypt(v) for v in values], user_key.ciphertext_bytes)
+    return reply
+
+
+def attach_receiver_key(msg: Message, key: PublicKey, min_bits: int = MIN_KEY_BITS) -> None:
+    """S1: name the key S2 is to encrypt to (the user's, or an owners' consortium's) in ``msg``."""
+    if key.bits < min_bits:
+        raise ProtocolError(f"receiver key of {key.bits} bits is too small: expected at least {min_bits}")
+    msg.arrays["user_n"] = np.array([key.n], dtype=object)
+
+
+def receiver_key(cloud: "KeyCloud", msg: Message) -> PublicKey:
+    """S2: the receiver's key named in ``msg``, checked (size, not the cloud's own key) before S2 keeps
+    it with its randomizer table."""
     user_n = msg.array("user_n").reshape(-1)
     if user_n.size != 1:
         raise ProtocolError("expected exactly one user modulus")
-    user_key = PublicKey(mpz(user_n[0]))  # checked before S2 keeps it (and builds its table)
-    if not cloud.min_user_key_bits <= user_key.bits <= MAX_USER_KEY_BITS or user_key == cloud.keys.public:
-        raise ProtocolError(f"unacceptable user key ({user_key.bits} bits)")
-    reply = Message()
-    with cloud.tracer.op("s2_encrypt"):  # a new user key builds its randomizer table here
-        user_key = cloud.user_key(user_key.n)
-        ciphertext_field(reply, "y_user", [user_key.encrypt(v) for v in values], user_key.ciphertext_bytes)
-    return reply
+    key = PublicKey(mpz(user_n[0]))
+    if not cloud.min_user_key_bits <= key.bits <= MAX_USER_KEY_BITS or key == cloud.keys.public:
+        raise ProtocolError(f"unacceptable user key ({key.bits} bits)")
+    return cloud.user_key(key.n)
