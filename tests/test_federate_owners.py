@@ -38,7 +38,8 @@ from he_cnn.servers.launch import CloudProcess
 from he_cnn.training.data import load_dataset
 from he_cnn.training.federated import AggregationRound, FederatedSettings, split_dataset, train_rounds
 from he_cnn.transport.http_channel import fetch_public_key
-from test_federation_http import BITS, COUNT, Clouds
+from test_federation_http import BITS, COUNT
+from threaded_clouds import ThreadedClouds
 from test_service_errors import OWNER_TOKEN
 
 SETTINGS = FederatedSettings(owners=2, rounds=2, local_epochs=1)
@@ -141,7 +142,7 @@ def test_data_that_does_not_fit_the_session_is_refused(tmp_path, consortium):
 
 def test_an_owner_waits_for_the_others_and_uploads_again_after_an_abort(tmp_path, keys1024, consortium, monkeypatch):
     monkeypatch.setenv("HECNN_RANDOMNESS_POOL", "0")
-    clouds = Clouds(tmp_path, keys1024)
+    clouds = ThreadedClouds(tmp_path, keys1024)
     weights = (3, 5)
     created = create_session(clouds.url, OWNER_TOKEN, COUNT, BITS, weights, 1, consortium)
     key = fetch_public_key(clouds.url, 10.0, peer="S1")[0]
