@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from he_cnn.errors import BadRequest, HECNNError, WorkersUnavailable
+from he_cnn.errors import BadRequest, WorkersUnavailable
 from he_cnn.parallel import WorkerKey, Workers
 
 log = logging.getLogger("he_cnn.ray")
@@ -189,9 +189,9 @@ class RayWorkers(Workers):
             return ray.get(refs, timeout=self.task_timeout if timeout is None else timeout)
         except ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
-            if isinstance(cause, HECNNError):  # the function raised on purpose: the same error as locally
+            if isinstance(cause, Exception):  # the function raised: the same error as with the local pool
                 raise cause from None
-            raise WorkersUnavailable(f"a Ray task failed: {cause or e}") from e
+            raise WorkersUnavailable(f"a Ray task failed: {e}") from e
         except ray.exceptions.RayError as e:
             raise WorkersUnavailable(f"a Ray worker was lost during this request ({type(e).__name__}); the "
                                      "request was abandoned: retry") from e

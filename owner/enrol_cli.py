@@ -84,10 +84,10 @@ def enrol_command(s1_url: str, token: str, model_id: str, model_file: str | None
     model = (run_step(lambda: load_integer_model(model_file)) if model_file
              else run_step(lambda: cached_model(TrainSettings(), note=report.note).model))
     images, labels, probes, probe_labels = run_step(lambda: gallery_split(model, data, per_class))
-    bits = template_bits(model, kept_bits)
     if gallery_id is not None and (labels_path is None or not labels_path.is_file()):
         raise click.UsageError("appending needs the gallery's labels file (--labels): it holds the templates' scale")
     book: dict[str, Any] = run_step(lambda: read_labels_file(labels_path)) if gallery_id else {}
+    bits = book["template_bits"] if gallery_id else template_bits(model, kept_bits)  # an append keeps the gallery's
     chunks = embeddings_of(model, images, chunk)
     first = next(chunks)
     shift = book["template_shift"] if gallery_id else template_shift(first, bits)

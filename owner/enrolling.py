@@ -97,6 +97,9 @@ def enrol(s1_url: str, owner_token: str, chunks: Iterable[np.ndarray], bits: int
         gallery_id = info["gallery_id"]
     else:
         info = _get(s1_url, f"/v1/galleries/{gallery_id}", tls_ca)
+        if info.get("template_bits") != bits:  # appended chunks must be cut as the gallery's first ones were
+            raise BadRequest(f"gallery {gallery_id} holds {info.get('template_bits')}-bit templates; these are "
+                             f"{bits}-bit (enrol with the same --template-bits)")
     for templates in chunks:
         chunk = identify.enrol_chunk(key, templates, bits, info["embedding_bits"])
         _owner_post(s1_url, owner_token, f"/v1/galleries/{gallery_id}/chunks", encode(identify.encode_chunk(chunk)),

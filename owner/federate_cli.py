@@ -220,6 +220,10 @@ OUTPUT_OPTIONS = [click.option("--json", "as_json", is_flag=True, help="Print on
                   click.option("-q", "--quiet", is_flag=True, help="No notes on stderr.")]
 S1_OPTION = click.option("--s1", "s1_url", envvar="HECNN_S1_URL", default="http://127.0.0.1:8601", show_default=True,
                          help="Base URL of S1.")
+TLS_CA_OPTION = click.option("--tls-ca", envvar="HECNN_TLS_CA", show_envvar=True,
+                             type=click.Path(exists=True, dir_okay=False), default=None,
+                             help="CA (or self-signed certificate) S1's HTTPS certificate must chain to "
+                                  "[default: the system's CAs].")
 TOKEN_OPTION = click.option("--token", envvar="HECNN_OWNER_TOKEN", required=True, show_envvar=True,
                             help="S1's owner token: creates the session (each owner then uploads with its own "
                                  "session token).")
@@ -272,13 +276,14 @@ def federate_command() -> None:
 @S1_OPTION
 @TOKEN_OPTION
 @click.option("--data", default="digits", show_default=True, help="digits, mnist or an image folder.")
+@TLS_CA_OPTION
 @federation_options
-def simulate_command(s1_url: str, token: str, data: str, owners: int, rounds: int, local_epochs: int, split: str,
-                     seed: int, compare: bool, as_json: bool, quiet: bool) -> None:
+def simulate_command(s1_url: str, token: str, data: str, tls_ca: str | None, owners: int, rounds: int,
+                     local_epochs: int, split: str, seed: int, compare: bool, as_json: bool, quiet: bool) -> None:
     """K simulated owners in this process, each with its split of the data and its own session token."""
     report = Reporter(quiet)
     settings = run_step(lambda: FederatedSettings(owners, rounds, local_epochs, split, seed))
-    result = run_step(lambda: federate(s1_url, token, settings, data, compare, report.note))[0]
+    result = run_step(lambda: federate(s1_url, token, settings, data, compare, report.note, tls_ca))[0]
     click.echo(json.dumps(result) if as_json else "", nl=as_json)
     if not as_json:
         print_report(result)
@@ -309,16 +314,17 @@ def parse_weights(text: str | None) -> tuple[int, ...] | None:
               help="A round with owners missing this long after its first upload is aborted [default: S1's, 1 h].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for the owner files owner-<k>.json (0700; each file 0600, a secret of its owner).")
+@TLS_CA_OPTION
 @session_options
 @output_options
 def create_command(s1_url: str, token: str, data: str, weights: str | None, round_seconds: float | None, out: Path,
-                   owners: int, rounds: int, local_epochs: int, split: str, seed: int, as_json: bool,
+                   tls_ca: str | None, owners: int, rounds: int, local_epochs: int, split: str, seed: int, as_json: bool,
                    quiet: bool) -> None:
     """The coordinator: create a session at S1 and write one owner file per owner (its token and the consortium key)."""
     report = Reporter(quiet)
     settings = run_step(lambda: FederatedSettings(owners, rounds, local_epochs, split, seed))
     opened, paths = run_step(lambda: create_owner_files(s1_url, token, settings, data, out, parse_weights(weights),
-                                                        round_seconds))
+                                                        round_seconds, tls_ca))
     report.note("give each owner its own file over a private channel: it holds that owner's token and the "
                 "consortium's secret key; then each owner runs: he-cnn owner federate join --session-file FILE")
     result = {"session_id": opened.session_id, "owners": owners, "rounds": rounds,
@@ -345,9 +351,10 @@ def create_command(s1_url: str, token: str, data: str, weights: str | None, roun
 @click.option("--s1", "s1_url", envvar="HECNN_S1_URL", default=None, help="S1's URL [default: the session file's].")
 @click.option("--wait", "wait_seconds", type=click.FloatRange(1, 7 * 86400), default=None,
               help="Longest wait for the other owners in a round, in seconds [default: 3600].")
+@TLS_CA_OPTION
 @output_options
 def join_command(session_file: Path, data: str, split_of: str | None, s1_url: str | None, wait_seconds: float | None,
-                 as_json: bool, quiet: bool) -> None:
+                 tls_ca: str | None, as_json: bool, quiet: bool) -> None:
     """One owner: train on its own data each round, upload its encrypted update, wait for the sum, average, go on."""
     report = Reporter(quiet)
     session = run_step(lambda: read_owner_file(session_file))
@@ -360,7 +367,7 @@ def join_command(session_file: Path, data: str, split_of: str | None, s1_url: st
         else:
             report.note(f"round {r['round']}: accuracy {r['float_accuracy']:.2%}, sum {r['sum_sha256']}")
 
-    result = run_step(lambda: join(session, data, part, s1_url, on_round=on_round, note=report.note,
+    result = run_step(lambda: join(session, data, part, s1_url, tls_ca, on_round=on_round, note=report.note,
                                    wait_seconds=wait_seconds))
     if as_json:
         click.echo(json.dumps(result))

@@ -33,7 +33,7 @@ On disk, ``<data>/federations/<id>/`` holds ``session.json`` (the public paramet
 the state, rewritten atomically), ``update-<r>-<k>.hecn`` for the open round and ``sum-<r>.hecn`` for
 each finished one, ``aggregate.hecn`` (the last round's E(S) under the cloud key), ``published.hecn`` and
 ``published-runs.json`` (E(K') and the state names and counts) once published, so a restarted S1 goes on
-where it stopped (a round completed but not yet aggregated is aggregated on its next request). Nothing
+where it stopped (a round completed but not yet aggregated is aggregated when an owner next asks for its sum, and never expires). Nothing
 here is ever decrypted: S1 holds no secret key. The published model itself lives in S1's model store.
 """
 from __future__ import annotations
@@ -135,9 +135,14 @@ class Session:
         self.save()
         log.info("federation %s: round %d aborted (%s)", self.session_id, self.round, why)
 
+    def complete(self) -> bool:
+        """Every owner's update of the open round is here (it is aggregated on the next request)."""
+        return self.round <= self.rounds and len(self.uploaded()) == len(self.layout.weights)
+
     def expire(self) -> None:
         """Abort the open round if its first upload came more than ``round_seconds`` ago and owners are missing."""
-        if self.round <= self.rounds and self.uploaded() and time.time() - self.opened_at > self.round_seconds:
+        if (self.round <= self.rounds and self.uploaded() and not self.complete()
+                and time.time() - self.opened_at > self.round_seconds):
             self.abort_round(f"open longer than {self.round_seconds:g} s")
 
 
@@ -268,7 +273,9 @@ def create_session() -> Response:
     cloud_key = _hooks().cloud_key()
     count, value_bits, rounds = msg.get("count", int), msg.get("value_bits", int), msg.get("rounds", int)
     weights = msg.get("weights", list)
-    round_seconds = float(msg.meta.get("round_seconds", DEFAULT_ROUND_SECONDS))
+    round_seconds = msg.meta.get("round_seconds", DEFAULT_ROUND_SECONDS)
+    if isinstance(round_seconds, bool) or not isinstance(round_seconds, (int, float)):
+        raise BadRequest(f"round_seconds must be a number, got {type(round_seconds).__name__}")
     if not 1 <= count <= MAX_COUNT or not 1 <= rounds <= MAX_ROUNDS or not 1.0 <= round_seconds <= 7 * 86400:
         raise BadRequest(f"count, rounds or round_seconds out of range (at most {MAX_COUNT}, {MAX_ROUNDS}, a week)")
     if len(weights) > aggregate.MAX_OWNERS or any(type(w) is not int or not 1 <= w < 1 << 32 for w in weights):
@@ -306,13 +313,15 @@ def upload_update(session_id: str, r: int) -> Response:
         raise BadRequest(f"an update of shape {update.shape}, expected ({session.layout.packs},) packs")
     with session.lock:
         session.expire()
+        if session.round > session.rounds:
+            raise RoundNotReady(f"session {session.session_id} is finished: all {session.rounds} rounds are summed")
         if r != session.round:
             raise RoundNotReady(f"the open round is {session.round}, the upload is for round {r}")
         if not session.uploaded():  # the round's clock starts with its first upload
             session.opened_at = time.time()
             session.save()
         atomic_write(session.update_file(k), msg_bytes)
-        complete = len(session.uploaded()) == len(session.layout.weights)
+        complete = session.complete()
         costs: dict[str, Any] = {}
         if complete:
             with _hooks().context() as ctx:
@@ -329,7 +338,7 @@ def round_sum(session_id: str, r: int) -> Response:
     _session_owner(session)
     with session.lock:
         session.expire()
-        if r == session.round and len(session.uploaded()) == len(session.layout.weights):  # S1 stopped mid-way
+        if r == session.round and session.complete():  # S1 stopped mid-way, or S2 failed the round's aggregation
             with _hooks().context() as ctx:
                 aggregate_round(session, ctx)
         path = session.sum_file(r)

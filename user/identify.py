@@ -17,7 +17,7 @@ from typing import Any
 from he_cnn.crypto.paillier import KeyPair
 from he_cnn.crypto.tensor import EncryptedTensor
 from he_cnn.errors import ProtocolError
-from he_cnn.protocols.identify import read_answer
+from he_cnn.protocols.identify import MAX_TEMPLATES, read_answer
 from he_cnn.transport.http_channel import http_request
 from he_cnn.wire import decode, encode
 
@@ -62,7 +62,10 @@ class GallerySession:
         if cts.size != 1:
             raise ProtocolError(f"S1 returned {cts.size} answers, expected one")
         value = EncryptedTensor.from_ciphertexts(s.user.public, cts, (1,)).decrypt(s.user.private)[0]
-        index = read_answer(int(value), self.count)
+        count = reply.get("count", int)  # S1's count at query time: an append may have grown it since
+        if not 1 <= count <= MAX_TEMPLATES:
+            raise ProtocolError(f"S1 answered for a gallery of {count} templates")
+        index = read_answer(int(value), count)
         if claimed is not None and index not in (claimed, None):
             raise ProtocolError(f"a verification of index {claimed} answered index {index}")
         return Identification(str(path), index, time.perf_counter() - started, dict(reply.meta))

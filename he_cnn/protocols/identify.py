@@ -573,7 +573,8 @@ def read_labels_file(path: str | Path) -> dict[str, Any]:
     """The owner's labels file, bounded before it is parsed and checked (:class:`BadRequest`)."""
     book = read_json_file(Path(path), LABELS_LIMITS, f"labels file {path}")
     if not isinstance(book, dict) or not isinstance(book.get("labels"), dict) \
-            or type(book.get("template_shift")) is not int or not 0 <= book["template_shift"] <= 64:
+            or type(book.get("template_shift")) is not int or not 0 <= book["template_shift"] <= 64 \
+            or type(book.get("template_bits")) is not int or not 1 <= book["template_bits"] <= 64:
         raise BadRequest(f"{path} is not a gallery labels file (he-cnn owner enrol writes one)")
     return book
 
