@@ -73,16 +73,24 @@ def _import_ray() -> Any:
     return ray
 
 
-def _probe(address: str, timeout: float = 5.0) -> None:
-    """Fail fast on an address nothing listens at: ``ray.init`` retries an unreachable one for minutes.
-    ("auto" is resolved by Ray itself, from the cluster started on this machine.)"""
+def head_address(address: str) -> tuple[str, int] | None:
+    """The (host, port) of a cluster's head in ``--ray-address`` (``HOST:PORT``, ``ray://`` allowed), or None
+    for "auto" (resolved by Ray itself, from the cluster started on this machine); BadRequest otherwise."""
     if address == "auto":
-        return
+        return None
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise BadRequest(f"Ray address must be 'auto' or HOST:PORT, got {address!r}")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadRequest(f"--ray-address must be 'auto' or HOST:PORT of the cluster's head, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on an address nothing listens at: ``ray.init`` retries an unreachable one for minutes."""
+    head = head_address(address)
+    if head is None:
+        return
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        socket.create_connection(head, timeout=timeout).close()
     except OSError as e:
         raise WorkersUnavailable(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from e
 

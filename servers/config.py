@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from he_cnn.ray_workers import head_address
 from he_cnn.errors import BadRequest
 from he_cnn.transport.http_channel import DEFAULT_TIMEOUT
 from he_cnn.crypto.paillier import DEFAULT_KEY_BITS, MIN_KEY_BITS
@@ -74,11 +75,11 @@ def server_tls(role: str, cert: Path | None, key: Path | None, client_ca: Path |
 
 
 def _check_ray_address(role: str, address: str | None) -> None:
-    if address is None or address == "auto":
-        return
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise BadRequest(f"{role}: --ray-address must be 'auto' or HOST:PORT of the cluster's head, got {address!r}")
+    if address is not None:
+        try:
+            head_address(address)
+        except BadRequest as e:
+            raise BadRequest(f"{role}: {e}") from e
 
 
 def _check_common(role: str, host: str, port: int, max_body_bytes: int, threads: int, workers: int,
