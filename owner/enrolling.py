@@ -4,7 +4,8 @@ Steps:
   1. the templates are the uploaded model's output on the gallery's images, computed in the clear by the
      plaintext integer reference (:func:`embeddings_of`) and shortened to ``bits`` bits
      (:func:`as_templates`); the owner keeps them, and the labels;
-  2. ``POST /v1/galleries`` with E(theta) opens a pending gallery (or an existing id is appended to);
+  2. ``POST /v1/galleries`` with E(theta) opens a pending gallery (or an existing id is appended to: what an
+     interrupted append left uncommitted there is dropped first, ``DELETE .../chunks``);
   3. per chunk of ``chunk_size`` templates (:func:`he_cnn.protocols.identify.enrol_chunk`): E(P), the
      masks B and E(sigma), one ``POST .../chunks`` each, so memory stays bounded by one chunk;
   4. ``POST .../commit``: S1 relays the seeds to S2 and publishes every chunk at once. Until then
@@ -71,8 +72,9 @@ def _get(s1_url: str, path: str, tls_ca: str | None) -> dict[str, Any]:
     return http_request("GET", s1_url.rstrip("/") + path, "S1", UPLOAD_TIMEOUT, tls_ca=tls_ca).json()
 
 
-def _owner_post(s1_url: str, owner_token: str, path: str, body: bytes, tls_ca: str | None) -> dict[str, Any]:
-    return _as_owner(s1_url, lambda: http_request("POST", s1_url.rstrip("/") + path, "S1", UPLOAD_TIMEOUT,
+def _owner_call(s1_url: str, owner_token: str, path: str, body: bytes | None, tls_ca: str | None,
+                method: str = "POST") -> dict[str, Any]:
+    return _as_owner(s1_url, lambda: http_request(method, s1_url.rstrip("/") + path, "S1", UPLOAD_TIMEOUT,
                                                   token=owner_token, data=body, tls_ca=tls_ca)).json()
 
 
@@ -93,17 +95,19 @@ def enrol(s1_url: str, owner_token: str, chunks: Iterable[np.ndarray], bits: int
         msg = Message(meta={"model_id": model_id, "template_bits": bits, "key_id": key.key_id})
         msg.arrays["threshold"] = identify.encrypt_threshold(key, threshold, embedding_bits, bits, features).data
         msg.widths["threshold"] = key.ciphertext_bytes
-        info = _owner_post(s1_url, owner_token, "/v1/galleries", encode(msg), tls_ca)
+        info = _owner_call(s1_url, owner_token, "/v1/galleries", encode(msg), tls_ca)
         gallery_id = info["gallery_id"]
     else:
         info = _get(s1_url, f"/v1/galleries/{gallery_id}", tls_ca)
         if info.get("template_bits") != bits:  # appended chunks must be cut as the gallery's first ones were
             raise BadRequest(f"gallery {gallery_id} holds {info.get('template_bits')}-bit templates; these are "
                              f"{bits}-bit (enrol with the same --template-bits)")
+        # chunks an interrupted append left uncommitted would be published with these, under wrong labels
+        _owner_call(s1_url, owner_token, f"/v1/galleries/{gallery_id}/chunks", None, tls_ca, method="DELETE")
     for templates in chunks:
         chunk = identify.enrol_chunk(key, templates, bits, info["embedding_bits"])
-        _owner_post(s1_url, owner_token, f"/v1/galleries/{gallery_id}/chunks", encode(identify.encode_chunk(chunk)),
+        _owner_call(s1_url, owner_token, f"/v1/galleries/{gallery_id}/chunks", encode(identify.encode_chunk(chunk)),
                     tls_ca)
         if progress is not None:
             progress(chunk.count)
-    return _owner_post(s1_url, owner_token, f"/v1/galleries/{gallery_id}/commit", b"", tls_ca)
+    return _owner_call(s1_url, owner_token, f"/v1/galleries/{gallery_id}/commit", b"", tls_ca)

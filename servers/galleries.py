@@ -15,10 +15,20 @@ enrolment leaves no half gallery:
   ``POST /v1/galleries/<id>/identify``     user API key; wire {user_n, image} -> wire {answer: E_u(w)}
   ``POST /v1/galleries/<id>/verify``       the same with meta ``claimed`` (an index) -> match / no match
 
-Appending to a committed gallery is the same chunks + commit on its id: only the new templates travel.
-A query runs the search's offline phase (:func:`~he_cnn.protocols.identify.prepare_identify`) inline,
-before its online part: exact, but at the seed's scale (5,947 x 1,024) that is minutes per query; a
-background preparer as for models (and S2 tickets that outlive it: they expire after 600 s) is not built.
+  ``DELETE /v1/galleries/<id>/chunks``     owner token; drops the chunks uploaded but not committed
+  ``DELETE /v1/galleries/<id>``            owner token; a pending gallery, or a committed one at S1 and at S2
+
+Appending to a committed gallery is the same chunks + commit on its id: only the new templates travel
+(``he-cnn owner enrol --gallery`` first drops what an interrupted append left uncommitted; chunks or a new
+gallery left idle for ``PENDING_SECONDS`` are dropped by the next upload or creation).
+
+The search's offline phase (:func:`~he_cnn.protocols.identify.prepare_identify`) prepares k_q queries
+at once (13 at 2048 bits for the seed's gallery). :class:`GalleryPreparer` keeps one batch per gallery
+ready in the background, as :class:`~servers.s1.OfflinePhase` does for models: after a commit, at start
+and whenever a gallery's batch runs out. A query that finds none prepares a batch itself, uses one and
+leaves the rest for the next ones; a verify prepares its one group only. S2 keeps prepared masks for
+:data:`~he_cnn.protocols.identify.PREPARED_SECONDS`; if it lost them or the seeds (a restart, a
+restored data directory) S1 prepares again, relaying the seeds first if needed, once per query.
 On disk, ``<data>/galleries/<id>/`` holds ``gallery.json`` (the public summary, and the number of
 committed chunks: the marker), ``threshold.hecn`` and ``chunk-NNNNN.hecn``; a new gallery lives in
 ``.new-<id>/`` until its commit renames it into place; chunk files past the committed count (an
@@ -35,7 +45,8 @@ import secrets
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,7 +56,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify
 from he_cnn.bounded_json import read_json_file
 from he_cnn.crypto.paillier import PublicKey
 from he_cnn.crypto.tensor import EncryptedTensor
-from he_cnn.errors import BadRequest, HECNNError, ServiceBusy, ShapeError, UnknownModel
+from he_cnn.errors import BadRequest, HECNNError, ServiceBusy, ShapeError, UnknownModel, UnknownSetup
 from he_cnn.parties.compute_cloud import Finish
 from he_cnn.parties.key_cloud import KeyCloud
 from he_cnn.protocols.common import S1Context
@@ -63,6 +74,8 @@ NEW_PREFIX = ".new-"
 MAX_PENDING = 16
 #: chunks one gallery may have
 MAX_CHUNKS = 4096
+#: idle seconds after which a pending gallery, or chunks uploaded to a gallery but not committed, are dropped
+PENDING_SECONDS = 3600.0
 
 log = logging.getLogger("he_cnn.servers.galleries")
 
@@ -80,6 +93,19 @@ class StoredGallery:
     folder: Path
     pending: list[identify.GalleryChunk] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: time.monotonic() of the last upload (pending work idle longer than PENDING_SECONDS is dropped)
+    touched: float = field(default_factory=time.monotonic)
+    deleted: bool = False
+
+    def with_pending(self) -> identify.EncryptedGallery:
+        return replace(self.gallery, chunks=self.gallery.chunks + self.pending)
+
+    def drop_pending(self) -> int:
+        """Forget the uncommitted chunks (their files too); the caller holds ``lock``."""
+        for i in range(len(self.gallery.chunks), len(self.gallery.chunks) + len(self.pending)):
+            (self.folder / _chunk_file(i)).unlink(missing_ok=True)
+        dropped, self.pending = len(self.pending), []
+        return dropped
 
     def public(self) -> dict[str, Any]:
         return {**self.info, "count": self.gallery.count, "chunks": len(self.gallery.chunks)}
@@ -138,6 +164,7 @@ class GalleryStore:
                 "template_bits": template_bits, "embedding_bits": embedding_bits,
                 "group_size": identify.group_size(threshold.public_key.bits, embedding_bits, template_bits, features),
                 "committed_chunks": 0}
+        self._expire_new()
         with self._lock:
             if len(self._new) >= MAX_PENDING:
                 raise ServiceBusy(f"{MAX_PENDING} enrolments are pending; commit or wait for them")
@@ -146,6 +173,27 @@ class GalleryStore:
             stored = StoredGallery(_gallery(info, threshold), info, folder)
             self._new[gallery_id] = stored
         return stored
+
+    def _expire_new(self) -> None:
+        """Drop the new galleries nobody uploaded to for PENDING_SECONDS (an owner that gave up)."""
+        now = time.monotonic()
+        with self._lock:
+            idle = [g for g in self._new.values() if now - g.touched > PENDING_SECONDS]
+        for stored in idle:
+            log.info("dropping gallery %s: its enrolment was left idle", stored.gallery.gallery_id)
+            self.delete(stored)
+
+    def delete(self, stored: StoredGallery) -> None:
+        """Remove a gallery from S1 (memory and disk); S2's part is the caller's."""
+        with stored.lock:
+            stored.deleted = True
+            with self._lock:
+                self._new.pop(stored.gallery.gallery_id, None)
+                self._galleries.pop(stored.gallery.gallery_id, None)
+            doomed = stored.folder.with_name(f"{NEW_PREFIX}deleted-{stored.folder.name.removeprefix(NEW_PREFIX)}")
+            stored.folder.rename(doomed)  # atomic: a crash from here on leaves a dot-directory, removed at start
+            fsync_dir(self.root)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def get(self, gallery_id: str, pending: bool = False) -> StoredGallery:
         """A committed gallery (or, with ``pending``, also one still being enrolled)."""
@@ -159,25 +207,28 @@ class GalleryStore:
     def add_chunk(self, stored: StoredGallery, msg: Message) -> None:
         """Check one uploaded chunk and keep it on disk, uncommitted."""
         with stored.lock:
+            if stored.deleted:
+                raise UnknownModel(f"gallery {stored.gallery.gallery_id} was deleted")
+            if stored.pending and time.monotonic() - stored.touched > PENDING_SECONDS:
+                log.info("gallery %s: dropping %d chunks left uncommitted", stored.gallery.gallery_id,
+                         stored.drop_pending())
             if len(stored.gallery.chunks) + len(stored.pending) >= MAX_CHUNKS:
                 raise BadRequest(f"a gallery holds at most {MAX_CHUNKS} chunks")
-            view = identify.EncryptedGallery(stored.gallery.gallery_id, stored.gallery.features,
-                                             stored.gallery.template_bits, stored.gallery.embedding_bits,
-                                             stored.gallery.threshold, stored.gallery.chunks + stored.pending)
+            view = stored.with_pending()
             chunk = identify.decode_chunk(view, msg)
-            index = len(view.chunks)
-            atomic_write(stored.folder / _chunk_file(index), encode(identify.encode_chunk(chunk)))
+            atomic_write(stored.folder / _chunk_file(len(view.chunks)), encode(msg))
             stored.pending.append(chunk)
+            stored.touched = time.monotonic()
 
     def commit(self, stored: StoredGallery, setup: Callable[[identify.EncryptedGallery, int], None]) -> None:
         """``setup(gallery with the new chunks, first new chunk)`` with S2, then publish atomically."""
         with stored.lock:
+            if stored.deleted:
+                raise UnknownModel(f"gallery {stored.gallery.gallery_id} was deleted")
             if not stored.pending:
                 raise BadRequest("nothing to commit: upload chunks first")
             first = len(stored.gallery.chunks)
-            grown = identify.EncryptedGallery(stored.gallery.gallery_id, stored.gallery.features,
-                                              stored.gallery.template_bits, stored.gallery.embedding_bits,
-                                              stored.gallery.threshold, stored.gallery.chunks + stored.pending)
+            grown = stored.with_pending()
             setup(grown, first)
             info = {**stored.info, "committed_chunks": len(grown.chunks)}
             atomic_write(stored.folder / INFO_FILE, json.dumps(info, indent=1).encode())  # the marker
@@ -233,7 +284,11 @@ def install_s2_galleries(cloud: KeyCloud, data_dir: Path) -> int:
             raise DataDirError(f"S2 gallery file {path} is corrupt ({e}); move it away and enrol again") from e
         cloud.galleries[msg.get("gallery_id", str)] = gallery
 
-    def on_gallery(gallery_id: str, gallery: identify.S2Gallery) -> None:
+    def on_gallery(gallery_id: str, gallery: identify.S2Gallery | None) -> None:
+        if gallery is None:
+            _s2_path(Path(data_dir), gallery_id).unlink(missing_ok=True)
+            fsync_dir(folder)
+            return
         msg = Message(meta={"format": S2_FORMAT, "gallery_id": gallery_id, "features": gallery.features,
                             "template_bits": gallery.template_bits, "counts": [c for c, _ in gallery.chunks]})
         msg.arrays["seeds"] = np.array([int.from_bytes(s, "big") for _, s in gallery.chunks], dtype=object)
@@ -241,6 +296,89 @@ def install_s2_galleries(cloud: KeyCloud, data_dir: Path) -> int:
 
     cloud.on_gallery = on_gallery
     return len(cloud.galleries)
+
+
+# -- S1: the offline phase in the background ---------------------------------------------------------
+class GalleryPreparer:
+    """Per gallery, prepared queries (:class:`~he_cnn.protocols.identify.PreparedIdentify`) for the
+    gallery as it is now, refilled by one background thread a batch at a time.
+
+    Each prepared query is used once (its mask would otherwise repeat); one prepared before an append
+    does not cover the new templates and is dropped when taken."""
+
+    def __init__(self, peer: Any, enabled: bool):
+        self._peer = peer
+        self._ready: dict[str, list[identify.PreparedIdentify]] = {}
+        self._pending: set[str] = set()
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s1-gallery-offline") if enabled else None
+
+    def take(self, stored: StoredGallery) -> identify.PreparedIdentify | None:
+        whole = tuple(range(stored.gallery.groups))
+        with self._lock:
+            ready = self._ready.get(stored.gallery.gallery_id, [])
+            while ready:
+                prepared = ready.pop()
+                if prepared.groups == whole:
+                    return prepared
+        return None
+
+    def add(self, gallery_id: str, batch: list[identify.PreparedIdentify]) -> None:
+        with self._lock:
+            self._ready.setdefault(gallery_id, []).extend(p for p in batch if not p.used)
+
+    def drop(self, gallery_id: str) -> None:
+        with self._lock:
+            self._ready.pop(gallery_id, None)
+
+    def ready_count(self, gallery_id: str | None = None) -> int:
+        """Prepared queries of one gallery, or of all."""
+        with self._lock:
+            return sum(len(v) for k, v in self._ready.items() if gallery_id in (None, k))
+
+    def refill(self, stored: StoredGallery) -> None:
+        """Prepare a batch in the background if the gallery has none ready."""
+        gallery_id = stored.gallery.gallery_id
+        with self._lock:
+            if self._executor is None or self._ready.get(gallery_id) or gallery_id in self._pending:
+                return
+            self._pending.add(gallery_id)
+        self._executor.submit(self._prepare, stored)
+
+    def _prepare(self, stored: StoredGallery) -> None:
+        gallery_id = stored.gallery.gallery_id
+        try:
+            with self._peer.context() as ctx:
+                batch = prepare(ctx, stored, stored.gallery)
+            if not stored.deleted:
+                self.add(gallery_id, batch)
+        except Exception:  # a query then prepares for itself; nothing is lost
+            if not self._closing.is_set():
+                log.exception("offline phase for gallery %s failed", gallery_id)
+        finally:
+            with self._lock:
+                self._pending.discard(gallery_id)
+
+    def shutdown(self) -> None:
+        self._closing.set()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def prepare(ctx: S1Context, stored: StoredGallery, gallery: identify.EncryptedGallery,
+            groups: list[int] | None = None) -> list[identify.PreparedIdentify]:
+    """A batch of prepared queries for ``gallery`` (a snapshot of ``stored``); if S2 lost the gallery's
+    seeds, they are relayed again first (from S1's copy of E(sigma)), once."""
+    try:
+        return identify.prepare_identify(ctx, gallery, groups)
+    except UnknownSetup as e:
+        log.warning("S2 does not hold gallery %s (%s); relaying its seeds again", gallery.gallery_id, e)
+    with stored.lock:  # not during a commit's own set-up; the whole committed gallery, not the snapshot
+        if stored.deleted:
+            raise UnknownModel(f"gallery {gallery.gallery_id} was deleted")
+        identify.setup_gallery(ctx, stored.gallery, 0)
+    return identify.prepare_identify(ctx, gallery, groups)
 
 
 # -- S1's endpoints ---------------------------------------------------------------------------------
@@ -300,9 +438,51 @@ def commit_gallery(gallery_id: str) -> Response:
             peer.raise_explained(e)
 
     store.commit(stored, setup)
+    preparer = current_app.extensions["he_cnn.s1.gallery_preparer"]
+    preparer.drop(gallery_id)  # what was prepared covers the gallery before this append
+    preparer.refill(stored)
     log.info("S1 committed gallery %s: %d templates in %d chunks", gallery_id, stored.gallery.count,
              len(stored.gallery.chunks))
     return jsonify(stored.public())
+
+
+@bp.delete("/galleries/<gallery_id>/chunks")
+def drop_chunks(gallery_id: str) -> Response:
+    _owner()
+    stored = _store().get(gallery_id, pending=True)
+    with stored.lock:
+        dropped = stored.drop_pending()
+    return jsonify({"gallery_id": gallery_id, "dropped_chunks": dropped})
+
+
+@bp.delete("/galleries/<gallery_id>")
+def delete_gallery(gallery_id: str) -> Response:
+    """A pending gallery is dropped at S1; a committed one at S1, then S2 forgets its seeds. If S2 is
+    unreachable the gallery is gone from S1 all the same and the call says so (``s2``: false): S2's
+    seeds alone decrypt nothing, and a later DELETE of the same id asks S2 again."""
+    _owner()
+    store, peer = _store(), current_app.extensions["he_cnn.s1.peer"]
+    try:
+        stored: StoredGallery | None = store.get(gallery_id, pending=True)
+    except UnknownModel:
+        if not GALLERY_ID.match(gallery_id):
+            raise
+        stored = None  # perhaps deleted at S1 while S2 was away: S2 is asked below
+    if stored is not None:
+        store.delete(stored)
+        current_app.extensions["he_cnn.s1.gallery_preparer"].drop(gallery_id)
+        log.info("S1 deleted gallery %s", gallery_id)
+    try:
+        with peer.context() as ctx:
+            at_s2: bool | None = identify.drop_gallery(ctx, gallery_id)
+    except HECNNError as e:
+        if stored is None:
+            peer.raise_explained(e)
+        log.warning("S2 did not drop gallery %s: %s", gallery_id, e)
+        at_s2 = None
+    if stored is None and not at_s2:
+        raise UnknownModel(f"no gallery with id {gallery_id!r} at S1 or S2")
+    return jsonify({"gallery_id": gallery_id, "deleted": True, "s2_dropped": at_s2})
 
 
 @bp.get("/galleries")
@@ -336,20 +516,35 @@ def _search(gallery_id: str, verify: bool) -> Response:
         except UnknownModel as e:
             raise UnknownModel(f"the model of gallery {gallery_id} is gone") from e
         msg = decode(request_body())
-        claimed = msg.get("claimed", int) if verify else None
-        if verify and not 0 <= claimed < gallery.count:
-            raise ShapeError(f"index {claimed} is not in a gallery of {gallery.count} templates")
+        group = gallery.group_of(msg.get("claimed", int)) if verify else None
         key = peer.public_key()[0].paillier
         image, user_key = hooks.read_query(msg, stored_model.model, key, current_app.extensions["he_cnn.s1.user_keys"])
 
+        preparer: GalleryPreparer = current_app.extensions["he_cnn.s1.gallery_preparer"]
+
         def finish(ctx: S1Context) -> Finish:
+            def prepared_query() -> identify.PreparedIdentify:
+                if verify:  # one group: a few seconds even at the seed's scale
+                    return prepare(ctx, stored, gallery, [group])[0]
+                first, *rest = prepare(ctx, stored, gallery)
+                preparer.add(gallery_id, rest)
+                return first
+
             def search(embedding: EncryptedTensor, bits: int) -> EncryptedTensor:
                 if bits != gallery.embedding_bits:
                     raise ShapeError(f"the model's embedding has {bits} bits, the gallery {gallery.embedding_bits}")
-                prepared = identify.prepare_identify(ctx, gallery)
-                if verify:
-                    return identify.secure_verify(ctx, gallery, embedding.flatten(), claimed, prepared, user_key)
-                return identify.secure_identify(ctx, gallery, embedding.flatten(), prepared, user_key)
+                x = embedding.flatten()
+
+                def answer(prepared: identify.PreparedIdentify) -> EncryptedTensor:
+                    if verify:
+                        return identify.secure_verify(ctx, gallery, x, msg.get("claimed", int), prepared, user_key)
+                    return identify.secure_identify(ctx, gallery, x, prepared, user_key)
+                try:
+                    return answer((None if verify else preparer.take(stored)) or prepared_query())
+                except UnknownSetup:  # S2 lost the prepared masks (it restarted): prepare again, once
+                    log.warning("S2 lost the prepared queries of gallery %s; preparing again", gallery_id)
+                    preparer.drop(gallery_id)
+                    return answer(prepared_query())
             return ("verify" if verify else "identify", search)
 
         offline = current_app.extensions["he_cnn.s1.offline"]
@@ -361,6 +556,7 @@ def _search(gallery_id: str, verify: bool) -> Response:
                 peer.raise_explained(e)
             finally:
                 offline.refill(stored_model)
+                preparer.refill(stored)
     reply = Message(meta={"gallery_id": gallery_id, "count": gallery.count, "seconds": round(result.seconds, 4),
                           "rounds": result.rounds, "bytes_to_s2": sum(s.bytes_to_s2 for s in result.layers),
                           "bytes_to_s1": sum(s.bytes_to_s1 for s in result.layers),
@@ -380,7 +576,7 @@ class S1Hooks:
 
 
 def install(app: Flask, data_dir: Path, public_key: PublicKey | None, quota: Callable[[], Any],
-            read_query: Callable[..., Any], run: Callable[..., Any]) -> None:
+            read_query: Callable[..., Any], run: Callable[..., Any], precompute: bool = True) -> None:
     """Register the gallery endpoints on S1's ``app`` and load its galleries."""
     store = GalleryStore(data_dir)
     if public_key is not None:
@@ -389,5 +585,9 @@ def install(app: Flask, data_dir: Path, public_key: PublicKey | None, quota: Cal
     elif any(not p.name.startswith(".") for p in store.root.iterdir()):
         raise DataDirError(f"S1 holds galleries in {store.root} but not the cloud key they are encrypted under")
     app.extensions["he_cnn.s1.galleries"] = store
+    preparer = GalleryPreparer(app.extensions["he_cnn.s1.peer"], precompute)
+    app.extensions["he_cnn.s1.gallery_preparer"] = preparer
+    for stored in store.all():
+        preparer.refill(stored)
     app.extensions["he_cnn.s1.gallery_hooks"] = S1Hooks(quota, read_query, run)
     app.register_blueprint(bp)

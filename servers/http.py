@@ -182,7 +182,7 @@ def new_app(import_name: str, max_body_bytes: int) -> Flask:
 
 def shutdown_app(app: Flask) -> None:
     """Stop what an app started besides its request threads (background work, worker processes)."""
-    for name in ("he_cnn.s1.offline", "he_cnn.pools", "he_cnn.workers"):
+    for name in ("he_cnn.s1.offline", "he_cnn.s1.gallery_preparer", "he_cnn.pools", "he_cnn.workers"):
         if name in app.extensions:
             app.extensions[name].shutdown()
 

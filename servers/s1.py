@@ -224,6 +224,7 @@ def health() -> Response:
     return jsonify({"status": "ok", "role": "s1", "models": len(store),
                     "key_id": pinned.key_id if pinned else None, "s2": peer.check_peer_key(),
                     "prepared": current_app.extensions["he_cnn.s1.offline"].ready_count(),
+                    "prepared_searches": current_app.extensions["he_cnn.s1.gallery_preparer"].ready_count(),
                     "pools": pools.status() if pools else None, "pool_detail": pools.detail() if pools else None,
                     "comparison": peer.comparison, **gate.status()})
 
@@ -471,7 +472,7 @@ def create_app(config: S1Config) -> Flask:
         app.extensions["he_cnn.pools"] = PoolFiller(app, pools, workers=peer.workers,
                                                     more=(lambda: user_keys.pools(USER_KEY_POOL)) if target else None)
     install_galleries(app, data_dir, peer.pinned.paillier if peer.pinned else None, user_quota, read_query,
-                      run_with_setup)
+                      run_with_setup, config.precompute)
     install_federation(app, data_dir, lambda: peer.public_key()[0].paillier, peer.context, peer.pinned.paillier if peer.pinned else None, publish_model)
     app.register_blueprint(bp)
     install_metrics(app, "s1", app.extensions.get("he_cnn.pools"), app.extensions["he_cnn.s1.gate"])

@@ -16,6 +16,7 @@ from he_cnn.protocols import identify as idf
 from he_cnn.user.identify import GallerySession
 from he_cnn.wire import Message, encode
 from threaded_clouds import ThreadedClouds
+from waiting import wait_for
 from test_service_errors import AUTH_OWNER, OWNER_TOKEN, WIRE, error_of, ints, query_body
 
 pytestmark = pytest.mark.usefixtures("no_pool_filling")  # apps never shut down: no pool filling
@@ -189,3 +190,81 @@ def test_enrolment_refuses_a_wrong_token_before_any_work(clouds, model, model_id
     with pytest.raises(HECNNError, match="owner token"):
         enrol(clouds.url, "w" * 32, templates_of(model, GALLERY[:2]), template_bits(model), model_id=model_id,
               threshold=0)
+
+
+def new_gallery(clouds, model, model_id, rows):
+    return enrol(clouds.url, OWNER_TOKEN, templates_of(model, rows), template_bits(model), model_id=model_id,
+                 threshold=THRESHOLD)["gallery_id"]
+
+
+def test_searches_take_prepared_batches_and_survive_s2_losing_its_state(clouds, model, model_id, tmp_path,
+                                                                        user_keys):
+    rows = images(6, 7)
+    gallery = new_gallery(clouds, model, model_id, rows)
+    expected_templates = np.concatenate(list(templates_of(model, rows)))
+    preparer = clouds.app.extensions["he_cnn.s1.gallery_preparer"]
+    s2 = clouds.s2_app.extensions["he_cnn.s2"]
+    session = GallerySession(clouds.url, gallery, user_keys)
+    queries = [rows[2], rows[4], rows[0]]
+    paths = user_files(tmp_path, queries)
+
+    def check(i):
+        x = model_embedding(model, queries[i])
+        assert session.identify(paths[i]).index == idf.identify_reference(expected_templates, x, THRESHOLD)
+
+    assert wait_for(lambda: preparer.ready_count(gallery) > 1)
+    kept = len(s2.prepared)
+    check(0)  # a prepared query, no new batch: S2 holds one mask less
+    assert len(s2.prepared) == kept - 1
+    s2.prepared = type(s2.prepared)(ttl=60)  # S2 restarted: every prepared mask is gone
+    check(1)
+    s2.galleries.clear()  # and the seeds too (its data directory restored from an old backup)
+    preparer.drop(gallery)
+    check(2)
+    assert gallery in s2.galleries
+
+
+def test_delete_a_gallery_at_both_clouds_and_drop_uncommitted_chunks(clouds, model, model_id, keys1024):
+    c = clouds.client
+    gallery = new_gallery(clouds, model, model_id, images(3, 8))
+    chunk = idf.enrol_chunk(keys1024.public, np.ones((2, 6), dtype=object), template_bits(model),
+                            c.get(f"/v1/galleries/{gallery}").get_json()["embedding_bits"])
+    assert c.post(f"/v1/galleries/{gallery}/chunks", data=encode(idf.encode_chunk(chunk)), headers=AUTH_OWNER,
+                  content_type=WIRE).status_code == 202
+    error_of(c.delete(f"/v1/galleries/{gallery}/chunks"), 401)
+    assert c.delete(f"/v1/galleries/{gallery}/chunks", headers=AUTH_OWNER).get_json()["dropped_chunks"] == 1
+    error_of(c.post(f"/v1/galleries/{gallery}/commit", headers=AUTH_OWNER), 400)  # nothing left to commit
+    assert c.get(f"/v1/galleries/{gallery}").get_json()["count"] == 3
+    s2 = clouds.s2_app.extensions["he_cnn.s2"]
+    assert gallery in s2.galleries
+    error_of(c.delete(f"/v1/galleries/{gallery}"), 401)
+    deleted = c.delete(f"/v1/galleries/{gallery}", headers=AUTH_OWNER)
+    assert deleted.status_code == 200 and deleted.get_json()["s2_dropped"] is True
+    assert gallery not in s2.galleries and not [p for p in (clouds.root / "s1" / "galleries").iterdir()
+                                                if gallery in p.name]
+    error_of(c.get(f"/v1/galleries/{gallery}"), 404)
+    error_of(c.post(f"/v1/galleries/{gallery}/identify", data=b"x", content_type=WIRE), 404)
+    error_of(c.delete(f"/v1/galleries/{gallery}", headers=AUTH_OWNER), 404)
+    error_of(c.delete("/v1/galleries/not-an-id", headers=AUTH_OWNER), 404)
+    clouds.restart()
+    assert gallery not in {g["gallery_id"] for g in clouds.client.get("/v1/galleries").get_json()["galleries"]}
+    assert gallery not in clouds.s2_app.extensions["he_cnn.s2"].galleries
+
+
+def test_idle_pending_enrolments_are_dropped(clouds, model, model_id, monkeypatch):
+    from he_cnn.servers import galleries
+    key = clouds.keys.public
+    create = Message(meta={"model_id": model_id, "template_bits": template_bits(model), "key_id": key.key_id})
+    create.arrays["threshold"] = EncryptedTensor.encrypt(key, [0]).data
+    create.widths["threshold"] = key.ciphertext_bytes
+    opened = [clouds.client.post("/v1/galleries", data=encode(create), headers=AUTH_OWNER,
+                                 content_type=WIRE).get_json()["gallery_id"] for _ in range(galleries.MAX_PENDING)]
+    error_of(clouds.client.post("/v1/galleries", data=encode(create), headers=AUTH_OWNER, content_type=WIRE), 429)
+    monkeypatch.setattr(galleries, "PENDING_SECONDS", 0.0)  # every one of them is now idle too long
+    fresh = clouds.client.post("/v1/galleries", data=encode(create), headers=AUTH_OWNER, content_type=WIRE)
+    assert fresh.status_code == 201
+    for gallery in opened:
+        error_of(clouds.client.post(f"/v1/galleries/{gallery}/commit", headers=AUTH_OWNER), 404)
+    assert not [p for p in (clouds.root / "s1" / "galleries").iterdir() if p.name.endswith(opened[0])]
+    assert clouds.client.delete(f"/v1/galleries/{fresh.get_json()['gallery_id']}",
+                                headers=AUTH_OWNER).status_code == 200

@@ -8,7 +8,7 @@ from scipy import stats
 from he_cnn.crypto.tensor import EncryptedTensor
 from he_cnn.errors import BoundExceeded, HECNNError, ProtocolError, ShapeError
 from he_cnn.protocols import identify as idf
-from he_cnn.wire import Message, encode
+from he_cnn.wire import Message, decode, encode
 
 rnd = random.Random(19)
 F, LT, LX = 12, 5, 5
@@ -33,13 +33,13 @@ def gallery(s1, t, threshold, chunks=(None,), name=None):
 
 
 def identify(s1, g, x, user):
-    out = idf.secure_identify(s1, g, EncryptedTensor.encrypt(s1.public_key, x), idf.prepare_identify(s1, g),
+    out = idf.secure_identify(s1, g, EncryptedTensor.encrypt(s1.public_key, x), idf.prepare_identify(s1, g)[0],
                               user.public)
     return idf.read_answer(out.decrypt(user.private)[0], g.count)
 
 
 def verify(s1, g, x, j, user):
-    out = idf.secure_verify(s1, g, EncryptedTensor.encrypt(s1.public_key, x), j, idf.prepare_identify(s1, g),
+    out = idf.secure_verify(s1, g, EncryptedTensor.encrypt(s1.public_key, x), j, idf.prepare_identify(s1, g)[0],
                             user.public)
     answer = idf.read_answer(out.decrypt(user.private)[0], g.count)
     assert answer in (j, None)
@@ -88,7 +88,7 @@ def test_verify_answers_match_or_no_match_only(s1, user_keys):
 def test_one_query_costs_its_rounds(s1, user_keys):
     t = templates(9)
     g = gallery(s1, t, 0)
-    pre = idf.prepare_identify(s1, g)
+    pre = idf.prepare_identify(s1, g)[0]
     before = s1.channel.stats.steps.copy()
     rounds = s1.channel.stats.rounds
     idf.secure_identify(s1, g, EncryptedTensor.encrypt(s1.public_key, [1] * F), pre, user_keys.public)
@@ -102,16 +102,16 @@ def test_one_query_costs_its_rounds(s1, user_keys):
 def test_misuse_is_refused(s1, user_keys, key_cloud):
     t = templates(5)
     g = gallery(s1, t, 0)
-    pre = idf.prepare_identify(s1, g)
+    pre = idf.prepare_identify(s1, g)[0]
     x = EncryptedTensor.encrypt(s1.public_key, [1] * F)
     idf.secure_identify(s1, g, x, pre, user_keys.public)
     with pytest.raises(ProtocolError, match="twice"):
         idf.secure_identify(s1, g, x, pre, user_keys.public)
     with pytest.raises(ShapeError):
-        idf.secure_identify(s1, g, EncryptedTensor.encrypt(s1.public_key, [1] * (F + 1)), idf.prepare_identify(s1, g),
+        idf.secure_identify(s1, g, EncryptedTensor.encrypt(s1.public_key, [1] * (F + 1)), idf.prepare_identify(s1, g)[0],
                             user_keys.public)
     with pytest.raises(ShapeError):
-        idf.secure_verify(s1, g, x, 5, idf.prepare_identify(s1, g), user_keys.public)
+        idf.secure_verify(s1, g, x, 5, idf.prepare_identify(s1, g)[0], user_keys.public)
     with pytest.raises(BoundExceeded):
         idf.enrol_chunk(s1.public_key, templates(2, bits=LT + 1) * 2, LT, LX)
     with pytest.raises(BoundExceeded):
@@ -196,9 +196,74 @@ def test_s2_refuses_malformed_gallery_rounds_with_4xx_errors(s1, key_cloud, user
         (idf.UNPACK_STEP, Message(meta={"y_count": 1, "y_bits": 4, "kappa": 40, "shift": 0})),
         (idf.UNPACK_STEP, Message(meta={"shift": 3})),
     ]
+    cases += [(idf.MASKS_STEP, Message(meta={"ticket": "0" * 32, "gallery_id": g.gallery_id})),
+              (idf.DROP_STEP, Message(meta={"gallery": g.gallery_id}))]
+    for groups in ([], [1, 0], [0, 0], [99], ["0"], None):  # each after a real first round (its ticket)
+        first = Message(meta={"gallery_id": g.gallery_id, "x_bits": LX, "kappa": 40, "chunks": 1})
+        ticket = decode(key_cloud.handle(idf.PREPARE_STEP, encode(first))).get("ticket", str)
+        cases.append((idf.MASKS_STEP, Message(meta={"ticket": ticket, "gallery_id": g.gallery_id, "groups": groups,
+                                                    "u_count": 1, "u_bits": 9, "kappa": 40})))
     for step, msg in cases:
         with pytest.raises(HECNNError) as caught:
             key_cloud.handle(step, encode(msg))
         assert 400 <= caught.value.status < 500, (step, caught.value)
     x = [1] * F
     assert idf.identify_reference(t, x, 0) == identify(s1, g, x, user_keys)
+
+
+def test_one_batch_prepares_k_queries_each_used_once(s1, user_keys, key_cloud):
+    t = templates(23)
+    g = gallery(s1, t, 100, chunks=(10,))
+    batch = idf.prepare_identify(s1, g)
+    assert len(batch) == idf.batch_size(s1.public_key.bits, LX, LT, F) >= 4
+    assert len({p.ticket for p in batch}) == len(batch) and all(p.groups == tuple(range(g.groups)) for p in batch)
+    for i, prepared in zip((3, 12, 22, 0), batch):
+        x = near(t, i, noise=1)
+        out = idf.secure_identify(s1, g, EncryptedTensor.encrypt(s1.public_key, x), prepared, user_keys.public)
+        assert idf.read_answer(out.decrypt(user_keys.private)[0], g.count) == idf.identify_reference(t, x, 100)
+
+
+def test_verify_prepares_its_group_only(s1, user_keys):
+    t = templates(40)
+    g = gallery(s1, t, 250, chunks=(17,))
+    x = near(t, 30, noise=1)
+    before = s1.ops.get("exp_offline", 0)
+    one = idf.prepare_identify(s1, g, [g.group_of(30)])
+    assert s1.ops["exp_offline"] - before <= g.group_size * F  # that group's templates, not 40
+    out = idf.secure_verify(s1, g, EncryptedTensor.encrypt(s1.public_key, x), 30, one[0], user_keys.public)
+    assert (idf.read_answer(out.decrypt(user_keys.private)[0], g.count) == 30) == idf.verify_reference(t, x, 250, 30)
+    with pytest.raises(ProtocolError, match="does not cover"):  # a one-group preparation cannot serve a search
+        idf.secure_identify(s1, g, EncryptedTensor.encrypt(s1.public_key, x), one[1], user_keys.public)
+    with pytest.raises(ShapeError):
+        g.group_of(40)
+
+
+def test_a_search_over_fewer_chunks_than_s2_holds_works(s1, user_keys):
+    """S1 searches the gallery it published while an append's set-up already reached S2 (a commit in flight)."""
+    t = templates(20)
+    g = gallery(s1, t, 50, chunks=(12,))
+    published = idf.EncryptedGallery(g.gallery_id, F, LT, LX, g.threshold, g.chunks[:1])
+    x = near(t, 5, noise=1)
+    out = idf.secure_identify(s1, published, EncryptedTensor.encrypt(s1.public_key, x),
+                              idf.prepare_identify(s1, published)[0], user_keys.public)
+    assert idf.read_answer(out.decrypt(user_keys.private)[0], 12) == idf.identify_reference(t[:12], x, 50)
+
+
+def test_s2_losing_its_state_is_reported_as_an_unknown_setup(s1, user_keys, key_cloud):
+    from he_cnn.errors import UnknownSetup
+    t = templates(8)
+    g = gallery(s1, t, 0)
+    prepared = idf.prepare_identify(s1, g)[0]
+    key_cloud.prepared = type(key_cloud.prepared)(ttl=60)  # a restart: the prepared masks are gone
+    x = EncryptedTensor.encrypt(s1.public_key, [1] * F)
+    with pytest.raises(UnknownSetup):
+        idf.secure_identify(s1, g, x, prepared, user_keys.public)
+    del key_cloud.galleries[g.gallery_id]  # and the seeds
+    with pytest.raises(UnknownSetup):
+        idf.prepare_identify(s1, g)
+    idf.setup_gallery(s1, g, 0)
+    out = idf.secure_identify(s1, g, x, idf.prepare_identify(s1, g)[0], user_keys.public)
+    assert idf.read_answer(out.decrypt(user_keys.private)[0], 8) == idf.identify_reference(t, [1] * F, 0)
+    assert idf.drop_gallery(s1, g.gallery_id) and not idf.drop_gallery(s1, g.gallery_id)
+    with pytest.raises(UnknownSetup):
+        idf.prepare_identify(s1, g)

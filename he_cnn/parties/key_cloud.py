@@ -120,8 +120,10 @@ class KeyCloud:
     ot_links: dict[str, OTSender] = field(default_factory=dict)
     #: per gallery its shape and the seeds of its masked templates (:mod:`he_cnn.protocols.identify`)
     galleries: dict[str, "identify.S2Gallery"] = field(default_factory=dict)
+    #: prepared identification queries' masks, kept until used (S1 prepares them in the background)
+    prepared: TicketStore = field(default_factory=lambda: TicketStore(ttl=identify.PREPARED_SECONDS))
     #: called after a gallery's seeds change (the service persists them)
-    on_gallery: Callable[[str, "identify.S2Gallery"], None] | None = None
+    on_gallery: Callable[[str, "identify.S2Gallery | None"], None] | None = None
 
     def __post_init__(self) -> None:
         self.dgk_public.pool_pairs = True  # S2 encrypts bits: its pool keeps g h^r beside h^r

@@ -70,8 +70,8 @@ from gmpy2 import mpz
 from he_cnn.crypto.paillier import KAPPA, PublicKey
 from he_cnn.crypto.tensor import EncryptedTensor, multi_exponentiate, object_array
 from he_cnn.bounded_json import JSONLimits, read_json_file
-from he_cnn.errors import BadRequest, BoundExceeded, ProtocolError, ShapeError
-from he_cnn.protocols.common import (S1Context, _pack_chunk, encrypted_reply, read_ciphertexts, read_revealed,
+from he_cnn.errors import BadRequest, BoundExceeded, ProtocolError, ShapeError, UnknownSetup
+from he_cnn.protocols.common import (S1Context, encrypted_reply, read_ciphertexts, read_revealed,
                                      reveal_message, reveal_packs, sample_masks, slot_bits, slots_per_pack)
 from he_cnn.protocols.comparison import secure_max
 from he_cnn.protocols.output import reencrypt_for_user
@@ -81,7 +81,9 @@ if TYPE_CHECKING:
     from he_cnn.parties.key_cloud import KeyCloud
 
 SETUP_STEP = "gallery_setup"
+DROP_STEP = "gallery_drop"
 PREPARE_STEP = "identify_prepare"
+MASKS_STEP = "identify_masks"
 STEP = "identify"
 UNPACK_STEP = "identify_unpack"
 
@@ -94,6 +96,34 @@ SEED_BYTES = 16
 def similarity_bits(embedding_bits: int, template_bits: int, features: int) -> int:
     """ly with |x . T| < 2^ly for |x| < 2^lx and |T| < 2^lt over F features."""
     return embedding_bits + template_bits + max(0, features - 1).bit_length()
+
+
+def cross_bits(embedding_bits: int, template_bits: int, features: int, kappa: int = KAPPA) -> int:
+    """lu with A . B < 2^lu for query masks A < 2^(lx+2+kappa) and template masks B < 2^(lt+2+kappa)."""
+    return embedding_bits + template_bits + 2 * (2 + kappa) + max(0, features - 1).bit_length()
+
+
+def batch_size(key_bits: int, embedding_bits: int, template_bits: int, features: int, kappa: int = KAPPA) -> int:
+    """k_q: future queries prepared together, their masks A packed in one plaintext per feature (slots
+    of ``cross_bits``, the reveal's layout)."""
+    return slots_per_pack(key_bits, slot_bits(cross_bits(embedding_bits, template_bits, features, kappa), kappa))
+
+
+def group_templates(counts: Sequence[int], k: int, groups: Sequence[int]) -> list[list[int]]:
+    """The template indices of each of ``groups`` (numbered across the chunks of ``counts`` templates,
+    k templates per group, a chunk's last group possibly short)."""
+    spans, first_group, first_template = [], 0, 0
+    for count in counts:
+        spans.append((first_group, first_template, count))
+        first_group, first_template = first_group + -(-count // k), first_template + count
+    out = []
+    for g in groups:
+        if type(g) is not int or not 0 <= g < first_group:
+            raise ProtocolError(f"group {g!r} is not one of the gallery's {first_group}")
+        start, offset, count = spans[bisect.bisect_right([s[0] for s in spans], g) - 1]
+        local = (g - start) * k
+        out.append(list(range(offset + local, offset + min(local + k, count))))
+    return out
 
 
 def code_bits(count: int) -> int:
@@ -154,8 +184,27 @@ class EncryptedGallery:
         return sum(c.count for c in self.chunks)
 
     @property
+    def counts(self) -> list[int]:
+        return [c.count for c in self.chunks]
+
+    @property
+    def groups(self) -> int:
+        return sum(c.groups for c in self.chunks)
+
+    @property
     def group_size(self) -> int:
         return group_size(self.public_key.bits, self.embedding_bits, self.template_bits, self.features)
+
+    def group_of(self, index: int) -> int:
+        """The group that holds template ``index`` (:class:`ShapeError` if there is none)."""
+        if type(index) is not int or not 0 <= index < self.count:
+            raise ShapeError(f"index {index} is not in a gallery of {self.count} templates")
+        group, seen = 0, 0
+        for chunk in self.chunks:
+            if index < seen + chunk.count:
+                return group + (index - seen) // self.group_size
+            seen, group = seen + chunk.count, group + chunk.groups
+        raise AssertionError("unreachable: the index is below the count")
 
     @property
     def similarity_bits(self) -> int:
@@ -179,6 +228,7 @@ def check_gallery_shape(features: int, template_bits: int, embedding_bits: int, 
                             f"{embedding_bits}-bit embeddings is out of range "
                             f"(templates up to {MAX_TEMPLATE_BITS} bits)")
     group_size(key_bits, embedding_bits, template_bits, features)
+    batch_size(key_bits, embedding_bits, template_bits, features)
 
 
 # -- the owner's side ---------------------------------------------------------------------------------
@@ -311,11 +361,24 @@ def s2_setup_gallery(cloud: "KeyCloud", msg: Message) -> Message:
     return Message(meta={"gallery_id": gallery_id, "chunks": first + len(chunks)})
 
 
+def drop_gallery(ctx: S1Context, gallery_id: str) -> bool:
+    """One round: S2 forgets the gallery's seeds (and the file it keeps them in); whether it held them."""
+    return ctx.channel.request(DROP_STEP, Message(meta={"gallery_id": gallery_id})).get("dropped", bool)
+
+
+def s2_drop_gallery(cloud: "KeyCloud", msg: Message) -> Message:
+    gallery_id = msg.get("gallery_id", str)
+    dropped = cloud.galleries.pop(gallery_id, None) is not None
+    if dropped and cloud.on_gallery is not None:
+        cloud.on_gallery(gallery_id, None)
+    return Message(meta={"gallery_id": gallery_id[:64], "dropped": dropped})
+
+
 def s2_gallery(cloud: "KeyCloud", gallery_id: str) -> S2Gallery:
     try:
         return cloud.galleries[gallery_id]
     except KeyError:
-        raise ProtocolError(f"unknown gallery {gallery_id[:64]!r}: run its set-up first") from None
+        raise UnknownSetup(f"unknown gallery {gallery_id[:64]!r}: run its set-up first") from None
 
 
 #: widest Straus window of the offline product: its tables (2^w per feature, 64 MiB at w = 7, F = 1,024
@@ -323,42 +386,80 @@ def s2_gallery(cloud: "KeyCloud", gallery_id: str) -> S2Gallery:
 MAX_OFFLINE_WINDOW = 7
 
 
-# -- offline: the query mask ---------------------------------------------------------------------------
+# -- offline: the query masks, k_q future queries at a time -------------------------------------------
+#: how long S2 keeps a prepared query's mask A: S1 keeps a batch ready in the background, for as long
+#: as no query comes (S2's other tickets live 600 s)
+PREPARED_SECONDS = 7 * 24 * 3600.0
+
+
 @dataclass
 class PreparedIdentify:
-    """One future query's offline part: S2's ticket for A and, per group, E(-A . T) packed."""
+    """One future query's offline part: S2's ticket for its mask A and, per group of ``groups``,
+    E(-A . T) packed as the similarities are."""
 
     ticket: str
     correction: EncryptedTensor
+    groups: tuple[int, ...]
     used: bool = False
 
 
-def prepare_identify(ctx: S1Context, gallery: EncryptedGallery) -> PreparedIdentify:
-    """Offline (one round): S2 draws the query mask A; S1 turns E(A) into E(-A . T) per group."""
-    pk = ctx.public_key
-    k, slot = gallery.group_size, slot_bits(gallery.similarity_bits, ctx.kappa)
-    groups = sum(c.groups for c in gallery.chunks)
-    msg = Message(meta={"gallery_id": gallery.gallery_id, "x_bits": gallery.embedding_bits, "kappa": ctx.kappa,
+def prepare_identify(ctx: S1Context, gallery: EncryptedGallery, groups: Sequence[int] | None = None
+                     ) -> list[PreparedIdentify]:
+    """Offline, two rounds: k_q future queries (:func:`batch_size`), each ready for ``groups`` (default:
+    every group of the gallery as it is now; a verify needs one).
+
+    1. (step ``identify_prepare``) S2 draws the masks A_q of k_q queries and sends, per feature,
+       E(sum_q A_(q,f) 2^(su q)), slots of su = slot_bits(lu) bits (:func:`cross_bits`).
+    2. S1: E(U_i) = prod_f E(packed A_f)^B[i, f], slot q holding A_q . B_i (F multiply-accumulates per
+       template by (lt + 2 + kappa)-bit exponents, *once for all k_q queries*).
+    3. (step ``identify_masks``) S1 reveals every U_i masked, slot by slot (A_q . B_i + M_(q,i)); S2 forms
+       z = A_q . T~_i - (A_q . B_i + M_(q,i)) = A_q . T_i - M_(q,i), keeps each A_q under its own ticket
+       and replies, per query and group, E(-z) packed as the similarities; S1 subtracts its M there:
+       E(C_(q,g)), slot j = -A_q . T_(g k + j)."""
+    pk, kappa = ctx.public_key, ctx.kappa
+    lx, lt, features = gallery.embedding_bits, gallery.template_bits, gallery.features
+    groups = list(range(gallery.groups)) if groups is None else sorted(set(groups))
+    members = group_templates(gallery.counts, gallery.group_size, groups)
+    selected = [i for m in members for i in m]
+    queries, lu = batch_size(pk.bits, lx, lt, features, kappa), cross_bits(lx, lt, features, kappa)
+    msg = Message(meta={"gallery_id": gallery.gallery_id, "x_bits": lx, "kappa": kappa,
                         "chunks": len(gallery.chunks)})
     reply = ctx.channel.request(PREPARE_STEP, msg)
     with ctx.tracer.op("s1_validate"):
-        enc_a = read_ciphertexts(pk, reply, "a", (gallery.features,))
-        neg_at = read_ciphertexts(pk, reply, "neg_at", (groups,))
-    row = enc_a.data.reshape(1, -1)
-    packed = []
+        row = read_ciphertexts(pk, reply, "a", (features,)).data.reshape(1, -1)
+    # E(U_i) for the selected templates, chunk by chunk: one row of bases shared by every template, B > 0
+    cross, first = [], 0
     for chunk in gallery.chunks:
-        with ctx.tracer.op("s1_cross"):  # E(A . B_i): one row of bases shared by every template, B > 0
-            window = min(range(1, MAX_OFFLINE_WINDOW + 1),  # a table of 2^w per feature against bits/w per template
-                         key=lambda w: (1 << w) + chunk.count * -(-(gallery.template_bits + 2 + ctx.kappa) // w))
-            parts = ctx.workers.map(multi_exponentiate, [(row, chunk.masks[r.start:r.stop].T, pk.nsq, window)
-                                                         for r in ctx.workers.chunks(chunk.count)])
-            ab = [c for part in parts for c in part.reshape(-1)]
-        ctx.count("exp_offline", chunk.count * gallery.features)
-        with ctx.tracer.op("s1_pack"):
-            packed += _pack_chunk(pk.n, pk.nsq, ab, [0] * chunk.count, slot, k, [mpz(1)] * chunk.groups)
+        rows = [i - first for i in selected if first <= i < first + chunk.count]
+        first += chunk.count
+        if not rows:
+            continue
+        masks = chunk.masks[rows]
+        window = min(range(1, MAX_OFFLINE_WINDOW + 1),  # a table of 2^w per feature against bits/w per template
+                     key=lambda w: (1 << w) + len(rows) * -(-(lt + 2 + kappa) // w))
+        with ctx.tracer.op("s1_cross"):
+            parts = ctx.workers.map(multi_exponentiate, [(row, masks[r.start:r.stop].T, pk.nsq, window)
+                                                         for r in ctx.workers.chunks(len(rows))])
+        cross += [c for part in parts for c in part.reshape(-1)]
+    ctx.count("exp_offline", len(selected) * features)
+    hidden = np.array(sample_masks(len(selected) * queries, lu, kappa), dtype=object).reshape(len(selected), queries)
+    msg2 = reveal_packs(ctx, "u", cross, hidden, lu)
+    msg2.meta.update({"ticket": reply.get("ticket", str), "gallery_id": gallery.gallery_id, "groups": groups})
+    reply2 = ctx.channel.request(MASKS_STEP, msg2)
+    tickets = reply2.get("tickets", list)
+    if len(tickets) != queries or not all(type(t) is str for t in tickets):
+        raise ProtocolError(f"S2 sent {len(tickets)} tickets for a batch of {queries} queries")
+    with ctx.tracer.op("s1_validate"):
+        neg_z = read_ciphertexts(pk, reply2, "neg_z", (queries, len(groups)))
+    slot, row_of = slot_bits(gallery.similarity_bits, kappa), {t: r for r, t in enumerate(selected)}
+    prepared = []
     with ctx.tracer.op("s1_combine"):
-        correction = neg_at.add(EncryptedTensor(pk, object_array(packed, groups)))
-    return PreparedIdentify(reply.get("ticket", str), correction)
+        for q in range(queries):
+            minus_m = [_residue(-sum(int(hidden[row_of[t], q]) << (slot * j) for j, t in enumerate(m)), int(pk.n))
+                       for m in members]  # the masks overflow these slots too: only the sum mod N matters
+            prepared.append(PreparedIdentify(tickets[q], EncryptedTensor(pk, neg_z.data[q]).add(minus_m),
+                                             tuple(groups)))
+    return prepared
 
 
 def _residue(v: int, n: int) -> int:
@@ -368,28 +469,69 @@ def _residue(v: int, n: int) -> int:
     return v - n if v > n // 2 else v
 
 
-def s2_prepare(cloud: "KeyCloud", msg: Message) -> Message:
-    gallery = s2_gallery(cloud, msg.get("gallery_id", str))
+def _bounds(cloud: "KeyCloud", msg: Message) -> tuple[int, int]:
     lx, kappa = msg.get("x_bits", int), msg.get("kappa", int)
-    if msg.get("chunks", int) != len(gallery.chunks):
-        raise ProtocolError(f"S2 holds {len(gallery.chunks)} chunks of this gallery, S1 {msg.get('chunks', int)}")
     if not 1 <= lx <= 64 or kappa < KAPPA:
         raise ProtocolError(f"embedding bound of {lx} bits (kappa {kappa}) out of range")
+    return lx, kappa
+
+
+def s2_prepare(cloud: "KeyCloud", msg: Message) -> Message:
+    gallery = s2_gallery(cloud, msg.get("gallery_id", str))
+    lx, kappa = _bounds(cloud, msg)
+    chunks = msg.get("chunks", int)
+    if chunks > len(gallery.chunks):  # S2 lost an append (its data was restored): S1 relays the seeds again
+        raise UnknownSetup(f"S2 holds {len(gallery.chunks)} chunks of this gallery, S1 {chunks}")
+    if chunks < 1:
+        raise ProtocolError(f"a search over {chunks} chunks")
+    queries = batch_size(cloud.keys.public.bits, lx, gallery.template_bits, gallery.features, kappa)
+    su = slot_bits(cross_bits(lx, gallery.template_bits, gallery.features, kappa), kappa)
+    masks = [sample_masks(gallery.features, lx, kappa) for _ in range(queries)]
+    packed = [sum(masks[q][f] << (su * q) for q in range(queries)) for f in range(gallery.features)]
+    ticket = cloud.prepared.put("identify_batch", (masks, lx, kappa, chunks))
+    return encrypted_reply(cloud, {"a": packed}, {"ticket": ticket})
+
+
+def s2_masks(cloud: "KeyCloud", msg: Message) -> Message:
+    masks, lx, kappa, chunks = _pop_prepared(cloud, msg, "identify_batch")
+    gallery = s2_gallery(cloud, msg.get("gallery_id", str))
+    if chunks > len(gallery.chunks):
+        raise UnknownSetup(f"S2 holds {len(gallery.chunks)} chunks of this gallery, S1 {chunks}")
+    groups = msg.get("groups", list)
+    if not groups or any(type(b) is not int or type(a) is not int or a >= b for a, b in zip(groups, groups[1:])):
+        raise ProtocolError("groups must be a non-empty increasing list of group numbers")
     ly = similarity_bits(lx, gallery.template_bits, gallery.features)
-    slot = slot_bits(ly, kappa)
-    k = slots_per_pack(cloud.keys.public.bits, slot)
-    masks = sample_masks(gallery.features, lx, kappa)
-    a, n = np.array(masks, dtype=object), int(cloud.keys.public.n)
-    packed: list[int] = []
+    k = slots_per_pack(cloud.keys.public.bits, slot_bits(ly, kappa))
+    counts = [count for count, _ in gallery.chunks[:chunks]]
+    members = group_templates(counts, k, groups)
+    selected = [i for m in members for i in m]
+    values, l = read_revealed(cloud, msg, "u")
+    if l != cross_bits(lx, gallery.template_bits, gallery.features, kappa) or len(values) != len(selected) * len(masks):
+        raise ProtocolError(f"{len(values)} masked products of {l} bits for {len(selected)} templates")
+    n, slot = int(cloud.keys.public.n), slot_bits(ly, kappa)
+    neg_z: list[int] = []
     with cloud.tracer.op("s2_plain"):
-        shifts = np.array([1 << (slot * j) for j in range(k)], dtype=object)
-        for tilde in gallery.masked_templates():
-            at = tilde.astype(object).dot(a)
-            padded = np.zeros(-(-len(at) // k) * k, dtype=object)
-            padded[:len(at)] = -at
-            packed += [_residue(int(v), n) for v in (padded.reshape(-1, k) * shifts).sum(axis=1)]
-    ticket = cloud.tickets.put("identify", (masks, lx, kappa, len(gallery.chunks)))
-    return encrypted_reply(cloud, {"a": masks, "neg_at": packed}, {"ticket": ticket})
+        tilde, first = [], 0
+        for (count, seed) in gallery.chunks[:chunks]:  # T~ of the selected templates, from the seeds
+            rows = [i - first for i in selected if first <= i < first + count]
+            if rows:
+                tilde.append(template_masks(seed, count, gallery.features, gallery.template_bits)[rows])
+            first += count
+        at = np.concatenate(tilde).astype(object).dot(np.array(masks, dtype=object).T)  # (templates, queries)
+        z = at - np.array(values, dtype=object).reshape(len(selected), len(masks))  # A . T - M
+        row_of = {t: r for r, t in enumerate(selected)}
+        for q in range(len(masks)):
+            neg_z += [_residue(-sum(int(z[row_of[t], q]) << (slot * j) for j, t in enumerate(m)), n) for m in members]
+    tickets = [cloud.prepared.put("identify", (a, lx, kappa)) for a in masks]
+    return encrypted_reply(cloud, {"neg_z": neg_z}, {"tickets": tickets}, shapes={"neg_z": (len(masks), len(groups))})
+
+
+def _pop_prepared(cloud: "KeyCloud", msg: Message, kind: str) -> Any:
+    """What S2 keeps for a prepared query; :class:`UnknownSetup` if it lost it (a restart): S1 prepares again."""
+    try:
+        return cloud.prepared.pop(msg.get("ticket", str), kind)
+    except ProtocolError as e:
+        raise UnknownSetup(f"{e}: S2 restarted since the query was prepared") from e
 
 
 # -- online -------------------------------------------------------------------------------------------
@@ -436,6 +578,9 @@ def similarity_leaves(ctx: S1Context, gallery: EncryptedGallery, x: EncryptedTen
     pk.require_same(x.public_key, "embedding")
     if prepared.used:
         raise ProtocolError("a prepared identification was offered twice: its mask would be reused")
+    position = {g: r for r, g in enumerate(prepared.groups)}
+    if not all(g in position for g in groups):
+        raise ProtocolError("the prepared query does not cover these templates (it was prepared before an append)")
     prepared.used = True
     # round 1: x + R to S2, x + R + A back
     masks = sample_masks(x.size, lx, ctx.kappa)
@@ -449,9 +594,6 @@ def similarity_leaves(ctx: S1Context, gallery: EncryptedGallery, x: EncryptedTen
     if not all(0 < e < 1 << (lx + 2 + ctx.kappa) for e in exponents):
         raise ProtocolError("S2's masked embedding is out of range")
     # S1: E(Y_g) per group, one bucket multi-exponentiation each
-    starts = [0]  # first group of every chunk
-    for c in gallery.chunks:
-        starts.append(starts[-1] + c.groups)
     packs = np.concatenate([c.packs.data for c in gallery.chunks], axis=1)[:, groups]
     window = best_window(lx + 2 + ctx.kappa, gallery.features)
     with ctx.tracer.op("s1_cross"):
@@ -460,7 +602,7 @@ def similarity_leaves(ctx: S1Context, gallery: EncryptedGallery, x: EncryptedTen
     ctx.count("exp_online", gallery.features * len(groups))
     with ctx.tracer.op("s1_combine"):
         y = EncryptedTensor(pk, object_array([c for part in parts for c in part], len(groups)))
-        y = y.add(EncryptedTensor(pk, prepared.correction.data[groups]))
+        y = y.add(EncryptedTensor(pk, prepared.correction.data[[position[g] for g in groups]]))
     # round 2: y + M to S2, E((y + M) 2^m) back
     ly, m = gallery.similarity_bits, code_bits(gallery.count)
     y_masks = np.array(sample_masks(len(groups) * k, ly, ctx.kappa), dtype=object).reshape(len(groups), k)
@@ -470,12 +612,7 @@ def similarity_leaves(ctx: S1Context, gallery: EncryptedGallery, x: EncryptedTen
     with ctx.tracer.op("s1_validate"):
         shifted_y = read_ciphertexts(pk, reply2, "c", (len(groups) * k,))
     # template index of every slot (-1: an empty slot of a chunk's last group)
-    counts = [c.count for c in gallery.chunks]
-    index = []
-    for g in groups:
-        chunk = bisect.bisect_right(starts, g) - 1
-        first = sum(counts[:chunk]) + (g - starts[chunk]) * k
-        index += [first + j if (g - starts[chunk]) * k + j < counts[chunk] else -1 for j in range(k)]
+    index = [m[j] if j < len(m) else -1 for m in group_templates(gallery.counts, k, groups) for j in range(k)]
     keep = [i for i, t in enumerate(index) if t >= 0]
     codes = np.array([(1 << m) - 2 - index[i] - (int(y_masks.reshape(-1)[i]) << m) for i in keep], dtype=object)
     with ctx.tracer.op("s1_combine"):
@@ -484,7 +621,7 @@ def similarity_leaves(ctx: S1Context, gallery: EncryptedGallery, x: EncryptedTen
 
 
 def s2_identify(cloud: "KeyCloud", msg: Message) -> Message:
-    masks, lx, kappa, _ = cloud.tickets.pop(msg.get("ticket", str), "identify")
+    masks, lx, kappa = _pop_prepared(cloud, msg, "identify")
     values, l = read_revealed(cloud, msg, "x")
     if l != lx or len(values) != len(masks):
         raise ProtocolError(f"an embedding of {len(values)} values of {l} bits for a mask of {len(masks)} of {lx}")
@@ -532,23 +669,14 @@ def secure_identify(ctx: S1Context, gallery: EncryptedGallery, embedding: Encryp
     """E_u(w): the user reads the best template's index, or "no match", with :func:`read_answer`."""
     if gallery.count < 1:
         raise ShapeError("the gallery holds no template")
-    groups = sum(c.groups for c in gallery.chunks)
-    leaves, _ = similarity_leaves(ctx, gallery, embedding, prepared, list(range(groups)))
+    leaves, _ = similarity_leaves(ctx, gallery, embedding, prepared, list(range(gallery.groups)))
     return argmax_for_user(ctx, gallery, leaves, user_key)
 
 
 def secure_verify(ctx: S1Context, gallery: EncryptedGallery, embedding: EncryptedTensor, claimed: int,
                   prepared: PreparedIdentify, user_key: PublicKey) -> EncryptedTensor:
     """E_u(w) for a claimed index: :func:`read_answer` gives the index (match) or None."""
-    if not 0 <= claimed < gallery.count:
-        raise ShapeError(f"index {claimed} is not in a gallery of {gallery.count} templates")
-    group, seen = 0, 0
-    for chunk in gallery.chunks:  # the group that holds the claimed template
-        if claimed < seen + chunk.count:
-            group += (claimed - seen) // gallery.group_size
-            break
-        seen, group = seen + chunk.count, group + chunk.groups
-    leaves, index = similarity_leaves(ctx, gallery, embedding, prepared, [group])
+    leaves, index = similarity_leaves(ctx, gallery, embedding, prepared, [gallery.group_of(claimed)])
     return argmax_for_user(ctx, gallery, leaves[index.index(claimed):index.index(claimed) + 1], user_key)
 
 
@@ -591,4 +719,5 @@ def verify_reference(templates: np.ndarray, embedding: Sequence[int], threshold:
     return int(np.asarray(templates[claimed], dtype=object).dot(np.asarray(embedding, dtype=object))) >= threshold
 
 
-S2_HANDLERS = {SETUP_STEP: s2_setup_gallery, PREPARE_STEP: s2_prepare, STEP: s2_identify, UNPACK_STEP: s2_unpack}
+S2_HANDLERS = {SETUP_STEP: s2_setup_gallery, DROP_STEP: s2_drop_gallery, PREPARE_STEP: s2_prepare, MASKS_STEP: s2_masks, STEP: s2_identify,
+               UNPACK_STEP: s2_unpack}
