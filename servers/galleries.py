@@ -26,7 +26,8 @@ The search's offline phase (:func:`~he_cnn.protocols.identify.prepare_identify`)
 at once (13 at 2048 bits for the seed's gallery). :class:`GalleryPreparer` keeps one batch per gallery
 ready in the background, as :class:`~servers.s1.OfflinePhase` does for models: after a commit, at start
 and whenever a gallery's batch runs out. A query that finds none prepares a batch itself, uses one and
-leaves the rest for the next ones; a verify prepares its one group only. S2 keeps prepared masks for
+leaves the rest for the next ones (a verify too: a preparation for its one group would tell S2 which
+identity it claims). S2 keeps prepared masks for
 :data:`~he_cnn.protocols.identify.PREPARED_SECONDS`; if it lost them or the seeds (a restart, a
 restored data directory) S1 prepares again, relaying the seeds first if needed, once per query.
 On disk, ``<data>/galleries/<id>/`` holds ``gallery.json`` (the public summary, and the number of
@@ -366,19 +367,19 @@ class GalleryPreparer:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def prepare(ctx: S1Context, stored: StoredGallery, gallery: identify.EncryptedGallery,
-            groups: list[int] | None = None) -> list[identify.PreparedIdentify]:
+def prepare(ctx: S1Context, stored: StoredGallery, gallery: identify.EncryptedGallery
+            ) -> list[identify.PreparedIdentify]:
     """A batch of prepared queries for ``gallery`` (a snapshot of ``stored``); if S2 lost the gallery's
     seeds, they are relayed again first (from S1's copy of E(sigma)), once."""
     try:
-        return identify.prepare_identify(ctx, gallery, groups)
+        return identify.prepare_identify(ctx, gallery)
     except UnknownSetup as e:
         log.warning("S2 does not hold gallery %s (%s); relaying its seeds again", gallery.gallery_id, e)
     with stored.lock:  # not during a commit's own set-up; the whole committed gallery, not the snapshot
         if stored.deleted:
             raise UnknownModel(f"gallery {gallery.gallery_id} was deleted")
         identify.setup_gallery(ctx, stored.gallery, 0)
-    return identify.prepare_identify(ctx, gallery, groups)
+    return identify.prepare_identify(ctx, gallery)
 
 
 # -- S1's endpoints ---------------------------------------------------------------------------------
@@ -516,7 +517,8 @@ def _search(gallery_id: str, verify: bool) -> Response:
         except UnknownModel as e:
             raise UnknownModel(f"the model of gallery {gallery_id} is gone") from e
         msg = decode(request_body())
-        group = gallery.group_of(msg.get("claimed", int)) if verify else None
+        if verify:
+            gallery.group_of(msg.get("claimed", int))  # a claimed index out of range: 400 before any work
         key = peer.public_key()[0].paillier
         image, user_key = hooks.read_query(msg, stored_model.model, key, current_app.extensions["he_cnn.s1.user_keys"])
 
@@ -524,8 +526,6 @@ def _search(gallery_id: str, verify: bool) -> Response:
 
         def finish(ctx: S1Context) -> Finish:
             def prepared_query() -> identify.PreparedIdentify:
-                if verify:  # one group: a few seconds even at the seed's scale
-                    return prepare(ctx, stored, gallery, [group])[0]
                 first, *rest = prepare(ctx, stored, gallery)
                 preparer.add(gallery_id, rest)
                 return first
@@ -540,7 +540,7 @@ def _search(gallery_id: str, verify: bool) -> Response:
                         return identify.secure_verify(ctx, gallery, x, msg.get("claimed", int), prepared, user_key)
                     return identify.secure_identify(ctx, gallery, x, prepared, user_key)
                 try:
-                    return answer((None if verify else preparer.take(stored)) or prepared_query())
+                    return answer(preparer.take(stored) or prepared_query())
                 except UnknownSetup:  # S2 lost the prepared masks (it restarted): prepare again, once
                     log.warning("S2 lost the prepared queries of gallery %s; preparing again", gallery_id)
                     preparer.drop(gallery_id)

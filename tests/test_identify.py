@@ -198,11 +198,11 @@ def test_s2_refuses_malformed_gallery_rounds_with_4xx_errors(s1, key_cloud, user
     ]
     cases += [(idf.MASKS_STEP, Message(meta={"ticket": "0" * 32, "gallery_id": g.gallery_id})),
               (idf.DROP_STEP, Message(meta={"gallery": g.gallery_id}))]
-    for groups in ([], [1, 0], [0, 0], [99], ["0"], None):  # each after a real first round (its ticket)
+    for count, bits in ((1, 9), (6 * 99, 9), (-1, 9), (6, -3)):  # each after a real first round (its ticket)
         first = Message(meta={"gallery_id": g.gallery_id, "x_bits": LX, "kappa": 40, "chunks": 1})
         ticket = decode(key_cloud.handle(idf.PREPARE_STEP, encode(first))).get("ticket", str)
-        cases.append((idf.MASKS_STEP, Message(meta={"ticket": ticket, "gallery_id": g.gallery_id, "groups": groups,
-                                                    "u_count": 1, "u_bits": 9, "kappa": 40})))
+        cases.append((idf.MASKS_STEP, Message(meta={"ticket": ticket, "gallery_id": g.gallery_id,
+                                                    "u_count": count, "u_bits": bits, "kappa": 40})))
     for step, msg in cases:
         with pytest.raises(HECNNError) as caught:
             key_cloud.handle(step, encode(msg))
@@ -223,19 +223,17 @@ def test_one_batch_prepares_k_queries_each_used_once(s1, user_keys, key_cloud):
         assert idf.read_answer(out.decrypt(user_keys.private)[0], g.count) == idf.identify_reference(t, x, 100)
 
 
-def test_verify_prepares_its_group_only(s1, user_keys):
+def test_a_batch_prepared_before_an_append_serves_no_search_after_it(s1, user_keys):
     t = templates(40)
     g = gallery(s1, t, 250, chunks=(17,))
-    x = near(t, 30, noise=1)
-    before = s1.ops.get("exp_offline", 0)
-    one = idf.prepare_identify(s1, g, [g.group_of(30)])
-    assert s1.ops["exp_offline"] - before <= g.group_size * F  # that group's templates, not 40
-    out = idf.secure_verify(s1, g, EncryptedTensor.encrypt(s1.public_key, x), 30, one[0], user_keys.public)
-    assert (idf.read_answer(out.decrypt(user_keys.private)[0], g.count) == 30) == idf.verify_reference(t, x, 250, 30)
-    with pytest.raises(ProtocolError, match="does not cover"):  # a one-group preparation cannot serve a search
-        idf.secure_identify(s1, g, EncryptedTensor.encrypt(s1.public_key, x), one[1], user_keys.public)
+    before = idf.EncryptedGallery(g.gallery_id, F, LT, LX, g.threshold, g.chunks[:1])
+    old = idf.prepare_identify(s1, before)[0]
+    x = EncryptedTensor.encrypt(s1.public_key, near(t, 30, noise=1))
+    with pytest.raises(ProtocolError, match="does not cover"):
+        idf.secure_identify(s1, g, x, old, user_keys.public)
     with pytest.raises(ShapeError):
         g.group_of(40)
+    assert g.group_of(39) == g.groups - 1 and g.group_of(16) == g.group_of(0) + (16 // g.group_size)
 
 
 def test_a_search_over_fewer_chunks_than_s2_holds_works(s1, user_keys):
@@ -267,3 +265,19 @@ def test_s2_losing_its_state_is_reported_as_an_unknown_setup(s1, user_keys, key_
     assert idf.drop_gallery(s1, g.gallery_id) and not idf.drop_gallery(s1, g.gallery_id)
     with pytest.raises(UnknownSetup):
         idf.prepare_identify(s1, g)
+
+
+def test_what_s2_sees_while_preparing_does_not_depend_on_the_templates(s1, key_cloud):
+    """The offline reveal (A_q . B_i + M per template and query) for a gallery of the largest templates
+    against one of the smallest: S2's values are uniform and indistinguishable (B = T~ - T differs)."""
+    records = []
+    for value in ((1 << LT) - 1, -((1 << LT) - 1)):
+        g = gallery(s1, np.full((30, F), value, dtype=object), 0)
+        key_cloud.observations.clear()
+        idf.prepare_identify(s1, g)
+        records.append(scaled([o for o in key_cloud.observations if o.step == "u"])[0])
+    a, b = records
+    assert len(a) == len(b) >= 30 * 4
+    assert stats.ks_2samp(a, b, method="asymp").pvalue > P_THRESHOLD / 3
+    for values in (a, b):
+        assert stats.kstest(values, "uniform").pvalue > P_THRESHOLD / 3

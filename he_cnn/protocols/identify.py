@@ -13,12 +13,16 @@ Where the templates are (per enrolment chunk, made by the owner, :func:`enrol_ch
     step ``gallery_setup``). T~ = T + B is S2's masked copy of the templates, as K + B is a model's.
   - E(theta), the threshold, at S1. Labels stay with the owner: the clouds hold indices.
 
-Offline, per future query (step ``identify_prepare``, one round, :func:`prepare_identify`):
-  1. S2 draws the query mask A (A_f = 2^lx + r, r uniform in [0, 2^(lx+1+kappa))), keeps it under a
-     ticket, and sends E(A_f) for every feature and E(-sum_j (A . T~_(g k + j)) 2^(s j)) per group g.
-  2. S1 computes E(A . B_i) = prod_f E(A_f)^B[i, f] (F x N multiply-accumulates by (lt+2+kappa)-bit
-     exponents), packs them k per ciphertext (Horner) and keeps, per group,
-     E(C_g) = E(sum_j -(A . T_(g k + j)) 2^(s j))   (A . T = A . T~ - A . B).
+Offline, k_q future queries at a time (:func:`prepare_identify`, two rounds; k_q = 13 at 2048 bits for
+the seed's gallery):
+  1. (step ``identify_prepare``) S2 draws the query masks A_q (A_(q,f) = 2^lx + r, r uniform in
+     [0, 2^(lx+1+kappa))) and sends, per feature, E(sum_q A_(q,f) 2^(su q)), slots of su bits
+     (:func:`cross_bits`: A . B < 2^lu).
+  2. S1: E(U_i) = prod_f E(packed A_f)^B[i, f], slot q = A_q . B_i: the F x N multiply-accumulates by
+     (lt+2+kappa)-bit exponents, once for the k_q queries. It reveals every U_i masked slot by slot.
+  3. (step ``identify_masks``) S2: z = A_q . T~_i - (A_q . B_i + M) = A_q . T_i - M; it keeps each A_q
+     under its own ticket (for PREPARED_SECONDS) and replies E(-z) packed per group and query; S1 adds
+     its -M there: E(C_(q,g)) = E(sum_j -(A_q . T_(g k + j)) 2^(s j)) (A . T = A . T~ - A . B).
 Online, per query:
   1. (step ``identify``) S1 reveals x + R (packed, as any reveal) with the ticket. S2 pops A and
      replies x + R + A in the clear; S1 subtracts R: it holds x' = x + A (uniform to it, 2^-kappa).
@@ -48,7 +52,8 @@ Cost online, N templates, G = ceil(N / k) groups: S1 the G multi-exponentiations
 F G (la / c) multiplications mod N^2, no per-template exponentiation), the packing of F values and
 G re-randomisations; S2 decrypts ceil(F / k_x) + G packs and encrypts N values; then N secure
 comparisons (the tournament) and one re-encryption. Rounds: 2 + levels x (rounds of one
-comparison) + 1. Offline: S1 F N multiply-accumulates (Straus), S2 F + G encryptions.
+comparison) + 1. Offline, per batch of k_q queries: S1 F N multiply-accumulates (Straus) and N
+re-randomisations, S2 F + k_q G encryptions and N decryptions.
 S1 learns: x + A (statistically independent of x), ciphertexts.  S2 learns: x + R, y_i + M_i
 (statistically independent of x and y), the comparisons' masked values and uniform bits, N, F and
 the bit lengths; and the seeds sigma, independent of the templates. Which template won is never
@@ -403,10 +408,10 @@ class PreparedIdentify:
     used: bool = False
 
 
-def prepare_identify(ctx: S1Context, gallery: EncryptedGallery, groups: Sequence[int] | None = None
-                     ) -> list[PreparedIdentify]:
-    """Offline, two rounds: k_q future queries (:func:`batch_size`), each ready for ``groups`` (default:
-    every group of the gallery as it is now; a verify needs one).
+def prepare_identify(ctx: S1Context, gallery: EncryptedGallery) -> list[PreparedIdentify]:
+    """Offline, two rounds: k_q future queries (:func:`batch_size`), each ready for every group of the
+    gallery as it is now (for an identify or a verify: a preparation for one group would tell S2 which
+    identity a verify claims).
 
     1. (step ``identify_prepare``) S2 draws the masks A_q of k_q queries and sends, per feature,
        E(sum_q A_(q,f) 2^(su q)), slots of su = slot_bits(lu) bits (:func:`cross_bits`).
@@ -418,44 +423,38 @@ def prepare_identify(ctx: S1Context, gallery: EncryptedGallery, groups: Sequence
        E(C_(q,g)), slot j = -A_q . T_(g k + j)."""
     pk, kappa = ctx.public_key, ctx.kappa
     lx, lt, features = gallery.embedding_bits, gallery.template_bits, gallery.features
-    groups = list(range(gallery.groups)) if groups is None else sorted(set(groups))
+    groups = list(range(gallery.groups))
     members = group_templates(gallery.counts, gallery.group_size, groups)
-    selected = [i for m in members for i in m]
     queries, lu = batch_size(pk.bits, lx, lt, features, kappa), cross_bits(lx, lt, features, kappa)
     msg = Message(meta={"gallery_id": gallery.gallery_id, "x_bits": lx, "kappa": kappa,
                         "chunks": len(gallery.chunks)})
     reply = ctx.channel.request(PREPARE_STEP, msg)
     with ctx.tracer.op("s1_validate"):
         row = read_ciphertexts(pk, reply, "a", (features,)).data.reshape(1, -1)
-    # E(U_i) for the selected templates, chunk by chunk: one row of bases shared by every template, B > 0
-    cross, first = [], 0
+    # E(U_i), chunk by chunk: one row of bases shared by every template, B > 0
+    cross = []
     for chunk in gallery.chunks:
-        rows = [i - first for i in selected if first <= i < first + chunk.count]
-        first += chunk.count
-        if not rows:
-            continue
-        masks = chunk.masks[rows]
         window = min(range(1, MAX_OFFLINE_WINDOW + 1),  # a table of 2^w per feature against bits/w per template
-                     key=lambda w: (1 << w) + len(rows) * -(-(lt + 2 + kappa) // w))
+                     key=lambda w: (1 << w) + chunk.count * -(-(lt + 2 + kappa) // w))
         with ctx.tracer.op("s1_cross"):
-            parts = ctx.workers.map(multi_exponentiate, [(row, masks[r.start:r.stop].T, pk.nsq, window)
-                                                         for r in ctx.workers.chunks(len(rows))])
+            parts = ctx.workers.map(multi_exponentiate, [(row, chunk.masks[r.start:r.stop].T, pk.nsq, window)
+                                                         for r in ctx.workers.chunks(chunk.count)])
         cross += [c for part in parts for c in part.reshape(-1)]
-    ctx.count("exp_offline", len(selected) * features)
-    hidden = np.array(sample_masks(len(selected) * queries, lu, kappa), dtype=object).reshape(len(selected), queries)
+    ctx.count("exp_offline", gallery.count * features)
+    hidden = np.array(sample_masks(gallery.count * queries, lu, kappa), dtype=object).reshape(gallery.count, queries)
     msg2 = reveal_packs(ctx, "u", cross, hidden, lu)
-    msg2.meta.update({"ticket": reply.get("ticket", str), "gallery_id": gallery.gallery_id, "groups": groups})
+    msg2.meta.update({"ticket": reply.get("ticket", str), "gallery_id": gallery.gallery_id})
     reply2 = ctx.channel.request(MASKS_STEP, msg2)
     tickets = reply2.get("tickets", list)
     if len(tickets) != queries or not all(type(t) is str for t in tickets):
         raise ProtocolError(f"S2 sent {len(tickets)} tickets for a batch of {queries} queries")
     with ctx.tracer.op("s1_validate"):
         neg_z = read_ciphertexts(pk, reply2, "neg_z", (queries, len(groups)))
-    slot, row_of = slot_bits(gallery.similarity_bits, kappa), {t: r for r, t in enumerate(selected)}
+    slot = slot_bits(gallery.similarity_bits, kappa)
     prepared = []
     with ctx.tracer.op("s1_combine"):
         for q in range(queries):
-            minus_m = [_residue(-sum(int(hidden[row_of[t], q]) << (slot * j) for j, t in enumerate(m)), int(pk.n))
+            minus_m = [_residue(-sum(int(hidden[t, q]) << (slot * j) for j, t in enumerate(m)), int(pk.n))
                        for m in members]  # the masks overflow these slots too: only the sum mod N matters
             prepared.append(PreparedIdentify(tickets[q], EncryptedTensor(pk, neg_z.data[q]).add(minus_m),
                                              tuple(groups)))
@@ -497,33 +496,24 @@ def s2_masks(cloud: "KeyCloud", msg: Message) -> Message:
     gallery = s2_gallery(cloud, msg.get("gallery_id", str))
     if chunks > len(gallery.chunks):
         raise UnknownSetup(f"S2 holds {len(gallery.chunks)} chunks of this gallery, S1 {chunks}")
-    groups = msg.get("groups", list)
-    if not groups or any(type(b) is not int or type(a) is not int or a >= b for a, b in zip(groups, groups[1:])):
-        raise ProtocolError("groups must be a non-empty increasing list of group numbers")
     ly = similarity_bits(lx, gallery.template_bits, gallery.features)
     k = slots_per_pack(cloud.keys.public.bits, slot_bits(ly, kappa))
     counts = [count for count, _ in gallery.chunks[:chunks]]
-    members = group_templates(counts, k, groups)
-    selected = [i for m in members for i in m]
+    members = group_templates(counts, k, range(sum(-(-c // k) for c in counts)))
     values, l = read_revealed(cloud, msg, "u")
-    if l != cross_bits(lx, gallery.template_bits, gallery.features, kappa) or len(values) != len(selected) * len(masks):
-        raise ProtocolError(f"{len(values)} masked products of {l} bits for {len(selected)} templates")
+    if l != cross_bits(lx, gallery.template_bits, gallery.features, kappa) or len(values) != sum(counts) * len(masks):
+        raise ProtocolError(f"{len(values)} masked products of {l} bits for {sum(counts)} templates")
     n, slot = int(cloud.keys.public.n), slot_bits(ly, kappa)
     neg_z: list[int] = []
     with cloud.tracer.op("s2_plain"):
-        tilde, first = [], 0
-        for (count, seed) in gallery.chunks[:chunks]:  # T~ of the selected templates, from the seeds
-            rows = [i - first for i in selected if first <= i < first + count]
-            if rows:
-                tilde.append(template_masks(seed, count, gallery.features, gallery.template_bits)[rows])
-            first += count
-        at = np.concatenate(tilde).astype(object).dot(np.array(masks, dtype=object).T)  # (templates, queries)
-        z = at - np.array(values, dtype=object).reshape(len(selected), len(masks))  # A . T - M
-        row_of = {t: r for r, t in enumerate(selected)}
+        tilde = np.concatenate(S2Gallery(gallery.features, gallery.template_bits, gallery.chunks[:chunks])
+                               .masked_templates())
+        at = tilde.astype(object).dot(np.array(masks, dtype=object).T)  # (templates, queries)
+        z = at - np.array(values, dtype=object).reshape(sum(counts), len(masks))  # A . T - M
         for q in range(len(masks)):
-            neg_z += [_residue(-sum(int(z[row_of[t], q]) << (slot * j) for j, t in enumerate(m)), n) for m in members]
+            neg_z += [_residue(-sum(int(z[t, q]) << (slot * j) for j, t in enumerate(m)), n) for m in members]
     tickets = [cloud.prepared.put("identify", (a, lx, kappa)) for a in masks]
-    return encrypted_reply(cloud, {"neg_z": neg_z}, {"tickets": tickets}, shapes={"neg_z": (len(masks), len(groups))})
+    return encrypted_reply(cloud, {"neg_z": neg_z}, {"tickets": tickets}, shapes={"neg_z": (len(masks), len(members))})
 
 
 def _pop_prepared(cloud: "KeyCloud", msg: Message, kind: str) -> Any:
