@@ -2,8 +2,9 @@
 project's own error every time, never a ``RecursionError``, ``MemoryError`` or other builtin exception.
 
 The parsers: the bounded JSON reader itself (:mod:`he_cnn.bounded_json`), wire messages
-(:func:`he_cnn.wire.decode`), the user's key file, the owner's integer-model file and S1's model summary
-on disk. Over HTTP (Flask test clients; S1 reaches S2 over real HTTP): a deeply nested wire header to
+(:func:`he_cnn.wire.decode`), the user's key file, the owner's integer-model file, S1's model summary
+on disk, a gallery's labels file, a federation owner's file, S1's gallery summary and S2's gallery
+seeds. Over HTTP (Flask test clients; S1 reaches S2 over real HTTP): a deeply nested wire header to
 S1's classify and upload and to S2's protocol rounds is a 400 JSON error, a wire body of another
 Content-Type a 415, an unknown route a 404 that names the path. On the command line, a deeply nested
 key or model file is one ``Error:`` line and exit status 1.
@@ -358,10 +359,14 @@ def wire_endpoints(clouds) -> dict[str, tuple[object, str, dict[str, str]]]:
     return {"S1 classify": (s1, f"/v1/models/{model_id}/classify", {}),
             "S1 upload": (s1, "/v1/models", AUTH_OWNER),
             "S2 smp": (s2, "/v1/rounds/smp", AUTH_CLOUD),
-            "S2 linear": (s2, "/v1/rounds/linear", AUTH_CLOUD)}
+            "S2 linear": (s2, "/v1/rounds/linear", AUTH_CLOUD),
+            "S1 new gallery": (s1, "/v1/galleries", AUTH_OWNER),
+            "S2 identify_masks": (s2, "/v1/rounds/identify_masks", AUTH_CLOUD),
+            "S2 to_consortium": (s2, "/v1/rounds/to_consortium", AUTH_CLOUD)}
 
 
-ENDPOINTS = ["S1 classify", "S1 upload", "S2 smp", "S2 linear"]
+ENDPOINTS = ["S1 classify", "S1 upload", "S2 smp", "S2 linear", "S1 new gallery", "S2 identify_masks",
+             "S2 to_consortium"]
 
 
 @settings(max_examples=24, **HYPOTHESIS)
@@ -492,3 +497,116 @@ def test_a_doubled_slash_is_an_unknown_route_not_a_redirect(path):
     app.add_url_rule("/v1/models", "models", lambda: "")
     reply = app.test_client().post(path) if "classify" in path else app.test_client().get(path)
     assert reply.status_code == 404 and reply.is_json and path in reply.get_json()["message"]
+
+
+# -- the files of identification and federation -------------------------------------------------------
+
+def hostile_document(data, document: dict, truncate: bool = True) -> tuple[str, bytes]:
+    """One hostile variant of a valid JSON document: raw bytes, a field replaced, a deep field, truncated."""
+    kind = data.draw(st.sampled_from(["bytes", "field", "deep field"] + (["truncated"] if truncate else [])))
+    if kind == "bytes":
+        return kind, data.draw(HOSTILE_BYTES)
+    if kind == "field":
+        return kind, json.dumps(data.draw(replaced_node(document, st.one_of(JSON_VALUES, st.just(2 ** 9000))))).encode()
+    if kind == "deep field":
+        return kind, with_deep(data.draw(replaced_node(document, st.just(DEEP_MARK))), data.draw(deep_json()))
+    text = json.dumps(document, indent=1).encode()
+    return kind, text[:data.draw(st.integers(0, len(text) - 1))]
+
+
+#: these files nest less deep than the default limit, and say their own
+OWN_BOUND_REFUSED = "deeper than [0-9]+ levels|more than [0-9]+ values|more than the limit"
+LABELS_DOCUMENT = {"gallery_id": "0123456789abcdef", "template_bits": 8, "template_shift": 3,
+                   "labels": {"0": "alice", "1": "bob"}}
+
+
+@settings(max_examples=100, **HYPOTHESIS)
+@given(data=st.data())
+def test_hostile_labels_files_are_bad_requests(scratch, data):
+    from he_cnn.protocols.identify import read_labels_file
+    kind, content = hostile_document(data, LABELS_DOCUMENT)
+    path = scratch / "hostile.labels.json"
+    path.write_bytes(content)
+    try:
+        book = read_labels_file(path)
+    except BadRequest as e:
+        assert "\n" not in str(e)
+    else:
+        assert isinstance(book["labels"], dict) and type(book["template_shift"]) is int
+    if kind == "deep field":
+        assert_depth_refused(lambda: read_labels_file(path), match=OWN_BOUND_REFUSED)
+
+
+@pytest.fixture(scope="module")
+def owner_document(scratch) -> dict:
+    from he_cnn.crypto.paillier import generate_keypair
+    from he_cnn.owner import federation_file as ff
+    from he_cnn.training.federated import FederatedSettings
+    base = ff.OwnerFile("http://127.0.0.1:8601", "0123456789abcdef", 0, "", "fedcba9876543210",
+                        FederatedSettings(owners=2, rounds=2, local_epochs=1), (674, 673), "icnn", (1, 16, 16),
+                        tuple(str(d) for d in range(10)), generate_keypair(1024))
+    ff.prepare_folder(scratch / "federation", 2)
+    path = ff.write_owner_files(scratch / "federation", base, ["t" * 32, "u" * 32])[0]
+    ff.read_owner_file(path)  # the document is valid as written
+    return json.loads(path.read_text())
+
+
+@settings(max_examples=100, **HYPOTHESIS)
+@given(data=st.data())
+def test_hostile_federation_owner_files_are_bad_requests(scratch, owner_document, data):
+    from he_cnn.owner.federation_file import read_owner_file
+    kind, content = hostile_document(data, owner_document)
+    path = scratch / "hostile-owner.json"
+    path.write_bytes(content)
+    try:
+        read_owner_file(path)
+    except BadRequest as e:
+        assert "\n" not in str(e)
+    if kind == "deep field":
+        assert_depth_refused(lambda: read_owner_file(path), match=OWN_BOUND_REFUSED)
+
+
+@settings(max_examples=60, **HYPOTHESIS)
+@given(data=st.data())
+def test_hostile_gallery_summaries_stop_s1_with_the_gallerys_name(tmp_path_factory, keys1024, data):
+    """S1's stored gallery summary, corrupted: the store refuses to load with the directory's name
+    (DataDirError), never another exception."""
+    from he_cnn.servers.galleries import INFO_FILE as GALLERY_INFO, THRESHOLD_FILE, GalleryStore
+    from he_cnn.crypto.tensor import EncryptedTensor
+    root = tmp_path_factory.mktemp("gallery-store")
+    folder = root / "galleries" / "0123456789abcdef"
+    folder.mkdir(parents=True)
+    (folder / THRESHOLD_FILE).write_bytes(EncryptedTensor.encrypt(keys1024.public, [1]).serialize())
+    document = {"gallery_id": "0123456789abcdef", "key_id": keys1024.public.key_id, "model_id": "m" * 16,
+                "created": "2026-01-01T00:00:00Z", "features": 6, "template_bits": 8, "embedding_bits": 12,
+                "group_size": 5, "committed_chunks": 0}
+    _, content = hostile_document(data, document)
+    (folder / GALLERY_INFO).write_bytes(content)
+    try:
+        GalleryStore(root).load(keys1024.public)
+    except DataDirError as e:
+        assert "0123456789abcdef" in str(e) and "\n" not in str(e)
+
+
+@pytest.fixture(scope="module")
+def bare_s2(keys1024) -> KeyCloud:
+    return KeyCloud.create(keys1024)
+
+
+@settings(max_examples=60, **HYPOTHESIS)
+@given(data=st.data())
+def test_hostile_s2_gallery_files_stop_s2_with_the_files_name(tmp_path_factory, bare_s2, data):
+    """S2's stored seeds, as hostile wire messages: refused with the file's name (DataDirError)."""
+    from he_cnn.servers.galleries import S2_FORMAT, install_s2_galleries
+    root = tmp_path_factory.mktemp("s2-galleries")
+    (root / "galleries").mkdir(mode=0o700)
+    meta = data.draw(replaced_node({"format": S2_FORMAT, "gallery_id": "g", "features": 6, "template_bits": 8,
+                                    "counts": [3, 2]}, JSON_VALUES))
+    msg = Message(meta=meta if isinstance(meta, dict) else {"x": meta})
+    msg.arrays["seeds"] = np.array(data.draw(st.lists(st.integers(-2 ** 200, 2 ** 200), max_size=4)), dtype=object)
+    path = root / "galleries" / "a.hecn"
+    path.write_bytes(data.draw(st.one_of(st.just(encode(msg)), HOSTILE_BYTES)))
+    try:
+        install_s2_galleries(bare_s2, root)
+    except DataDirError as e:
+        assert "a.hecn" in str(e) and "\n" not in str(e)
