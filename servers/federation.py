@@ -64,7 +64,7 @@ from he_cnn.protocols.common import S1Context
 from he_cnn.graph.integer_model import IntegerModel
 from he_cnn.wire import Message, decode, encode
 
-from .http import bearer_token, request_body, require_bearer, wire_response
+from .http import bearer_token, request_body, require_owner, wire_response
 from .storage import DataDirError, atomic_write, ensure_private_dir
 
 SESSION_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -249,7 +249,7 @@ def _session_owner(session: Session) -> int:
 def _owner_or_operator(session: Session) -> None:
     token = bearer_token("this endpoint needs a session or owner token as 'Authorization: Bearer <token>'")
     if session.owner_of(token) is None:
-        require_bearer(current_app.extensions["he_cnn.s1.config"].owner_token, "owner token")
+        require_owner()
 
 
 def _hooks() -> "S1Hooks":
@@ -268,7 +268,7 @@ class S1Hooks:
 
 @bp.post("/federations")
 def create_session() -> Response:
-    require_bearer(current_app.extensions["he_cnn.s1.config"].owner_token, "owner token")
+    require_owner()
     msg = decode(request_body())
     cloud_key = _hooks().cloud_key()
     count, value_bits, rounds = msg.get("count", int), msg.get("value_bits", int), msg.get("rounds", int)

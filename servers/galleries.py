@@ -64,7 +64,7 @@ from he_cnn.protocols.common import S1Context
 from he_cnn.protocols import identify
 from he_cnn.wire import HEADER_LIMITS, Message, decode, encode
 
-from .http import request_body, require_bearer, wire_response
+from .http import request_body, require_owner, wire_response
 from .storage import DataDirError, atomic_write, ensure_private_dir, fsync_dir
 
 GALLERY_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -390,13 +390,9 @@ def _store() -> GalleryStore:
     return current_app.extensions["he_cnn.s1.galleries"]
 
 
-def _owner() -> None:
-    require_bearer(current_app.extensions["he_cnn.s1.config"].owner_token, "owner token")
-
-
 @bp.post("/galleries")
 def create_gallery() -> Response:
-    _owner()
+    require_owner()
     msg = decode(request_body())
     peer, models = current_app.extensions["he_cnn.s1.peer"], current_app.extensions["he_cnn.s1.models"]
     key = peer.public_key()[0].paillier
@@ -415,7 +411,7 @@ def create_gallery() -> Response:
 
 @bp.post("/galleries/<gallery_id>/chunks")
 def upload_chunk(gallery_id: str) -> Response:
-    _owner()
+    require_owner()
     store = _store()
     stored = store.get(gallery_id, pending=True)
     store.add_chunk(stored, decode(request_body()))
@@ -427,7 +423,7 @@ def upload_chunk(gallery_id: str) -> Response:
 
 @bp.post("/galleries/<gallery_id>/commit")
 def commit_gallery(gallery_id: str) -> Response:
-    _owner()
+    require_owner()
     store, peer = _store(), current_app.extensions["he_cnn.s1.peer"]
     stored = store.get(gallery_id, pending=True)
 
@@ -449,7 +445,7 @@ def commit_gallery(gallery_id: str) -> Response:
 
 @bp.delete("/galleries/<gallery_id>/chunks")
 def drop_chunks(gallery_id: str) -> Response:
-    _owner()
+    require_owner()
     stored = _store().get(gallery_id, pending=True)
     with stored.lock:
         dropped = stored.drop_pending()
@@ -461,7 +457,7 @@ def delete_gallery(gallery_id: str) -> Response:
     """A pending gallery is dropped at S1; a committed one at S1, then S2 forgets its seeds. If S2 is
     unreachable the gallery is gone from S1 all the same and the call says so (``s2``: false): S2's
     seeds alone decrypt nothing, and a later DELETE of the same id asks S2 again."""
-    _owner()
+    require_owner()
     store, peer = _store(), current_app.extensions["he_cnn.s1.peer"]
     try:
         stored: StoredGallery | None = store.get(gallery_id, pending=True)

@@ -130,6 +130,11 @@ def require_bearer(expected: str, what: str) -> None:
         raise Unauthorized(f"wrong {what}")
 
 
+def require_owner() -> None:
+    """Abort with 401 unless the request carries S1's owner token."""
+    require_bearer(current_app.extensions["he_cnn.s1.config"].owner_token, "owner token")
+
+
 def wire_response(data: bytes, status: int = 200) -> Response:
     return Response(data, status=status, mimetype=WIRE_CONTENT_TYPE)
 

@@ -61,7 +61,7 @@ from he_cnn.wire import Message, decode, encode
 from .config import S1Config
 from .galleries import install as install_galleries
 from .federation import install as install_federation
-from .http import QueryGate, bearer_token, new_app, request_body, require_bearer, wire_response, worker_pool
+from .http import QueryGate, bearer_token, new_app, request_body, require_owner, wire_response, worker_pool
 from .metrics import CloudMetrics, install as install_metrics
 from .model_store import ModelStore, StoredModel
 from .pools import USER_KEY_POOL, PoolFiller, pool_target
@@ -237,7 +237,7 @@ def public_key() -> Response:
 
 @bp.get("/owner/check")
 def check_owner_token() -> Response:
-    require_bearer(current_app.extensions["he_cnn.s1.config"].owner_token, "owner token")
+    require_owner()
     return jsonify({"owner_token": "accepted"})
 
 
@@ -261,7 +261,7 @@ def publish_model(body: bytes) -> StoredModel:
 
 @bp.post("/models")
 def upload_model() -> Response:
-    require_bearer(current_app.extensions["he_cnn.s1.config"].owner_token, "owner token")
+    require_owner()
     stored = publish_model(request_body())
     response = jsonify({k: stored.info[k] for k in ("model_id", "layers", "input_shape", "classes")})
     response.status_code = 201
@@ -310,7 +310,7 @@ def user_quota() -> Iterator[None]:
 
 @bp.post("/users")
 def add_user() -> Response:
-    require_bearer(current_app.extensions["he_cnn.s1.config"].owner_token, "owner token")
+    require_owner()
     fields = parse_json(request.get_data(cache=False), NEW_USER_LIMITS, "the new user")
     if not isinstance(fields, dict) or set(fields) - {"name", "rate_per_minute", "concurrent"}:
         raise BadRequest("expected a JSON object {name, rate_per_minute?, concurrent?}")
@@ -324,13 +324,13 @@ def add_user() -> Response:
 
 @bp.get("/users")
 def list_users() -> Response:
-    require_bearer(current_app.extensions["he_cnn.s1.config"].owner_token, "owner token")
+    require_owner()
     return jsonify({"users": [u.public() for u in _users().all()]})
 
 
 @bp.delete("/users/<name>")
 def revoke_user(name: str) -> Response:
-    require_bearer(current_app.extensions["he_cnn.s1.config"].owner_token, "owner token")
+    require_owner()
     _users().revoke(name)
     log.info("S1 revoked the key of user %s", name)
     return jsonify({"revoked": name})
