@@ -281,3 +281,12 @@ def test_what_s2_sees_while_preparing_does_not_depend_on_the_templates(s1, key_c
     assert stats.ks_2samp(a, b, method="asymp").pvalue > P_THRESHOLD / 3
     for values in (a, b):
         assert stats.kstest(values, "uniform").pvalue > P_THRESHOLD / 3
+
+
+def test_s2_keeps_a_bounded_number_of_prepared_queries():
+    from he_cnn.parties.key_cloud import TicketStore
+    store = TicketStore(ttl=60, max_items=3)
+    tickets = [store.put("identify", i) for i in range(5)]
+    assert len(store) == 3 and [store.pop(t, "identify") for t in tickets[2:]] == [2, 3, 4]
+    with pytest.raises(ProtocolError, match="unknown or expired"):
+        store.pop(tickets[0], "identify")

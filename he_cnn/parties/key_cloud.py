@@ -51,10 +51,12 @@ def worker_key(keys: KeyPair, dgk_private: DGKPrivateKey) -> S2WorkerKey:
 
 class TicketStore:
     """State kept between the rounds of a protocol (comparison, linear layer), dropped after ``ttl``
-    seconds or after its last use."""
+    seconds or after its last use; beyond ``max_items`` the oldest is dropped (its step then fails as
+    for an expired ticket)."""
 
-    def __init__(self, ttl: float = 600.0):
+    def __init__(self, ttl: float = 600.0, max_items: int | None = None):
         self.ttl = ttl
+        self.max_items = max_items
         self._items: dict[str, tuple[float, int, Any]] = {}
         self._lock = threading.Lock()
 
@@ -65,6 +67,8 @@ class TicketStore:
         with self._lock:
             for k in [k for k, (t, _, _) in self._items.items() if now - t > self.ttl]:
                 del self._items[k]
+            while self.max_items is not None and len(self._items) >= self.max_items:
+                del self._items[next(iter(self._items))]  # the oldest: dicts keep insertion order
             self._items[ticket] = (now, uses, (kind, value))
         return ticket
 
@@ -121,7 +125,8 @@ class KeyCloud:
     #: per gallery its shape and the seeds of its masked templates (:mod:`he_cnn.protocols.identify`)
     galleries: dict[str, "identify.S2Gallery"] = field(default_factory=dict)
     #: prepared identification queries' masks, kept until used (S1 prepares them in the background)
-    prepared: TicketStore = field(default_factory=lambda: TicketStore(ttl=identify.PREPARED_SECONDS))
+    prepared: TicketStore = field(default_factory=lambda: TicketStore(identify.PREPARED_SECONDS,
+                                                                      identify.MAX_PREPARED))
     #: called after a gallery's seeds change (the service persists them)
     on_gallery: Callable[[str, "identify.S2Gallery | None"], None] | None = None
 

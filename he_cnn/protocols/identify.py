@@ -395,6 +395,9 @@ MAX_OFFLINE_WINDOW = 7
 #: how long S2 keeps a prepared query's mask A: S1 keeps a batch ready in the background, for as long
 #: as no query comes (S2's other tickets live 600 s)
 PREPARED_SECONDS = 7 * 24 * 3600.0
+#: prepared queries S2 keeps at most (F integers each: ~60 MB at F = 1,024); beyond, the oldest go, and
+#: a query that meets a dropped one prepares again
+MAX_PREPARED = 1024
 
 
 @dataclass
