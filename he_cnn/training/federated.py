@@ -112,18 +112,24 @@ def to_fixed(model: torch.nn.Module, fraction_bits: int, value_bits: int) -> np.
     return ints.astype(np.int64).astype(object)
 
 
+def split_state(model: torch.nn.Module, values: np.ndarray) -> dict[str, np.ndarray]:
+    """A flat array cut into ``model``'s state entries, in its state order and shapes."""
+    state = model.state_dict()
+    expected = sum(t.numel() for t in state.values())
+    if expected != len(values):
+        raise BadRequest(f"{len(values)} values for a model of {expected}")
+    parts, start = {}, 0
+    for name, tensor in state.items():
+        parts[name] = np.asarray(values[start:start + tensor.numel()]).reshape(tuple(tensor.shape))
+        start += tensor.numel()
+    return parts
+
+
 def from_fixed(model: torch.nn.Module, values: np.ndarray, fraction_bits: int) -> dict[str, torch.Tensor]:
     """The state dict ``values / 2^f`` in ``model``'s state order and shapes."""
     floats = np.ldexp(np.asarray(values, dtype=np.float64), -fraction_bits)
-    shapes = {name: tensor for name, tensor in model.state_dict().items()}
-    expected = sum(t.numel() for t in shapes.values())
-    if expected != len(floats):
-        raise BadRequest(f"{len(floats)} values for a model of {expected}")
-    state, start = {}, 0
-    for name, tensor in shapes.items():
-        state[name] = torch.from_numpy(floats[start:start + tensor.numel()]).reshape(tensor.shape).to(tensor.dtype)
-        start += tensor.numel()
-    return state
+    dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}
+    return {name: torch.from_numpy(part).to(dtypes[name]) for name, part in split_state(model, floats).items()}
 
 
 @dataclass(frozen=True)
@@ -288,12 +294,7 @@ def scale_runs(ideal: IntegerModel, model: torch.nn.Module, total: int, fraction
 
 def served_model(ideal: IntegerModel, values: np.ndarray, model: torch.nn.Module) -> IntegerModel:
     """``ideal`` with the integers S1 actually serves (``values`` in ``model``'s state order), its bounds anew."""
-    by_name, start = {}, 0
-    for name, tensor in model.state_dict().items():
-        by_name[name] = np.asarray(values[start:start + tensor.numel()], dtype=object).reshape(tuple(tensor.shape))
-        start += tensor.numel()
-    if start != len(values):
-        raise BadRequest(f"{len(values)} served values for a model of {start}")
+    by_name = split_state(model, np.asarray(values, dtype=object))
     layers = tuple(dataclasses.replace(layer, weight=by_name[f"{layer.name}.weight"], bias=by_name[f"{layer.name}.bias"])
                    if isinstance(layer, LinearLayer) else layer for layer in ideal.layers)
     shapes, bounds = infer_shapes_and_bounds(layers, ideal.input_name, ideal.input_shape, ideal.input_max)
