@@ -290,3 +290,30 @@ def test_s2_keeps_a_bounded_number_of_prepared_queries():
     assert len(store) == 3 and [store.pop(t, "identify") for t in tickets[2:]] == [2, 3, 4]
     with pytest.raises(ProtocolError, match="unknown or expired"):
         store.pop(tickets[0], "identify")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("comparison", ["ot", "dgk"])
+def test_identify_and_verify_at_2048_bits_with_a_tie_and_no_match(comparison):
+    """The acceptance's 2048-bit queries, in process: a tie between the two best templates (the smaller
+    index wins), a query with no match, a plain match, a batch shared by all of them, and a verify."""
+    from he_cnn.crypto.paillier import generate_keypair
+    from he_cnn.parties.key_cloud import KeyCloud
+    from he_cnn.protocols.common import S1Context
+    from he_cnn.transport.channel import InProcessChannel
+    keys, user = generate_keypair(2048), generate_keypair(2048)
+    cloud = KeyCloud.create(keys)
+    ctx = S1Context(keys.public, cloud.dgk_public, InProcessChannel(cloud.handle), comparison=comparison)
+    t = templates(40)
+    t[31] = t[9]
+    threshold = 300
+    g = gallery(ctx, t, threshold, chunks=(25,))
+    batch = idf.prepare_identify(ctx, g)
+    queries = [near(t, 9, noise=0), [0] * F, near(t, 33, noise=1)]
+    for x, prepared in zip(queries, batch):
+        out = idf.secure_identify(ctx, g, EncryptedTensor.encrypt(keys.public, x), prepared, user.public)
+        assert idf.read_answer(out.decrypt(user.private)[0], 40) == idf.identify_reference(t, x, threshold)
+    assert idf.identify_reference(t, queries[0], threshold) == 9  # tied with 31
+    assert idf.identify_reference(t, queries[1], threshold) is None
+    out = idf.secure_verify(ctx, g, EncryptedTensor.encrypt(keys.public, queries[2]), 33, batch[3], user.public)
+    assert (idf.read_answer(out.decrypt(user.private)[0], 40) == 33) == idf.verify_reference(t, queries[2], threshold, 33)
