@@ -342,7 +342,7 @@ class GalleryPreparer:
         """Prepare a batch in the background if the gallery has none ready."""
         gallery_id = stored.gallery.gallery_id
         with self._lock:
-            if self._executor is None or self._ready.get(gallery_id) or gallery_id in self._pending:
+            if self._executor is None or stored.deleted or self._ready.get(gallery_id) or gallery_id in self._pending:
                 return
             self._pending.add(gallery_id)
         self._executor.submit(self._prepare, stored)
