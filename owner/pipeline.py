@@ -1,10 +1,12 @@
 """The owner's steps: train → quantise (or compile) → score → encrypt → upload.
 
 Training is :mod:`he_cnn.training.train` on an architecture of the zoo (:mod:`he_cnn.training.zoo`:
-the patent's ICNN, the default, quantised by :mod:`he_cnn.training.quantize`; ``vgg`` and ``resnet``,
-compiled like any user's model by :mod:`he_cnn.compiler`). This module strings the steps together for
-a data set (the embedded digits, MNIST, or an image folder), scores the float and the integer model on
-the held-out split, encrypts every kernel and bias under the cloud key fetched from S1, and
+the patent's ICNN, the default, quantised by :mod:`he_cnn.training.quantize`; ``vgg``, ``resnet`` and
+the embedding network ``embed``, compiled like any user's model by :mod:`he_cnn.compiler`). This
+module strings the steps together for a data set (the embedded digits, MNIST, or an image folder),
+scores the float and the integer model on the held-out split (a model whose outputs are not the data
+set's classes, an embedding network, has no class accuracy: the owner's command line measures its
+rank-1 identification accuracy instead), encrypts every kernel and bias under the cloud key fetched from S1, and
 posts the encrypted model with the owner token. :func:`check_owner` asks S1 first (does it answer,
 does it take the owner token, has it the cloud key?), so that a wrong token or a dead S1 is known in
 a second, not after minutes of training and encrypting. :func:`cached_model` keeps trained models on disk,
@@ -45,6 +47,7 @@ UPLOAD_TIMEOUT = 900.0
 #: the modules whose code decides a trained integer model (a change in any retrains the cached ones)
 CODE_THAT_TRAINS = ("he_cnn.images", "he_cnn.graph.layers", "he_cnn.graph.integer_model", "he_cnn.training.data",
                     "he_cnn.training.icnn", "he_cnn.training.quantize", "he_cnn.training.train", "he_cnn.training.zoo",
+                    "he_cnn.training.embedding",
                     "he_cnn.compiler", "he_cnn.compiler.float_graph", "he_cnn.compiler.lower",
                     "he_cnn.compiler.onnx_import", "he_cnn.training.dp", "he_cnn.graph.privacy")
 KEY_TIMEOUT = 30.0
@@ -110,8 +113,9 @@ class TrainSettings:
 class TrainedModel:
     model: IntegerModel
     dataset: Dataset | None  # None when a loaded model's input does not fit the data set
-    float_accuracy: float | None  # None when the model was loaded, not trained
-    integer_accuracy: float | None
+    #: None when the model was loaded, not trained; an embedding network's float rank-1 accuracy
+    float_accuracy: float | None
+    integer_accuracy: float | None  # None also when the model's outputs are not the data set's classes
     #: the trained float model (eval mode); None when only an integer model file was loaded
     float_model: torch.nn.Module | None = None
     #: the fraction of test images on which the integer model's class equals the float model's
@@ -136,9 +140,11 @@ def score_integer_model(model: IntegerModel, dataset: Dataset) -> float:
 
 
 def train_model(settings: TrainSettings) -> TrainedModel:
-    """Train the float model, quantise (ICNN) or compile (zoo) it, score both on the test split; class
-    names and the preprocessing go into ``meta``."""
+    """Train the float model, quantise (ICNN) or compile (zoo) it, score both on the test split (a
+    classifier; an embedding network only in float, :func:`~he_cnn.training.train.train_embedding`); class
+    names (an embedding's feature indices) and the preprocessing go into ``meta``."""
     settings = settings.resolved()
+    embedding = architecture(settings.arch).features is not None
     dataset = load_dataset(settings)
     privacy = settings.privacy()
     result = train_architecture(settings.arch, dataset, seed=settings.seed, epochs=settings.epochs, privacy=privacy)
@@ -155,8 +161,10 @@ def train_model(settings: TrainSettings) -> TrainedModel:
         calibration = source[np.random.default_rng(settings.seed).permutation(len(source))[:256]]
         model = compile_model(result.model, calibration, preprocessing=dataset.preprocessing,
                               weight_bits=settings.weight_bits, activation_bits=settings.activation_bits,
-                              classes=dataset.classes).model
+                              classes=None if embedding else dataset.classes).model
     model = dataclasses.replace(model, meta={**model.meta, "privacy": result.privacy.to_json()})
+    if embedding:
+        return TrainedModel(model, dataset, result.float_test_accuracy, None, result.model, None, result.seconds)
     predicted = integer_predictions(model, dataset)  # once, for the accuracy and the agreement
     return TrainedModel(model, dataset, result.float_test_accuracy, float(np.mean(predicted == dataset.y_test)),
                         result.model, float(np.mean(predicted == predict_float(result.model, dataset.x_test))),
@@ -170,7 +178,8 @@ def load_model(path: str | Path, settings: TrainSettings) -> TrainedModel:
 
 def score_model(model: IntegerModel, settings: TrainSettings) -> TrainedModel:
     """An integer model, scored on the data set of ``settings`` when the model reads its images (same
-    input shape and channels); otherwise unscored."""
+    input shape and channels) and its outputs are the data set's classes; otherwise unscored (with the
+    data set when the model reads its images: an embedding network)."""
     pre = model.preprocessing
     resolved = settings.resolved()
     if pre.channels != "grey" or pre.height != pre.width:
@@ -178,6 +187,8 @@ def score_model(model: IntegerModel, settings: TrainSettings) -> TrainedModel:
     dataset = load_dataset(dataclasses.replace(resolved, size=pre.height, input_max=model.input_max))
     if dataset.x_test.shape[1:] != model.input_shape:
         return TrainedModel(model, None, None, None)
+    if model.num_classes != len(dataset.classes):
+        return TrainedModel(model, dataset, None, None)
     return TrainedModel(model, dataset, None, score_integer_model(model, dataset))
 
 

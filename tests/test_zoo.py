@@ -67,7 +67,7 @@ def test_the_docstring_table_is_the_cost():
             for m in re.findall(r"^(\w+)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)$", zoo.__doc__, re.M)}
     assert set(rows) == set(ARCHITECTURES)
     for arch in ARCHITECTURES:
-        model = build_model(arch, (1, 28, 28), 10)
+        model = build_model(arch, (1, 28, 28), zoo.architecture(arch).outputs(10))
         cost = secure_cost(model, (1, 28, 28))
         parameters = sum(p.numel() for p in model.parameters())
         assert rows[arch] == [cost["relus"], cost["windows"], cost["comparisons"], cost["macs"], parameters], arch

@@ -7,12 +7,15 @@ disturbs the caller's global torch state. Small networks overfit the 1347 traini
 training images are shifted by up to one pixel at random; with Adam on a one-cycle schedule the
 ICNN reaches 98-99% on the digits test split in well under ten seconds. With
 :class:`~he_cnn.training.dp.DPSettings` the same loop runs DP-SGD (:mod:`he_cnn.training.dp`): Poisson
-batches, clipped per-example gradients and noise, and the accountant's (ε, δ) in the result.
+batches, clipped per-example gradients and noise, and the accountant's (ε, δ) in the result. The zoo's
+embedding network trains in the same loop as a classifier with the center loss
+(:func:`train_embedding`, :mod:`he_cnn.training.embedding`).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -20,15 +23,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from he_cnn.errors import BadRequest
 from he_cnn.graph.privacy import TrainingPrivacy
 from he_cnn.training import dp
 from he_cnn.training.data import Dataset
+from he_cnn.training.embedding import GALLERY_PER_CLASS, CenterLossTrainer, gallery_indices, rank1_accuracy
 from he_cnn.training.zoo import architecture, build_model
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    """A trained model (in eval mode) and how it got there."""
+    """A trained model (in eval mode) and how it got there. An embedding network's accuracies are rank-1
+    identification accuracies (:func:`train_embedding`)."""
 
     model: nn.Module
     float_test_accuracy: float
@@ -51,8 +57,15 @@ def train_icnn(
 def train_architecture(arch: str, dataset: Dataset, seed: int = 0, epochs: int | None = None,
                        lr: float | None = None, privacy: dp.DPSettings | None = None) -> TrainResult:
     """Train a new model of the zoo's ``arch`` on ``dataset``, with the zoo's epochs and learning rate
-    for it (its DP-SGD ones with ``privacy``) unless ``epochs`` or ``lr`` are given."""
+    for it (its DP-SGD ones with ``privacy``) unless ``epochs`` or ``lr`` are given; an embedding network
+    by :func:`train_embedding`."""
     plan = architecture(arch)
+    if plan.features is not None:
+        if privacy is not None:  # the centres enter the loss outside any layer's forward pass, unseen by Opacus
+            raise BadRequest(f"{arch} is an embedding network, which DP-SGD cannot train here (Opacus computes "
+                             "no per-example gradients for its center loss's centres); train icnn or vgg with "
+                             "--dp-epsilon")
+        return train_embedding(dataset, arch, seed, epochs, lr)
     model = build_model(arch, dataset.x_train.shape[1:], len(dataset.classes))
     if privacy is not None:
         dp.check_trainable(model, arch)
@@ -62,9 +75,35 @@ def train_architecture(arch: str, dataset: Dataset, seed: int = 0, epochs: int |
                             plan.lr if lr is None else lr)
 
 
+def train_embedding(dataset: Dataset, arch: str = "embed", seed: int = 0, epochs: int | None = None,
+                    lr: float | None = None) -> TrainResult:
+    """Train a new embedding network of the zoo's ``arch`` on ``dataset``'s classes (the identities) as
+    :class:`~he_cnn.training.embedding.CenterLossTrainer` says, with the zoo's epochs and learning rate
+    unless given, then drop the head: the result's model is the network alone. Its accuracies are float
+    rank-1 ones: the test split's images (and the training split's) against templates of the first
+    :data:`~he_cnn.training.embedding.GALLERY_PER_CLASS` training images of each identity, all by their
+    float features."""
+    plan = architecture(arch)
+    classes = len(dataset.classes)
+    features = plan.outputs(classes)
+    network = build_model(arch, dataset.x_train.shape[1:], features)
+    trainer = CenterLossTrainer(network, features, classes)
+    result = train_classifier(trainer, dataset, plan.epochs if epochs is None else epochs, seed,
+                              plan.lr if lr is None else lr, objective=trainer.loss)
+    gallery = gallery_indices(dataset.y_train, classes, GALLERY_PER_CLASS)
+    templates = float_logits(network, dataset.x_train[gallery])
+
+    def rank1(images: np.ndarray, labels: np.ndarray) -> float:
+        return rank1_accuracy(templates, dataset.y_train[gallery], float_logits(network, images), labels)
+
+    return dataclasses.replace(result, model=network, float_test_accuracy=rank1(dataset.x_test, dataset.y_test),
+                               float_train_accuracy=rank1(dataset.x_train, dataset.y_train))
+
+
 def train_classifier(
     model: nn.Module, dataset: Dataset, epochs: int = 15, seed: int = 0, lr: float = 1e-2, batch_size: int = 32,
     shift: bool = True, privacy: dp.DPSettings | None = None, initial_state: Mapping[str, torch.Tensor] | None = None,
+    objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` with Adam and cross-entropy; report float accuracies.
 
@@ -76,7 +115,9 @@ def train_classifier(
     (``batch_size`` is then the expected size of a Poisson batch, and the model is checked first:
     :func:`~he_cnn.training.dp.check_trainable`); the initial weights still come from ``seed``, the private
     randomness from ``privacy.noise_seed``. With ``initial_state`` (a federated round's average) training
-    goes on from those weights instead of fresh ones; ``seed`` still orders the batches.
+    goes on from those weights instead of fresh ones; ``seed`` still orders the batches. ``objective``
+    (images, labels) -> loss replaces the cross-entropy of ``model``'s outputs (an embedding's center
+    loss; not with ``privacy``: :func:`train_architecture` says why).
     """
     started = time.perf_counter()
     x_train = torch.from_numpy(dataset.x_train)
@@ -105,7 +146,8 @@ def train_classifier(
             total = 0.0
             for images, labels in batches():
                 optimiser.zero_grad()
-                loss = loss_fn(trained(random_shift(images) if shift else images), labels)
+                inputs = random_shift(images) if shift else images
+                loss = loss_fn(trained(inputs), labels) if objective is None else objective(inputs, labels)
                 loss.backward()
                 optimiser.step()
                 schedule.step()
