@@ -27,7 +27,7 @@ from he_cnn.training.zoo import ARCHITECTURES
 from he_cnn.transport.http_channel import CloudPublicKey
 
 from .auditing import DEFAULT_SHADOWS, audit_model
-from .enrol_cli import enrol_command, gallery_rank1
+from .enrol_cli import enrol_command, gallery_rank1, unenrol_command
 from .enrolling import TEMPLATE_BITS
 from .federate_cli import federate_command
 from .gradient_audit import run_and_print as run_gradient_audit
@@ -129,6 +129,7 @@ def owner() -> None:
 
 
 owner.add_command(enrol_command)  # he-cnn owner enrol: a gallery for identification (enrol_cli)
+owner.add_command(unenrol_command)  # he-cnn owner unenrol: delete a gallery at both clouds
 owner.add_command(federate_command)  # he-cnn owner federate: several owners train one model (federate_cli)
 
 

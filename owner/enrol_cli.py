@@ -35,7 +35,7 @@ from he_cnn.protocols.identify import read_labels_file
 from he_cnn.training.data import Dataset
 from he_cnn.training.embedding import GALLERY_PER_CLASS, gallery_indices, rank1_accuracy
 
-from .enrolling import (DEFAULT_CHUNK, TEMPLATE_BITS, as_templates, embedding, embeddings_of, enrol, template_bits,
+from .enrolling import (delete_gallery, DEFAULT_CHUNK, TEMPLATE_BITS, as_templates, embedding, embeddings_of, enrol, template_bits,
                         template_shift)
 from .pipeline import TrainSettings, cached_model, load_dataset
 
@@ -136,3 +136,28 @@ def enrol_command(s1_url: str, token: str, model_id: str, model_file: str | None
         click.echo(f"rank-1 accuracy (plaintext, {len(probes)} test images): {accuracy:.2%}")
         click.echo(f"labels: {labels_path}")
         click.echo(f"gallery id: {info['gallery_id']} ({info['count']} templates)")
+
+
+@click.command("unenrol")
+@click.option("--s1", "s1_url", envvar="HECNN_S1_URL", default="http://127.0.0.1:8601", show_default=True,
+              help="Base URL of S1.")
+@click.option("--token", envvar="HECNN_OWNER_TOKEN", required=True, show_envvar=True,
+              help="The owner token S1 was started with (prefer the env var).")
+@click.option("--gallery", "gallery_id", required=True, help="The gallery to delete.")
+@click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also delete this local labels file.")
+@click.option("--tls-ca", envvar="HECNN_TLS_CA", show_envvar=True, type=click.Path(exists=True, dir_okay=False),
+              default=None, help="CA S1's HTTPS certificate must chain to [default: the system's CAs].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def unenrol_command(s1_url: str, token: str, gallery_id: str, labels_path: Path | None, tls_ca: str | None,
+                    as_json: bool) -> None:
+    """Delete a gallery: its encrypted templates at S1, its seeds at S2 (and the local labels file)."""
+    info = run_step(lambda: delete_gallery(s1_url, token, gallery_id, tls_ca))
+    if labels_path is not None:
+        run_step(lambda: labels_path.unlink(missing_ok=True))
+    if as_json:
+        click.echo(json.dumps(info))
+    else:
+        at_s2 = {True: "its seeds deleted at S2", False: "S2 held no seeds for it",
+                 None: "S2 was unreachable: run this again to delete its seeds there"}[info.get("s2_dropped")]
+        click.echo(f"gallery {gallery_id} deleted at S1; {at_s2}")

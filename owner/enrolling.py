@@ -111,3 +111,8 @@ def enrol(s1_url: str, owner_token: str, chunks: Iterable[np.ndarray], bits: int
         if progress is not None:
             progress(chunk.count)
     return _owner_call(s1_url, owner_token, f"/v1/galleries/{gallery_id}/commit", b"", tls_ca)
+
+
+def delete_gallery(s1_url: str, owner_token: str, gallery_id: str, tls_ca: str | None = None) -> dict[str, Any]:
+    """Delete a gallery at S1 and its seeds at S2 (S1's JSON reply: ``s2_dropped`` says whether S2 did)."""
+    return _owner_call(s1_url, owner_token, f"/v1/galleries/{gallery_id}", None, tls_ca, method="DELETE")

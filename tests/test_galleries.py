@@ -268,3 +268,18 @@ def test_idle_pending_enrolments_are_dropped(clouds, model, model_id, monkeypatc
     assert not [p for p in (clouds.root / "s1" / "galleries").iterdir() if p.name.endswith(opened[0])]
     assert clouds.client.delete(f"/v1/galleries/{fresh.get_json()['gallery_id']}",
                                 headers=AUTH_OWNER).status_code == 200
+
+
+def test_owner_unenrol_deletes_at_both_clouds_in_one_command(clouds, model, model_id, tmp_path):
+    from click.testing import CliRunner
+    from he_cnn.owner.cli import owner
+    gallery = new_gallery(clouds, model, model_id, images(2, 10))
+    labels = tmp_path / "labels.json"
+    labels.write_text("{}")
+    env = {"HECNN_OWNER_TOKEN": OWNER_TOKEN}
+    done = CliRunner().invoke(owner, ["unenrol", "--s1", clouds.url, "--gallery", gallery, "--labels", str(labels)],
+                              env=env)
+    assert done.exit_code == 0 and "deleted at S1; its seeds deleted at S2" in done.output, done.output
+    assert not labels.exists() and gallery not in clouds.s2_app.extensions["he_cnn.s2"].galleries
+    again = CliRunner().invoke(owner, ["unenrol", "--s1", clouds.url, "--gallery", gallery, "--json"], env=env)
+    assert again.exit_code == 1 and "no gallery" in again.output and len(again.output.strip().splitlines()) == 1
