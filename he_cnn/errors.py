@@ -73,6 +73,20 @@ class UnknownSetup(ProtocolError):
     code = "unknown_setup"
 
 
+class UnknownGallery(ProtocolError):
+    """S2 does not hold the gallery S1 named, or holds other chunks of it (S2 lost or restored its data):
+    S1 relays the gallery's seeds again."""
+
+    code = "unknown_gallery"
+
+
+class UnknownPrepared(ProtocolError):
+    """S2 no longer holds the prepared identification S1 named (a restart, or the oldest dropped):
+    S1 prepares again."""
+
+    code = "unknown_prepared"
+
+
 class UnknownOTSession(ProtocolError):
     """S2 does not know the OT link S1 named (S2 restarted or dropped it): S1 makes a new one."""
 
@@ -149,6 +163,13 @@ class RoundNotReady(HECNNError):
     names a round that is not the session's open one."""
 
     code = "round_not_ready"
+    status = 409
+
+
+class EnrolmentExpired(HECNNError):
+    """An enrolment's uploaded chunks were dropped after it stayed idle too long: start it again."""
+
+    code = "enrolment_expired"
     status = 409
 
 

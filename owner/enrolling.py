@@ -104,13 +104,19 @@ def enrol(s1_url: str, owner_token: str, chunks: Iterable[np.ndarray], bits: int
                              f"{bits}-bit (enrol with the same --template-bits)")
         # chunks an interrupted append left uncommitted would be published with these, under wrong labels
         _owner_call(s1_url, owner_token, f"/v1/galleries/{gallery_id}/chunks", None, tls_ca, method="DELETE")
+    before, sent = int(info.get("count", 0)), 0
     for templates in chunks:
         chunk = identify.enrol_chunk(key, templates, bits, info["embedding_bits"])
         _owner_call(s1_url, owner_token, f"/v1/galleries/{gallery_id}/chunks", encode(identify.encode_chunk(chunk)),
                     tls_ca)
+        sent += chunk.count
         if progress is not None:
             progress(chunk.count)
-    return _owner_call(s1_url, owner_token, f"/v1/galleries/{gallery_id}/commit", b"", tls_ca)
+    done = _owner_call(s1_url, owner_token, f"/v1/galleries/{gallery_id}/commit", b"", tls_ca)
+    if done.get("count") != before + sent:  # the labels file numbers templates from before: it must be exact
+        raise ProtocolError(f"S1 holds {done.get('count')} templates in gallery {gallery_id} after this enrolment "
+                            f"of {sent} onto {before}: another enrolment ran at the same time; check the gallery")
+    return done
 
 
 def delete_gallery(s1_url: str, owner_token: str, gallery_id: str, tls_ca: str | None = None) -> dict[str, Any]:

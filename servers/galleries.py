@@ -57,7 +57,8 @@ from flask import Blueprint, Flask, Response, current_app, jsonify
 from he_cnn.bounded_json import read_json_file
 from he_cnn.crypto.paillier import PublicKey
 from he_cnn.crypto.tensor import EncryptedTensor
-from he_cnn.errors import BadRequest, HECNNError, ServiceBusy, ShapeError, UnknownModel, UnknownSetup
+from he_cnn.errors import (BadRequest, EnrolmentExpired, HECNNError, ServiceBusy, ShapeError, UnknownGallery,
+                           UnknownModel, UnknownPrepared)
 from he_cnn.parties.compute_cloud import Finish
 from he_cnn.parties.key_cloud import KeyCloud
 from he_cnn.protocols.common import S1Context
@@ -77,6 +78,8 @@ MAX_PENDING = 16
 MAX_CHUNKS = 4096
 #: idle seconds after which a pending gallery, or chunks uploaded to a gallery but not committed, are dropped
 PENDING_SECONDS = 3600.0
+#: galleries whose prepared searches S1 keeps (the most recently searched)
+MAX_READY = 32
 
 log = logging.getLogger("he_cnn.servers.galleries")
 
@@ -181,12 +184,16 @@ class GalleryStore:
         with self._lock:
             idle = [g for g in self._new.values() if now - g.touched > PENDING_SECONDS]
         for stored in idle:
-            log.info("dropping gallery %s: its enrolment was left idle", stored.gallery.gallery_id)
-            self.delete(stored)
+            if self.delete(stored, only_if_idle=True):
+                log.info("dropped gallery %s: its enrolment was left idle", stored.gallery.gallery_id)
 
-    def delete(self, stored: StoredGallery) -> None:
-        """Remove a gallery from S1 (memory and disk); S2's part is the caller's."""
+    def delete(self, stored: StoredGallery, only_if_idle: bool = False) -> bool:
+        """Remove a gallery from S1 (memory and disk); S2's part is the caller's. With ``only_if_idle``,
+        only a pending gallery still idle for PENDING_SECONDS. Whether this call removed it."""
         with stored.lock:
+            if stored.deleted or only_if_idle and (stored.gallery.gallery_id not in self._new
+                                                   or time.monotonic() - stored.touched <= PENDING_SECONDS):
+                return False
             stored.deleted = True
             with self._lock:
                 self._new.pop(stored.gallery.gallery_id, None)
@@ -195,6 +202,7 @@ class GalleryStore:
             stored.folder.rename(doomed)  # atomic: a crash from here on leaves a dot-directory, removed at start
             fsync_dir(self.root)
             shutil.rmtree(doomed, ignore_errors=True)
+        return True
 
     def get(self, gallery_id: str, pending: bool = False) -> StoredGallery:
         """A committed gallery (or, with ``pending``, also one still being enrolled)."""
@@ -211,8 +219,9 @@ class GalleryStore:
             if stored.deleted:
                 raise UnknownModel(f"gallery {stored.gallery.gallery_id} was deleted")
             if stored.pending and time.monotonic() - stored.touched > PENDING_SECONDS:
-                log.info("gallery %s: dropping %d chunks left uncommitted", stored.gallery.gallery_id,
-                         stored.drop_pending())
+                dropped = stored.drop_pending()
+                raise EnrolmentExpired(f"the {dropped} chunks uploaded before were dropped after "
+                                       f"{PENDING_SECONDS:.0f} s without an upload: enrol them again")
             if len(stored.gallery.chunks) + len(stored.pending) >= MAX_CHUNKS:
                 raise BadRequest(f"a gallery holds at most {MAX_CHUNKS} chunks")
             view = stored.with_pending()
@@ -280,7 +289,11 @@ def install_s2_galleries(cloud: KeyCloud, data_dir: Path) -> int:
                     or not all(type(c) is int and c >= 1 for c in counts):
                 raise BadRequest("not an S2 gallery file")
             chunks = tuple((c, int(s).to_bytes(identify.SEED_BYTES, "big")) for c, s in zip(counts, seeds))
-            gallery = identify.S2Gallery(msg.get("features", int), msg.get("template_bits", int), chunks)
+            tags = msg.meta.get("tags", [])  # absent in files written before tags: S1 then relays the seeds again
+            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags) \
+                    or len(tags) not in (0, len(chunks)):
+                raise BadRequest("malformed chunk tags")
+            gallery = identify.S2Gallery(msg.get("features", int), msg.get("template_bits", int), chunks, tuple(tags))
         except (OSError, ValueError, OverflowError, HECNNError) as e:
             raise DataDirError(f"S2 gallery file {path} is corrupt ({e}); move it away and enrol again") from e
         cloud.galleries[msg.get("gallery_id", str)] = gallery
@@ -291,7 +304,8 @@ def install_s2_galleries(cloud: KeyCloud, data_dir: Path) -> int:
             fsync_dir(folder)
             return
         msg = Message(meta={"format": S2_FORMAT, "gallery_id": gallery_id, "features": gallery.features,
-                            "template_bits": gallery.template_bits, "counts": [c for c, _ in gallery.chunks]})
+                            "template_bits": gallery.template_bits, "counts": [c for c, _ in gallery.chunks],
+                            "tags": list(gallery.tags)})
         msg.arrays["seeds"] = np.array([int.from_bytes(s, "big") for _, s in gallery.chunks], dtype=object)
         atomic_write(_s2_path(Path(data_dir), gallery_id), encode(msg))
 
@@ -305,29 +319,41 @@ class GalleryPreparer:
     gallery as it is now, refilled by one background thread a batch at a time.
 
     Each prepared query is used once (its mask would otherwise repeat); one prepared before an append
-    does not cover the new templates and is dropped when taken."""
+    does not cover the new templates and is dropped. Batches are kept for the :data:`MAX_READY`
+    galleries searched last (k_q x G ciphertexts each: 1.4 MB at the seed's scale)."""
 
     def __init__(self, peer: Any, enabled: bool):
         self._peer = peer
-        self._ready: dict[str, list[identify.PreparedIdentify]] = {}
+        self._ready: dict[str, list[identify.PreparedIdentify]] = {}  # least recently used first
         self._pending: set[str] = set()
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s1-gallery-offline") if enabled else None
 
-    def take(self, stored: StoredGallery) -> identify.PreparedIdentify | None:
+    def _current(self, stored: StoredGallery) -> list[identify.PreparedIdentify]:
+        """The gallery's ready queries that cover it as it is now (the caller holds the lock)."""
         whole = tuple(range(stored.gallery.groups))
-        with self._lock:
-            ready = self._ready.get(stored.gallery.gallery_id, [])
-            while ready:
-                prepared = ready.pop()
-                if prepared.groups == whole:
-                    return prepared
-        return None
+        ready = [p for p in self._ready.pop(stored.gallery.gallery_id, []) if p.groups == whole and not p.used]
+        if ready:
+            self._ready[stored.gallery.gallery_id] = ready  # now the most recently used
+        return ready
 
-    def add(self, gallery_id: str, batch: list[identify.PreparedIdentify]) -> None:
+    def take(self, stored: StoredGallery) -> identify.PreparedIdentify | None:
         with self._lock:
-            self._ready.setdefault(gallery_id, []).extend(p for p in batch if not p.used)
+            ready = self._current(stored)
+            return ready.pop() if ready else None
+
+    def add(self, stored: StoredGallery, batch: list[identify.PreparedIdentify]) -> bool:
+        """Keep ``batch`` if it covers the gallery as it is now and the gallery is not deleted (whether kept)."""
+        whole = tuple(range(stored.gallery.groups))
+        fresh = [p for p in batch if p.groups == whole and not p.used]
+        with self._lock:
+            if stored.deleted or not fresh:
+                return False
+            self._ready[stored.gallery.gallery_id] = self._current(stored) + fresh  # the most recently used
+            while len(self._ready) > MAX_READY:
+                del self._ready[next(iter(self._ready))]
+        return True
 
     def drop(self, gallery_id: str) -> None:
         with self._lock:
@@ -339,27 +365,28 @@ class GalleryPreparer:
             return sum(len(v) for k, v in self._ready.items() if gallery_id in (None, k))
 
     def refill(self, stored: StoredGallery) -> None:
-        """Prepare a batch in the background if the gallery has none ready."""
+        """Prepare a batch in the background if the gallery has none ready for it as it is now."""
         gallery_id = stored.gallery.gallery_id
         with self._lock:
-            if self._executor is None or stored.deleted or self._ready.get(gallery_id) or gallery_id in self._pending:
+            if self._executor is None or stored.deleted or self._current(stored) or gallery_id in self._pending:
                 return
             self._pending.add(gallery_id)
         self._executor.submit(self._prepare, stored)
 
     def _prepare(self, stored: StoredGallery) -> None:
-        gallery_id = stored.gallery.gallery_id
+        gallery_id, stale = stored.gallery.gallery_id, False
         try:
             with self._peer.context() as ctx:
                 batch = prepare(ctx, stored, stored.gallery)
-            if not stored.deleted:
-                self.add(gallery_id, batch)
+            stale = not self.add(stored, batch) and not stored.deleted
         except Exception:  # a query then prepares for itself; nothing is lost
             if not self._closing.is_set():
                 log.exception("offline phase for gallery %s failed", gallery_id)
         finally:
             with self._lock:
                 self._pending.discard(gallery_id)
+        if stale:  # an append during the preparation made it useless: prepare for the gallery as it is now
+            self.refill(stored)
 
     def shutdown(self) -> None:
         self._closing.set()
@@ -373,7 +400,7 @@ def prepare(ctx: S1Context, stored: StoredGallery, gallery: identify.EncryptedGa
     seeds, they are relayed again first (from S1's copy of E(sigma)), once."""
     try:
         return identify.prepare_identify(ctx, gallery)
-    except UnknownSetup as e:
+    except UnknownGallery as e:
         log.warning("S2 does not hold gallery %s (%s); relaying its seeds again", gallery.gallery_id, e)
     with stored.lock:  # not during a commit's own set-up; the whole committed gallery, not the snapshot
         if stored.deleted:
@@ -523,7 +550,7 @@ def _search(gallery_id: str, verify: bool) -> Response:
         def finish(ctx: S1Context) -> Finish:
             def prepared_query() -> identify.PreparedIdentify:
                 first, *rest = prepare(ctx, stored, gallery)
-                preparer.add(gallery_id, rest)
+                preparer.add(stored, rest)
                 return first
 
             def search(embedding: EncryptedTensor, bits: int) -> EncryptedTensor:
@@ -537,7 +564,7 @@ def _search(gallery_id: str, verify: bool) -> Response:
                     return identify.secure_identify(ctx, gallery, x, prepared, user_key)
                 try:
                     return answer(preparer.take(stored) or prepared_query())
-                except UnknownSetup:  # S2 lost the prepared masks (it restarted): prepare again, once
+                except UnknownPrepared:  # S2 lost the prepared masks (a restart): prepare again, once
                     log.warning("S2 lost the prepared queries of gallery %s; preparing again", gallery_id)
                     preparer.drop(gallery_id)
                     return answer(prepared_query())

@@ -19,7 +19,8 @@ from he_cnn.transport.http_channel import error_from_response
 #: what the clouds answered before the codes moved into he_cnn.errors; every other code is 400
 PINNED_STATUS = {"bound_exceeded": 422, "unknown_model": 404, "peer_key_changed": 502, "peer_error": 502,
                  "peer_unavailable": 503, "service_busy": 429, "workers_unavailable": 503,
-                 "round_not_ready": 409}  # (federated sessions, new with them)
+                 "round_not_ready": 409,  # (federated sessions, new with them)
+                 "enrolment_expired": 409}  # (galleries)
 
 
 def all_subclasses() -> list[type[HECNNError]]:

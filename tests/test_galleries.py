@@ -283,3 +283,22 @@ def test_owner_unenrol_deletes_at_both_clouds_in_one_command(clouds, model, mode
     assert not labels.exists() and gallery not in clouds.s2_app.extensions["he_cnn.s2"].galleries
     again = CliRunner().invoke(owner, ["unenrol", "--s1", clouds.url, "--gallery", gallery, "--json"], env=env)
     assert again.exit_code == 1 and "no gallery" in again.output and len(again.output.strip().splitlines()) == 1
+
+
+def test_an_append_left_idle_is_refused_not_half_published(clouds, model, model_id, keys1024, monkeypatch):
+    from he_cnn.servers import galleries
+    c = clouds.client
+    gallery = new_gallery(clouds, model, model_id, images(2, 11))
+    bits = c.get(f"/v1/galleries/{gallery}").get_json()["embedding_bits"]
+    body = encode(idf.encode_chunk(idf.enrol_chunk(keys1024.public, np.ones((2, 6), dtype=object),
+                                                   template_bits(model), bits)))
+    assert c.post(f"/v1/galleries/{gallery}/chunks", data=body, headers=AUTH_OWNER, content_type=WIRE).status_code == 202
+    monkeypatch.setattr(galleries, "PENDING_SECONDS", 0.0)
+    error_of(c.post(f"/v1/galleries/{gallery}/chunks", data=body, headers=AUTH_OWNER, content_type=WIRE), 409,
+             "enrolment_expired")
+    error_of(c.post(f"/v1/galleries/{gallery}/commit", headers=AUTH_OWNER), 400)  # nothing half-published
+    assert c.get(f"/v1/galleries/{gallery}").get_json()["count"] == 2
+    store = clouds.app.extensions["he_cnn.s1.galleries"]
+    stored = store.get(gallery)
+    assert not store.delete(stored, only_if_idle=True)  # committed: never dropped as an idle enrolment
+    assert store.delete(stored) and not store.delete(stored)  # a second delete (a race) is a no-op

@@ -188,10 +188,10 @@ def test_s2_refuses_malformed_gallery_rounds_with_4xx_errors(s1, key_cloud, user
                                  widths={"seeds": pk.ciphertext_bytes})),
         (idf.SETUP_STEP, Message(meta={"gallery_id": g.gallery_id, "first": 5, "features": F, "template_bits": LT,
                                        "counts": [1]}, arrays={"seeds": seed}, widths={"seeds": pk.ciphertext_bytes})),
-        (idf.PREPARE_STEP, Message(meta={"gallery_id": g.gallery_id, "x_bits": 0, "kappa": 40, "chunks": 1})),
-        (idf.PREPARE_STEP, Message(meta={"gallery_id": g.gallery_id, "x_bits": LX, "kappa": 20, "chunks": 1})),
-        (idf.PREPARE_STEP, Message(meta={"gallery_id": g.gallery_id, "x_bits": LX, "kappa": 40, "chunks": 2})),
-        (idf.PREPARE_STEP, Message(meta={"gallery_id": "nope", "x_bits": LX, "kappa": 40, "chunks": 1})),
+        (idf.PREPARE_STEP, Message(meta={"gallery_id": g.gallery_id, "x_bits": 0, "kappa": 40, "counts": [6]})),
+        (idf.PREPARE_STEP, Message(meta={"gallery_id": g.gallery_id, "x_bits": LX, "kappa": 20, "counts": [6]})),
+        (idf.PREPARE_STEP, Message(meta={"gallery_id": g.gallery_id, "x_bits": LX, "kappa": 40, "counts": [6, 1]})),
+        (idf.PREPARE_STEP, Message(meta={"gallery_id": "nope", "x_bits": LX, "kappa": 40, "counts": [6]})),
         (idf.STEP, Message(meta={"ticket": "0" * 32, "gallery_id": g.gallery_id})),
         (idf.UNPACK_STEP, Message(meta={"y_count": 1, "y_bits": 4, "kappa": 40, "shift": 0})),
         (idf.UNPACK_STEP, Message(meta={"shift": 3})),
@@ -199,7 +199,8 @@ def test_s2_refuses_malformed_gallery_rounds_with_4xx_errors(s1, key_cloud, user
     cases += [(idf.MASKS_STEP, Message(meta={"ticket": "0" * 32, "gallery_id": g.gallery_id})),
               (idf.DROP_STEP, Message(meta={"gallery": g.gallery_id}))]
     for count, bits in ((1, 9), (6 * 99, 9), (-1, 9), (6, -3)):  # each after a real first round (its ticket)
-        first = Message(meta={"gallery_id": g.gallery_id, "x_bits": LX, "kappa": 40, "chunks": 1})
+        first = Message(meta={"gallery_id": g.gallery_id, "x_bits": LX, "kappa": 40, "counts": [6],
+                              "tags": [idf.chunk_tag(g.chunks[0].seed.data[0])]})
         ticket = decode(key_cloud.handle(idf.PREPARE_STEP, encode(first))).get("ticket", str)
         cases.append((idf.MASKS_STEP, Message(meta={"ticket": ticket, "gallery_id": g.gallery_id,
                                                     "u_count": count, "u_bits": bits, "kappa": 40})))
@@ -247,23 +248,23 @@ def test_a_search_over_fewer_chunks_than_s2_holds_works(s1, user_keys):
     assert idf.read_answer(out.decrypt(user_keys.private)[0], 12) == idf.identify_reference(t[:12], x, 50)
 
 
-def test_s2_losing_its_state_is_reported_as_an_unknown_setup(s1, user_keys, key_cloud):
-    from he_cnn.errors import UnknownSetup
+def test_s2_losing_its_state_is_reported_as_such(s1, user_keys, key_cloud):
+    from he_cnn.errors import UnknownGallery, UnknownPrepared
     t = templates(8)
     g = gallery(s1, t, 0)
     prepared = idf.prepare_identify(s1, g)[0]
     key_cloud.prepared = type(key_cloud.prepared)(ttl=60)  # a restart: the prepared masks are gone
     x = EncryptedTensor.encrypt(s1.public_key, [1] * F)
-    with pytest.raises(UnknownSetup):
+    with pytest.raises(UnknownPrepared):
         idf.secure_identify(s1, g, x, prepared, user_keys.public)
     del key_cloud.galleries[g.gallery_id]  # and the seeds
-    with pytest.raises(UnknownSetup):
+    with pytest.raises(UnknownGallery):
         idf.prepare_identify(s1, g)
     idf.setup_gallery(s1, g, 0)
     out = idf.secure_identify(s1, g, x, idf.prepare_identify(s1, g)[0], user_keys.public)
     assert idf.read_answer(out.decrypt(user_keys.private)[0], 8) == idf.identify_reference(t, [1] * F, 0)
     assert idf.drop_gallery(s1, g.gallery_id) and not idf.drop_gallery(s1, g.gallery_id)
-    with pytest.raises(UnknownSetup):
+    with pytest.raises(UnknownGallery):
         idf.prepare_identify(s1, g)
 
 
@@ -285,11 +286,16 @@ def test_what_s2_sees_while_preparing_does_not_depend_on_the_templates(s1, key_c
 
 def test_s2_keeps_a_bounded_number_of_prepared_queries():
     from he_cnn.parties.key_cloud import TicketStore
-    store = TicketStore(ttl=60, max_items=3)
-    tickets = [store.put("identify", i) for i in range(5)]
+    store = TicketStore(ttl=60, max_weight=30)
+    tickets = [store.put("identify", i, weight=10) for i in range(5)]
     assert len(store) == 3 and [store.pop(t, "identify") for t in tickets[2:]] == [2, 3, 4]
     with pytest.raises(ProtocolError, match="unknown or expired"):
         store.pop(tickets[0], "identify")
+    heavy = store.put("identify", "heavy", weight=25)
+    store.put("identify", "light", weight=10)  # the heavy one goes: 35 > 30
+    assert len(store) == 1
+    with pytest.raises(ProtocolError):
+        store.pop(heavy, "identify")
 
 
 @pytest.mark.slow
@@ -317,3 +323,22 @@ def test_identify_and_verify_at_2048_bits_with_a_tie_and_no_match(comparison):
     assert idf.identify_reference(t, queries[1], threshold) is None
     out = idf.secure_verify(ctx, g, EncryptedTensor.encrypt(keys.public, queries[2]), 33, batch[3], user.public)
     assert (idf.read_answer(out.decrypt(user.private)[0], 40) == 33) == idf.verify_reference(t, queries[2], threshold, 33)
+
+
+def test_s2_refuses_a_search_over_chunks_it_holds_other_seeds_for(s1, user_keys, key_cloud):
+    """S2 restored from a backup taken before S1 replaced a chunk's seeds (the same template count): the
+    chunk tags differ, S2 says so, and S1 relays the seeds again: the answer stays exact."""
+    from he_cnn.errors import UnknownGallery
+    t = templates(10)
+    g = gallery(s1, t, 0)
+    replaced = idf.enrol_chunk(s1.public_key, t, LT, LX)  # the same templates under a new seed
+    old = key_cloud.galleries[g.gallery_id]
+    g.chunks[0] = replaced
+    with pytest.raises(UnknownGallery):
+        idf.prepare_identify(s1, g)
+    idf.setup_gallery(s1, g, 0)
+    assert key_cloud.galleries[g.gallery_id] != old
+    x = near(t, 4, noise=1)
+    out = idf.secure_identify(s1, g, EncryptedTensor.encrypt(s1.public_key, x), idf.prepare_identify(s1, g)[0],
+                              user_keys.public)
+    assert idf.read_answer(out.decrypt(user_keys.private)[0], 10) == idf.identify_reference(t, x, 0)

@@ -51,26 +51,35 @@ def worker_key(keys: KeyPair, dgk_private: DGKPrivateKey) -> S2WorkerKey:
 
 class TicketStore:
     """State kept between the rounds of a protocol (comparison, linear layer), dropped after ``ttl``
-    seconds or after its last use; beyond ``max_items`` the oldest is dropped (its step then fails as
-    for an expired ticket)."""
+    seconds or after its last use; with ``max_weight``, the oldest are dropped while the weights of what
+    is kept (each value's ``weight`` at :meth:`put`) would exceed it (their steps then fail as for an
+    expired ticket)."""
 
-    def __init__(self, ttl: float = 600.0, max_items: int | None = None):
+    def __init__(self, ttl: float = 600.0, max_weight: int | None = None):
         self.ttl = ttl
-        self.max_items = max_items
+        self.max_weight = max_weight
         self._items: dict[str, tuple[float, int, Any]] = {}
+        self._weights: dict[str, int] = {}
+        self._total = 0
         self._lock = threading.Lock()
 
-    def put(self, kind: str, value: Any, uses: int = 1) -> str:
+    def put(self, kind: str, value: Any, uses: int = 1, weight: int = 1) -> str:
         """A new ticket for ``value``, good for ``uses`` later steps of kind ``kind``."""
         ticket = secrets.token_hex(16)
         now = time.monotonic()
         with self._lock:
             for k in [k for k, (t, _, _) in self._items.items() if now - t > self.ttl]:
-                del self._items[k]
-            while self.max_items is not None and len(self._items) >= self.max_items:
-                del self._items[next(iter(self._items))]  # the oldest: dicts keep insertion order
+                self._drop(k)
+            while self.max_weight is not None and self._items and self._total + weight > self.max_weight:
+                self._drop(next(iter(self._items)))  # the oldest: dicts keep insertion order
             self._items[ticket] = (now, uses, (kind, value))
+            self._weights[ticket] = weight
+            self._total += weight
         return ticket
+
+    def _drop(self, ticket: str) -> None:
+        del self._items[ticket]
+        self._total -= self._weights.pop(ticket)
 
     def pop(self, ticket: str, kind: str) -> Any:
         """The value a ``kind`` step stored under ``ticket``; a ticket works for its own kind only, and
@@ -81,7 +90,7 @@ class TicketStore:
                 if item[1] > 1:
                     self._items[ticket] = (item[0], item[1] - 1, item[2])
                 else:
-                    del self._items[ticket]
+                    self._drop(ticket)
         if item is None:
             raise ProtocolError(f"unknown or expired {kind} ticket")
         stored_kind, value = item[2]
@@ -126,7 +135,10 @@ class KeyCloud:
     galleries: dict[str, "identify.S2Gallery"] = field(default_factory=dict)
     #: prepared identification queries' masks, kept until used (S1 prepares them in the background)
     prepared: TicketStore = field(default_factory=lambda: TicketStore(identify.PREPARED_SECONDS,
-                                                                      identify.MAX_PREPARED))
+                                                                      identify.MAX_PREPARED_FEATURES))
+    #: the same for batches between their two rounds
+    preparing: TicketStore = field(default_factory=lambda: TicketStore(identify.PREPARING_SECONDS,
+                                                                       identify.MAX_PREPARING_FEATURES))
     #: called after a gallery's seeds change (the service persists them)
     on_gallery: Callable[[str, "identify.S2Gallery | None"], None] | None = None
 

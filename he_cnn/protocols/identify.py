@@ -63,6 +63,7 @@ claimed index, not the result).
 from __future__ import annotations
 
 import bisect
+import hashlib
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,7 @@ from gmpy2 import mpz
 from he_cnn.crypto.paillier import KAPPA, PublicKey
 from he_cnn.crypto.tensor import EncryptedTensor, multi_exponentiate, object_array
 from he_cnn.bounded_json import JSONLimits, read_json_file
-from he_cnn.errors import BadRequest, BoundExceeded, ProtocolError, ShapeError, UnknownSetup
+from he_cnn.errors import BadRequest, BoundExceeded, ProtocolError, ShapeError, UnknownGallery, UnknownPrepared
 from he_cnn.protocols.common import (S1Context, encrypted_reply, read_ciphertexts, read_revealed,
                                      reveal_message, reveal_packs, sample_masks, slot_bits, slots_per_pack)
 from he_cnn.protocols.comparison import secure_max
@@ -324,11 +325,18 @@ def setup_gallery(ctx: S1Context, gallery: EncryptedGallery, first_chunk: int = 
 
 @dataclass(frozen=True)
 class S2Gallery:
-    """S2's part of a gallery: the shape and one (count, seed) per chunk."""
+    """S2's part of a gallery: the shape, one (count, seed) per chunk and each chunk's :func:`chunk_tag`."""
 
     features: int
     template_bits: int
     chunks: tuple[tuple[int, bytes], ...]
+    #: empty for a gallery stored before tags existed: it then matches no search until S1 relays it again
+    tags: tuple[str, ...] = ()
+
+    def holds(self, counts: list[int], tags: list[str]) -> bool:
+        """Whether these are S2's first chunks, template counts and seeds alike."""
+        return len(self.tags) == len(self.chunks) and counts == [c for c, _ in self.chunks[:len(counts)]] \
+            and tags == list(self.tags[:len(tags)]) and len(counts) == len(tags)
 
     def masked_templates(self) -> list[np.ndarray]:
         """T~ of every chunk, regenerated from the seeds."""
@@ -340,6 +348,12 @@ MAX_TEMPLATES = 1 << 20
 MAX_FEATURES = 1 << 16
 
 
+def chunk_tag(seed_ciphertext: int) -> str:
+    """A chunk's name at both clouds: a hash of its E(sigma) (random, so an enrolment that replaced a chunk
+    has another tag even with as many templates)."""
+    return hashlib.sha256(str(int(seed_ciphertext)).encode()).hexdigest()[:16]
+
+
 def s2_setup_gallery(cloud: "KeyCloud", msg: Message) -> Message:
     gallery_id, first = msg.get("gallery_id", str), msg.get("first", int)
     features, template_bits, counts = msg.get("features", int), msg.get("template_bits", int), msg.get("counts", list)
@@ -347,7 +361,8 @@ def s2_setup_gallery(cloud: "KeyCloud", msg: Message) -> Message:
             and counts and all(type(c) is int and c >= 1 for c in counts) and sum(counts) <= MAX_TEMPLATES):
         raise ProtocolError("gallery set-up out of range")
     pk = cloud.keys.public
-    seeds = read_ciphertexts(pk, msg, "seeds", (len(counts),)).decrypt(cloud.keys.private)
+    encrypted = read_ciphertexts(pk, msg, "seeds", (len(counts),))
+    seeds = encrypted.decrypt(cloud.keys.private)
     chunks = []
     for count, seed in zip(counts, seeds):
         if not 0 <= int(seed) < 1 << (8 * SEED_BYTES):
@@ -359,7 +374,8 @@ def s2_setup_gallery(cloud: "KeyCloud", msg: Message) -> Message:
         raise ProtocolError(f"gallery {gallery_id!r}: chunks from {first} do not continue what S2 holds")
     if sum(c for c, _ in kept) + sum(counts) > MAX_TEMPLATES:
         raise ProtocolError(f"a gallery holds at most {MAX_TEMPLATES} templates")
-    gallery = S2Gallery(features, template_bits, kept + tuple(chunks))
+    tags = (old.tags[:first] if old else ()) + tuple(chunk_tag(c) for c in encrypted.data)
+    gallery = S2Gallery(features, template_bits, kept + tuple(chunks), tags)
     cloud.galleries[gallery_id] = gallery
     if cloud.on_gallery is not None:
         cloud.on_gallery(gallery_id, gallery)
@@ -383,7 +399,7 @@ def s2_gallery(cloud: "KeyCloud", gallery_id: str) -> S2Gallery:
     try:
         return cloud.galleries[gallery_id]
     except KeyError:
-        raise UnknownSetup(f"unknown gallery {gallery_id[:64]!r}: run its set-up first") from None
+        raise UnknownGallery(f"unknown gallery {gallery_id[:64]!r}: run its set-up first") from None
 
 
 #: widest Straus window of the offline product: its tables (2^w per feature, 64 MiB at w = 7, F = 1,024
@@ -395,9 +411,12 @@ MAX_OFFLINE_WINDOW = 7
 #: how long S2 keeps a prepared query's mask A: S1 keeps a batch ready in the background, for as long
 #: as no query comes (S2's other tickets live 600 s)
 PREPARED_SECONDS = 7 * 24 * 3600.0
-#: prepared queries S2 keeps at most (F integers each: ~60 MB at F = 1,024); beyond, the oldest go, and
-#: a query that meets a dropped one prepares again
-MAX_PREPARED = 1024
+#: the masks S2 keeps at most for prepared queries, in features (F integers per query: 1,024 queries of
+#: 1,024 features, ~60 MB); beyond, the oldest go, and a query that meets a dropped one prepares again
+MAX_PREPARED_FEATURES = 1 << 20
+#: the same for batches between their two rounds (S1's products take minutes at the seed's scale)
+PREPARING_SECONDS = 3600.0
+MAX_PREPARING_FEATURES = 1 << 20
 
 
 @dataclass
@@ -429,8 +448,8 @@ def prepare_identify(ctx: S1Context, gallery: EncryptedGallery) -> list[Prepared
     groups = list(range(gallery.groups))
     members = group_templates(gallery.counts, gallery.group_size, groups)
     queries, lu = batch_size(pk.bits, lx, lt, features, kappa), cross_bits(lx, lt, features, kappa)
-    msg = Message(meta={"gallery_id": gallery.gallery_id, "x_bits": lx, "kappa": kappa,
-                        "chunks": len(gallery.chunks)})
+    msg = Message(meta={"gallery_id": gallery.gallery_id, "x_bits": lx, "kappa": kappa, "counts": gallery.counts,
+                        "tags": [chunk_tag(c.seed.data[0]) for c in gallery.chunks]})
     reply = ctx.channel.request(PREPARE_STEP, msg)
     with ctx.tracer.op("s1_validate"):
         row = read_ciphertexts(pk, reply, "a", (features,)).data.reshape(1, -1)
@@ -446,7 +465,7 @@ def prepare_identify(ctx: S1Context, gallery: EncryptedGallery) -> list[Prepared
     ctx.count("exp_offline", gallery.count * features)
     hidden = np.array(sample_masks(gallery.count * queries, lu, kappa), dtype=object).reshape(gallery.count, queries)
     msg2 = reveal_packs(ctx, "u", cross, hidden, lu)
-    msg2.meta.update({"ticket": reply.get("ticket", str), "gallery_id": gallery.gallery_id})
+    msg2.meta["ticket"] = reply.get("ticket", str)
     reply2 = ctx.channel.request(MASKS_STEP, msg2)
     tickets = reply2.get("tickets", list)
     if len(tickets) != queries or not all(type(t) is str for t in tickets):
@@ -481,27 +500,28 @@ def _bounds(cloud: "KeyCloud", msg: Message) -> tuple[int, int]:
 def s2_prepare(cloud: "KeyCloud", msg: Message) -> Message:
     gallery = s2_gallery(cloud, msg.get("gallery_id", str))
     lx, kappa = _bounds(cloud, msg)
-    chunks = msg.get("chunks", int)
-    if chunks > len(gallery.chunks):  # S2 lost an append (its data was restored): S1 relays the seeds again
-        raise UnknownSetup(f"S2 holds {len(gallery.chunks)} chunks of this gallery, S1 {chunks}")
-    if chunks < 1:
-        raise ProtocolError(f"a search over {chunks} chunks")
+    counts, tags = msg.get("counts", list), msg.get("tags", list)
+    if not counts or len(counts) > MAX_TEMPLATES or not all(type(c) is int for c in counts):
+        raise ProtocolError("counts must list the template count of every chunk searched")
+    if not gallery.holds(counts, tags):  # S2 lost an append, or holds chunks S1 replaced (a restored backup)
+        raise UnknownGallery(f"S2 holds other chunks of this gallery than the {len(counts)} S1 searches")
     queries = batch_size(cloud.keys.public.bits, lx, gallery.template_bits, gallery.features, kappa)
     su = slot_bits(cross_bits(lx, gallery.template_bits, gallery.features, kappa), kappa)
     masks = [sample_masks(gallery.features, lx, kappa) for _ in range(queries)]
     packed = [sum(masks[q][f] << (su * q) for q in range(queries)) for f in range(gallery.features)]
-    ticket = cloud.prepared.put("identify_batch", (masks, lx, kappa, chunks))
+    ticket = cloud.preparing.put("identify_batch", (masks, lx, kappa, msg.get("gallery_id", str), counts, tags),
+                                 weight=queries * gallery.features)
     return encrypted_reply(cloud, {"a": packed}, {"ticket": ticket})
 
 
 def s2_masks(cloud: "KeyCloud", msg: Message) -> Message:
-    masks, lx, kappa, chunks = _pop_prepared(cloud, msg, "identify_batch")
-    gallery = s2_gallery(cloud, msg.get("gallery_id", str))
-    if chunks > len(gallery.chunks):
-        raise UnknownSetup(f"S2 holds {len(gallery.chunks)} chunks of this gallery, S1 {chunks}")
+    masks, lx, kappa, gallery_id, counts, tags = _pop_prepared(cloud, msg, "identify_batch")
+    gallery = s2_gallery(cloud, gallery_id)
+    chunks = len(counts)
+    if not gallery.holds(counts, tags):  # replaced meanwhile
+        raise UnknownGallery("the gallery's chunks changed at S2 since this preparation began")
     ly = similarity_bits(lx, gallery.template_bits, gallery.features)
     k = slots_per_pack(cloud.keys.public.bits, slot_bits(ly, kappa))
-    counts = [count for count, _ in gallery.chunks[:chunks]]
     members = group_templates(counts, k, range(sum(-(-c // k) for c in counts)))
     values, l = read_revealed(cloud, msg, "u")
     if l != cross_bits(lx, gallery.template_bits, gallery.features, kappa) or len(values) != sum(counts) * len(masks):
@@ -509,22 +529,24 @@ def s2_masks(cloud: "KeyCloud", msg: Message) -> Message:
     n, slot = int(cloud.keys.public.n), slot_bits(ly, kappa)
     neg_z: list[int] = []
     with cloud.tracer.op("s2_plain"):
-        tilde = np.concatenate(S2Gallery(gallery.features, gallery.template_bits, gallery.chunks[:chunks])
-                               .masked_templates())
-        at = tilde.astype(object).dot(np.array(masks, dtype=object).T)  # (templates, queries)
+        a = np.array(masks, dtype=object).T  # (F, queries); A . T~ chunk by chunk: one chunk's integers at a time
+        at = np.concatenate([template_masks(seed, count, gallery.features, gallery.template_bits).astype(object).dot(a)
+                             for count, seed in gallery.chunks[:chunks]])
         z = at - np.array(values, dtype=object).reshape(sum(counts), len(masks))  # A . T - M
         for q in range(len(masks)):
             neg_z += [_residue(-sum(int(z[t, q]) << (slot * j) for j, t in enumerate(m)), n) for m in members]
-    tickets = [cloud.prepared.put("identify", (a, lx, kappa)) for a in masks]
+    tickets = [cloud.prepared.put("identify", (mask, lx, kappa, gallery_id), weight=len(mask)) for mask in masks]
     return encrypted_reply(cloud, {"neg_z": neg_z}, {"tickets": tickets}, shapes={"neg_z": (len(masks), len(members))})
 
 
 def _pop_prepared(cloud: "KeyCloud", msg: Message, kind: str) -> Any:
-    """What S2 keeps for a prepared query; :class:`UnknownSetup` if it lost it (a restart): S1 prepares again."""
+    """What S2 keeps for a query being prepared or prepared; :class:`UnknownPrepared` if it lost it (a
+    restart, or the oldest were dropped): S1 prepares again."""
+    store = cloud.preparing if kind == "identify_batch" else cloud.prepared
     try:
-        return cloud.prepared.pop(msg.get("ticket", str), kind)
+        return store.pop(msg.get("ticket", str), kind)
     except ProtocolError as e:
-        raise UnknownSetup(f"{e}: S2 restarted since the query was prepared") from e
+        raise UnknownPrepared(f"{e}: S2 restarted or dropped it since") from e
 
 
 # -- online -------------------------------------------------------------------------------------------
@@ -614,7 +636,9 @@ def similarity_leaves(ctx: S1Context, gallery: EncryptedGallery, x: EncryptedTen
 
 
 def s2_identify(cloud: "KeyCloud", msg: Message) -> Message:
-    masks, lx, kappa = _pop_prepared(cloud, msg, "identify")
+    masks, lx, kappa, gallery_id = _pop_prepared(cloud, msg, "identify")
+    if gallery_id != msg.get("gallery_id", str):
+        raise ProtocolError("this prepared query belongs to another gallery")
     values, l = read_revealed(cloud, msg, "x")
     if l != lx or len(values) != len(masks):
         raise ProtocolError(f"an embedding of {len(values)} values of {l} bits for a mask of {len(masks)} of {lx}")
@@ -712,5 +736,5 @@ def verify_reference(templates: np.ndarray, embedding: Sequence[int], threshold:
     return int(np.asarray(templates[claimed], dtype=object).dot(np.asarray(embedding, dtype=object))) >= threshold
 
 
-S2_HANDLERS = {SETUP_STEP: s2_setup_gallery, DROP_STEP: s2_drop_gallery, PREPARE_STEP: s2_prepare, MASKS_STEP: s2_masks, STEP: s2_identify,
-               UNPACK_STEP: s2_unpack}
+S2_HANDLERS = {SETUP_STEP: s2_setup_gallery, DROP_STEP: s2_drop_gallery, PREPARE_STEP: s2_prepare,
+               MASKS_STEP: s2_masks, STEP: s2_identify, UNPACK_STEP: s2_unpack}
