@@ -70,11 +70,18 @@ def gallery_rank1(model: IntegerModel, dataset: Dataset, per_class: int = GALLER
     return rank1_accuracy(templates, labels, [embedding(model, x) for x in probes], probe_labels)
 
 
+S1_OPTION = click.option("--s1", "s1_url", envvar="HECNN_S1_URL", default="http://127.0.0.1:8601",
+                         show_default=True, help="Base URL of S1.")
+TOKEN_OPTION = click.option("--token", envvar="HECNN_OWNER_TOKEN", required=True, show_envvar=True,
+                            help="The owner token S1 was started with (prefer the env var).")
+TLS_CA_OPTION = click.option("--tls-ca", envvar="HECNN_TLS_CA", show_envvar=True,
+                             type=click.Path(exists=True, dir_okay=False), default=None,
+                             help="CA S1's HTTPS certificate must chain to [default: the system's CAs].")
+
+
 @click.command("enrol")
-@click.option("--s1", "s1_url", envvar="HECNN_S1_URL", default="http://127.0.0.1:8601", show_default=True,
-              help="Base URL of S1.")
-@click.option("--token", envvar="HECNN_OWNER_TOKEN", required=True, show_envvar=True,
-              help="The owner token S1 was started with (prefer the env var).")
+@S1_OPTION
+@TOKEN_OPTION
 @click.option("--model", "model_id", required=True, help="Id of the uploaded embedding model (he-cnn owner upload).")
 @click.option("--model-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="That model's integer file [default: the built-in embedding network, --arch embed's "
@@ -92,8 +99,7 @@ def gallery_rank1(model: IntegerModel, dataset: Dataset, per_class: int = GALLER
               help="Local JSON file of the labels, index -> label [default: gallery-<id>.labels.json].")
 @click.option("--chunk", type=click.IntRange(1, 100_000), default=DEFAULT_CHUNK, show_default=True,
               help="Templates per uploaded chunk (memory stays bounded by one chunk).")
-@click.option("--tls-ca", envvar="HECNN_TLS_CA", show_envvar=True, type=click.Path(exists=True, dir_okay=False),
-              default=None, help="CA S1's HTTPS certificate must chain to [default: the system's CAs].")
+@TLS_CA_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("-q", "--quiet", is_flag=True, help="No notes and no progress bars on stderr.")
 def enrol_command(s1_url: str, token: str, model_id: str, model_file: str | None, data: str, per_class: int,
@@ -139,15 +145,12 @@ def enrol_command(s1_url: str, token: str, model_id: str, model_file: str | None
 
 
 @click.command("unenrol")
-@click.option("--s1", "s1_url", envvar="HECNN_S1_URL", default="http://127.0.0.1:8601", show_default=True,
-              help="Base URL of S1.")
-@click.option("--token", envvar="HECNN_OWNER_TOKEN", required=True, show_envvar=True,
-              help="The owner token S1 was started with (prefer the env var).")
+@S1_OPTION
+@TOKEN_OPTION
 @click.option("--gallery", "gallery_id", required=True, help="The gallery to delete.")
 @click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also delete this local labels file.")
-@click.option("--tls-ca", envvar="HECNN_TLS_CA", show_envvar=True, type=click.Path(exists=True, dir_okay=False),
-              default=None, help="CA S1's HTTPS certificate must chain to [default: the system's CAs].")
+@TLS_CA_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def unenrol_command(s1_url: str, token: str, gallery_id: str, labels_path: Path | None, tls_ca: str | None,
                     as_json: bool) -> None:
