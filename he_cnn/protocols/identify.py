@@ -529,14 +529,19 @@ def s2_masks(cloud: "KeyCloud", msg: Message) -> Message:
     n, slot = int(cloud.keys.public.n), slot_bits(ly, kappa)
     neg_z: list[int] = []
     with cloud.tracer.op("s2_plain"):
-        a = np.array(masks, dtype=object).T  # (F, queries); A . T~ chunk by chunk: one chunk's integers at a time
-        at = np.concatenate([template_masks(seed, count, gallery.features, gallery.template_bits).astype(object).dot(a)
-                             for count, seed in gallery.chunks[:chunks]])
+        at = np.concatenate(cloud.workers.map(_masked_products, [(seed, count, gallery.features, gallery.template_bits,
+                                                                   masks) for count, seed in gallery.chunks[:chunks]]))
         z = at - np.array(values, dtype=object).reshape(sum(counts), len(masks))  # A . T - M
         for q in range(len(masks)):
             neg_z += [_residue(-sum(int(z[t, q]) << (slot * j) for j, t in enumerate(m)), n) for m in members]
     tickets = [cloud.prepared.put("identify", (mask, lx, kappa, gallery_id), weight=len(mask)) for mask in masks]
     return encrypted_reply(cloud, {"neg_z": neg_z}, {"tickets": tickets}, shapes={"neg_z": (len(masks), len(members))})
+
+
+def _masked_products(seed: bytes, count: int, features: int, template_bits: int, masks: list[list[int]]) -> np.ndarray:
+    """S2, one chunk (on its workers, off the request thread): A_q . T~_i for its templates, (count, queries)."""
+    tilde = template_masks(seed, count, features, template_bits).astype(object)
+    return tilde.dot(np.array(masks, dtype=object).T)
 
 
 def _pop_prepared(cloud: "KeyCloud", msg: Message, kind: str) -> Any:
