@@ -66,7 +66,7 @@ from he_cnn.protocols import identify
 from he_cnn.wire import HEADER_LIMITS, Message, decode, encode
 
 from .http import request_body, require_owner, wire_response
-from .storage import DataDirError, atomic_write, ensure_private_dir, fsync_dir
+from .storage import DataDirError, atomic_write, ensure_private_dir, fsync_dir, stored_dirs
 
 GALLERY_ID = re.compile(r"^[0-9a-f]{16}$")
 INFO_FILE = "gallery.json"
@@ -126,13 +126,7 @@ class GalleryStore:
 
     def load(self, public_key: PublicKey) -> int:
         """Every committed gallery; what an interrupted enrolment left is removed."""
-        for entry in sorted(self.root.iterdir()):
-            if entry.name.startswith("."):
-                log.info("removing %s, left over from an interrupted enrolment", entry)
-                shutil.rmtree(entry, ignore_errors=True)
-                continue
-            if not (entry.is_dir() and GALLERY_ID.match(entry.name)):
-                raise DataDirError(f"S1 gallery directory holds an unexpected entry {entry}; move it away")
+        for entry in stored_dirs(self.root, lambda e: e.is_dir() and bool(GALLERY_ID.match(e.name)), "enrolment"):
             try:
                 stored = self._read(entry, public_key)
             except (OSError, ValueError, ArithmeticError, HECNNError) as e:

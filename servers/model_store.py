@@ -31,7 +31,7 @@ from he_cnn.parties.compute_cloud import EncryptedModel, ModelSetup
 from he_cnn.crypto.tensor import as_int_array
 from he_cnn.wire import HEADER_LIMITS, Message, decode, encode
 
-from .storage import DataDirError, atomic_write, ensure_private_dir, fsync_dir
+from .storage import DataDirError, atomic_write, ensure_private_dir, fsync_dir, stored_dirs
 
 MODEL_FILE = "model.hecn"
 SETUP_FILE = "setup.hecn"
@@ -114,13 +114,9 @@ class ModelStore:
 
     def load(self, public_key: PublicKey) -> int:
         """Load every complete model; remove interrupted uploads; a corrupt model stops the start."""
-        for entry in sorted(self.root.iterdir()):
-            if entry.name.startswith("."):
-                log.info("removing %s, left over from an interrupted upload", entry)
-                shutil.rmtree(entry, ignore_errors=True)
-                continue
-            if not (entry.is_dir() and MODEL_ID.match(entry.name) and (entry / INFO_FILE).is_file()):
-                raise DataDirError(f"S1 data directory holds an unexpected entry {entry}; move it away")
+        def valid(entry: Path) -> bool:
+            return entry.is_dir() and bool(MODEL_ID.match(entry.name)) and (entry / INFO_FILE).is_file()
+        for entry in stored_dirs(self.root, valid, "upload"):
             try:
                 model = EncryptedModel.deserialize(public_key, (entry / MODEL_FILE).read_bytes())
                 setup = decode_setup(model, (entry / SETUP_FILE).read_bytes())

@@ -8,7 +8,10 @@ files that hold secrets get mode 0600 from the moment they exist.
 """
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
+from typing import Callable, Iterator
 
 from he_cnn.errors import HECNNError
 from he_cnn.files import atomic_write, fsync_dir  # noqa: F401  (re-exported for the servers)
@@ -20,6 +23,23 @@ class DataDirError(HECNNError):
     """A file in a cloud's data directory is unreadable or inconsistent (found at start)."""
 
     code = "data_dir_error"
+
+
+log = logging.getLogger("he_cnn.servers.storage")
+
+
+def stored_dirs(root: Path, valid: Callable[[Path], bool], what: str) -> Iterator[Path]:
+    """The committed entries of a store (each ``valid``), in name order, at start. A store stages new
+    entries in dot-directories renamed into place when complete: one left over is an interrupted write
+    of ``what`` and is removed; any other entry stops the start (:class:`DataDirError`)."""
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            log.info("removing %s, left over from an interrupted %s", entry, what)
+            shutil.rmtree(entry, ignore_errors=True)
+        elif not valid(entry):
+            raise DataDirError(f"{root} holds an unexpected entry {entry}; move it away")
+        else:
+            yield entry
 
 
 def ensure_private_dir(path: Path) -> Path:
